@@ -1,0 +1,38 @@
+# Each target does its own set-up: a fresh clone with only Python installed is enough.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: setup demo test lint typecheck check bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install --quiet -e ".[all]" --group dev
+	touch $@
+
+## The main job: an end-to-end demonstration against the bundled (emulated) guard server.
+demo: setup
+	$(BIN)/python -m flexguard_integrations.demo
+
+## The whole test suite.
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check flexguard_integrations tests benchmarks examples
+	$(BIN)/ruff format --check flexguard_integrations tests benchmarks examples
+
+typecheck: setup
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+## Benchmarks run on demand, never in the test suite.
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

@@ -1,0 +1,841 @@
+"""Guard: a guard model + a transport + a strictness policy + a cache + a concurrency limit.
+
+``check`` / ``acheck`` / ``batch`` / ``abatch`` turn texts into :class:`Decision` objects; ``verdict`` /
+``averdict`` stop at the :class:`Verdict`. The async methods never block the event loop; the sync ones
+are real twins on a blocking HTTP client, not wrappers around an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import _telemetry
+from .cache import CacheStats, VerdictCache
+from .errors import (
+    ConfigurationError,
+    ContextLengthExceededError,
+    GuardInputError,
+    GuardTransportError,
+    GuardUnavailableError,
+)
+from .models.base import GuardInput, GuardModel, Role, create_model
+from .policy import StrictnessPolicy
+from .redact import SpanRedactor, apply_redactions, group_sentences
+from .segment import chunk_text, split_sentences
+from .transport.base import RetryPolicy, Transport, remaining
+from .verdict import Action, Decision, Surface, Verdict
+
+logger = logging.getLogger("flexguard_integrations")
+
+T = TypeVar("T")
+PolicySpec = StrictnessPolicy | Mapping[str, Any] | str | Path | None
+History = Sequence[tuple[Role, str]] | Sequence[Mapping[str, str]] | None
+
+DEFAULT_MAX_MODEL_LEN = 32768
+_DISCOVERY_MIN_CHARS = 1024  # shorter texts never need the model's context length
+_MAX_SPLIT_DEPTH = 8
+
+if sys.version_info >= (3, 11):
+    _timeout_cm = asyncio.timeout
+else:  # pragma: no cover - Python 3.10
+
+    def _timeout_cm(delay: float | None) -> Any:
+        import contextlib
+
+        @contextlib.asynccontextmanager
+        async def _noop() -> Any:
+            yield
+
+        return _noop()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    """One item of a batch: the text, an optional response, surface, history and policy."""
+
+    text: str
+    response: str | None = None
+    surface: Surface | str | None = None
+    history: History = None
+    policy: PolicySpec = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardStats:
+    """Counters of one Guard since it was created."""
+
+    checks: int
+    guard_errors: int
+    fail_open: int
+    cache: CacheStats | None
+
+
+class Guard:
+    """Check texts with a guard model and decide what to do with them.
+
+    Build one with :meth:`from_endpoint` (or :meth:`from_env`, :meth:`from_openai_client`) and share it:
+    it is safe to use from many tasks and threads, and its connection pool is sized by ``concurrency``.
+
+    ``timeout`` is one total deadline per check: retries, backoff and the chunks of a long text included.
+    """
+
+    def __init__(
+        self,
+        model: GuardModel,
+        transport: Transport,
+        *,
+        model_name: str,
+        policy: PolicySpec = "moderate",
+        timeout: float = 30.0,
+        concurrency: int = 16,
+        cache: VerdictCache | bool | int = True,
+        max_model_len: int | None = None,
+        max_text_chars: int = 2_000_000,
+        chunk_overlap: int = 200,
+        chars_per_token: float = 1.0,
+        max_redact_segments: int = 64,
+        span_redactor: SpanRedactor | None = None,
+        session_header: str = "x-session-id",
+    ) -> None:
+        if timeout <= 0:
+            raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency!r}")
+        if max_text_chars < 1:
+            raise ConfigurationError("max_text_chars must be at least 1")
+        self.model = model
+        self.transport = transport
+        self.model_name = model_name
+        self.policy = StrictnessPolicy.load(policy)
+        self.timeout = float(timeout)
+        self.concurrency = int(concurrency)
+        if cache is True:
+            self.cache: VerdictCache | None = VerdictCache()
+        elif cache is False or cache is None:
+            self.cache = None
+        elif isinstance(cache, VerdictCache):
+            self.cache = cache
+        else:
+            self.cache = VerdictCache(int(cache))
+        self.max_model_len = max_model_len
+        self.max_text_chars = max_text_chars
+        self.chunk_overlap = chunk_overlap
+        self.chars_per_token = chars_per_token
+        self.max_redact_segments = max_redact_segments
+        self.span_redactor = span_redactor
+        self.session_header = session_header
+        self._discovered_len: int | None = None
+        self._policies: dict[Any, StrictnessPolicy] = {}
+        self._sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._thread_sem = threading.BoundedSemaphore(self.concurrency)
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._checks = 0
+        self._errors = 0
+        self._fail_open = 0
+
+    # ================================================================= constructors
+
+    @classmethod
+    def from_endpoint(
+        cls,
+        base_url: str,
+        model: str,
+        family: str | None = None,
+        policy: PolicySpec = "moderate",
+        timeout: float = 30.0,
+        *,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        concurrency: int = 16,
+        max_retries: int = 2,
+        verify: bool | str | Any = True,
+        trust_env: bool = True,
+        transport: str | Transport = "httpx",
+        **options: Any,
+    ) -> Guard:
+        """A Guard for a vLLM / SGLang endpoint (``base_url`` like ``http://localhost:8000/v1``).
+
+        ``family`` is inferred from the model name when omitted. Family options go through ``options``
+        (``scoring="logprobs"`` for Qwen3Guard; ``prompt_template=`` / ``response_template=`` /
+        ``max_new_tokens=`` for FlexGuard) next to Guard options (``cache``, ``max_model_len``...).
+        ``transport`` is ``"httpx"`` (default), ``"aiohttp"`` (the ``fast`` extra) or a Transport.
+        """
+        guard_keys = {
+            "cache", "max_model_len", "max_text_chars", "chunk_overlap", "chars_per_token",
+            "max_redact_segments", "span_redactor", "session_header",
+        }  # fmt: skip
+        guard_opts = {k: options.pop(k) for k in list(options) if k in guard_keys}
+        guard_model = create_model(family, model, **options)
+        retry = RetryPolicy(max_retries=max_retries)
+        tr: Transport
+        if isinstance(transport, str):
+            kind = transport.strip().lower()
+            common: dict[str, Any] = {
+                "api_key": api_key, "headers": headers, "concurrency": concurrency, "retry": retry,
+                "verify": verify, "trust_env": trust_env,
+            }  # fmt: skip
+            if kind == "httpx":
+                from .transport.http import HTTPTransport
+
+                tr = HTTPTransport(base_url, **common)
+            elif kind == "aiohttp":
+                from .transport.aiohttp import AiohttpTransport
+
+                tr = AiohttpTransport(base_url, **common)
+            else:
+                raise ConfigurationError(f"unknown transport {transport!r}; expected 'httpx' or 'aiohttp'")
+        else:
+            tr = transport
+        return cls(
+            guard_model, tr, model_name=model, policy=policy, timeout=timeout, concurrency=concurrency,
+            **guard_opts,
+        )  # fmt: skip
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Guard:
+        """A Guard configured from ``FLEXGUARD_BASE_URL``, ``FLEXGUARD_MODEL``, ``FLEXGUARD_API_KEY``,
+        ``FLEXGUARD_POLICY`` (and optionally ``FLEXGUARD_FAMILY``, ``FLEXGUARD_TIMEOUT``)."""
+        env = os.environ if env is None else env
+        base_url = overrides.pop("base_url", None) or env.get("FLEXGUARD_BASE_URL")
+        model = overrides.pop("model", None) or env.get("FLEXGUARD_MODEL")
+        if not base_url:
+            raise ConfigurationError(
+                "FLEXGUARD_BASE_URL is not set; point it at a vLLM or SGLang server, "
+                "e.g. export FLEXGUARD_BASE_URL=http://localhost:8000/v1"
+            )
+        if not model:
+            raise ConfigurationError(
+                "FLEXGUARD_MODEL is not set; give the served model name, e.g. Qwen/Qwen3Guard-Gen-8B"
+            )
+        kwargs: dict[str, Any] = {
+            "family": env.get("FLEXGUARD_FAMILY") or None,
+            "policy": env.get("FLEXGUARD_POLICY") or "moderate",
+            "api_key": env.get("FLEXGUARD_API_KEY") or None,
+        }
+        if env.get("FLEXGUARD_TIMEOUT"):
+            try:
+                kwargs["timeout"] = float(env["FLEXGUARD_TIMEOUT"])
+            except ValueError:
+                raise ConfigurationError(
+                    f"FLEXGUARD_TIMEOUT must be a number of seconds, got {env['FLEXGUARD_TIMEOUT']!r}"
+                ) from None
+        kwargs.update(overrides)
+        return cls.from_endpoint(base_url, model, **kwargs)
+
+    @classmethod
+    def from_openai_client(
+        cls,
+        client: Any,
+        model: str,
+        family: str | None = None,
+        policy: PolicySpec = "moderate",
+        timeout: float = 30.0,
+        **options: Any,
+    ) -> Guard:
+        """A Guard that sends requests through a user's ``openai.OpenAI`` and/or ``openai.AsyncOpenAI``."""
+        from .transport.openai_client import OpenAITransport
+
+        if isinstance(client, tuple):
+            transport = OpenAITransport(*client)
+        else:
+            transport = OpenAITransport(client)
+        return cls.from_endpoint("http://unused.invalid/v1", model, family, policy, timeout, transport=transport, **options)
+
+    def __repr__(self) -> str:
+        return (
+            f"Guard(model={self.model_name!r}, family={self.model.family!r}, policy={self.policy.label!r}, "
+            f"transport={self.transport!r})"
+        )
+
+    # ================================================================= lifecycle
+
+    def close(self) -> None:
+        """Close the blocking client and the worker threads."""
+        self.transport.close()
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+
+    async def aclose(self) -> None:
+        """Close the clients (the async one of the running loop included)."""
+        await self.transport.aclose()
+        self.close()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Guard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def stats(self) -> GuardStats:
+        """Checks made, guard errors, fail-open decisions and cache counters."""
+        return GuardStats(self._checks, self._errors, self._fail_open, self.cache.stats if self.cache else None)
+
+    # ================================================================= inputs
+
+    def _resolve_policy(self, policy: PolicySpec) -> StrictnessPolicy:
+        if policy is None:
+            return self.policy
+        if isinstance(policy, StrictnessPolicy):
+            return policy
+        if isinstance(policy, str | Path):
+            key = str(policy)
+            cached = self._policies.get(key)
+            if cached is None:
+                cached = StrictnessPolicy.load(policy)
+                self._policies[key] = cached
+            return cached
+        return StrictnessPolicy.load(policy)
+
+    def _validate(self, value: Any, name: str) -> str:
+        if not isinstance(value, str):
+            hint = "; decode it to str first" if isinstance(value, bytes | bytearray) else ""
+            raise GuardInputError(f"{name} must be a str, got {type(value).__name__}{hint}")
+        if not value.strip():
+            raise GuardInputError(f"{name} is empty; there is nothing to check")
+        if len(value) > self.max_text_chars:
+            raise GuardInputError(
+                f"{name} has {len(value):,} characters, over the limit of {self.max_text_chars:,} "
+                f"(Guard(max_text_chars=...)); split it or raise the limit"
+            )
+        return value
+
+    def _prepare(
+        self, text: Any, response: Any, surface: Surface | str | None, history: History
+    ) -> tuple[GuardInput, Surface]:
+        turns: tuple[tuple[Role, str], ...] = ()
+        if history:
+            parsed: list[tuple[Role, str]] = []
+            for turn in history:
+                if isinstance(turn, Mapping):
+                    role, content = turn.get("role"), turn.get("content")
+                else:
+                    role, content = turn
+                if role not in ("user", "assistant") or not isinstance(content, str):
+                    raise GuardInputError(
+                        f"history turns must be (role, text) with role 'user' or 'assistant'; got {turn!r}"[:200]
+                    )
+                parsed.append((role, content))
+            turns = tuple(parsed)
+        if response is not None:
+            if not isinstance(text, str):
+                raise GuardInputError(f"prompt must be a str, got {type(text).__name__}")
+            surf = Surface.parse(surface) if surface is not None else Surface.RESPONSE
+            if surf.mode != "response":
+                raise GuardInputError(
+                    f"surface {surf.value!r} gets prompt moderation; pass its text alone, without response="
+                )
+            resp = self._validate(response, "response")
+            return GuardInput(resp, "response", context=text, history=turns), surf
+        surf = Surface.parse(surface) if surface is not None else Surface.PROMPT
+        body = self._validate(text, "text")
+        return GuardInput(body, surf.mode, history=turns), surf
+
+    def _headers(self, session_id: str | None) -> dict[str, str] | None:
+        return {self.session_header: session_id} if session_id else None
+
+    def _cache_key(self, inp: GuardInput, surface: Surface) -> tuple[Any, ...]:
+        return (self.model_name, self.model.family, self.model.template_version, surface.value, *inp.cache_key())
+
+    def _chunk_chars(self, max_model_len: int) -> int:
+        overhead_tokens = self.model.prompt_overhead_chars // 3
+        budget = max_model_len - self.model.max_new_tokens - overhead_tokens
+        return max(256, int(budget * self.chars_per_token))
+
+    def _finish(self, verdict: Verdict, surface: Surface, started: float) -> Verdict:
+        return replace(
+            verdict,
+            model=self.model_name,
+            family=self.model.family,
+            surface=surface,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    def _fit_context(self, inp: GuardInput, limit: int) -> GuardInput:
+        """Keep context and history within half the chunk budget (their most recent part is kept)."""
+        budget = limit // 2
+        ctx_len = len(inp.context) + sum(len(t) for _, t in inp.history)
+        if ctx_len <= budget:
+            return inp
+        context = inp.context[-budget:] if len(inp.context) > budget else inp.context
+        left = budget - len(context)
+        kept: list[tuple[Role, str]] = []
+        for role, content in reversed(inp.history):
+            if left <= 0:
+                break
+            kept.append((role, content[-left:]))
+            left -= len(content)
+        logger.debug("context trimmed to %d characters to fit the guard model's context", budget)
+        return replace(inp, context=context, history=tuple(reversed(kept)))
+
+    # ================================================================= async core
+
+    def _sem(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        sem = self._sems.get(loop)
+        if sem is None:
+            sem = asyncio.Semaphore(self.concurrency)
+            self._sems[loop] = sem
+        return sem
+
+    async def _acall(
+        self, inp: GuardInput, surface: Surface, deadline: float, headers: Mapping[str, str] | None
+    ) -> tuple[Verdict, BaseException | None]:
+        """One request for one chunk; ContextLengthExceededError propagates to the splitter."""
+        key = self._cache_key(inp, surface) if self.cache is not None else None
+        if key is not None and self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return replace(hit, cached=True, latency_ms=0.0), None
+        started = time.perf_counter()
+        body = self.model.request_body(inp, self.model_name)
+        try:
+            async with self._sem(), _timeout_cm(remaining(deadline) + 0.05):
+                completion = await self.transport.acomplete(body, deadline=deadline, headers=headers)
+        except ContextLengthExceededError:
+            raise
+        except GuardTransportError as exc:
+            return self._finish(Verdict.failed(str(exc)), surface, started), exc
+        except TimeoutError as exc:
+            err = f"guard check exceeded its {self.timeout:g} s deadline"
+            return self._finish(Verdict.failed(err), surface, started), exc
+        verdict = self._finish(self.model.parse_completion(completion), surface, started)
+        if key is not None and self.cache is not None:
+            self.cache.put(key, verdict)
+        return verdict, None
+
+    async def _asplit(
+        self,
+        inp: GuardInput,
+        surface: Surface,
+        deadline: float,
+        headers: Mapping[str, str] | None,
+        limit: int,
+        depth: int = 0,
+    ) -> list[tuple[Verdict, BaseException | None]]:
+        pieces = chunk_text(inp.text, limit, min(self.chunk_overlap, limit // 4))
+        inp = self._fit_context(inp, limit)
+
+        async def one(piece: str) -> list[tuple[Verdict, BaseException | None]]:
+            sub = replace(inp, text=piece)
+            try:
+                return [await self._acall(sub, surface, deadline, headers)]
+            except ContextLengthExceededError as exc:
+                if depth >= _MAX_SPLIT_DEPTH or len(piece) < 64:
+                    return [(Verdict.failed(str(exc), surface=surface), exc)]
+                return await self._asplit(sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1)
+
+        if len(pieces) == 1:
+            return await one(pieces[0])
+        groups = await asyncio.gather(*(one(p) for p in pieces))
+        return [item for group in groups for item in group]
+
+    async def _alimit(self, inp: GuardInput, deadline: float) -> int:
+        if len(inp.text) <= _DISCOVERY_MIN_CHARS:
+            return max(len(inp.text), 1)
+        return self._chunk_chars(await self._adiscover_len(deadline))
+
+    async def _adiscover_len(self, deadline: float) -> int:
+        if self.max_model_len:
+            return self.max_model_len
+        if self._discovered_len is None:
+            try:
+                models = await self.transport.amodels(deadline=min(deadline, time.monotonic() + 5.0))
+                self._discovered_len = _pick_max_len(models, self.model_name)
+            except GuardTransportError as exc:
+                logger.info("could not read max_model_len from /v1/models (%s); assuming %d", exc, DEFAULT_MAX_MODEL_LEN)
+                self._discovered_len = DEFAULT_MAX_MODEL_LEN
+        return self._discovered_len
+
+    async def _averdicts(
+        self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None
+    ) -> list[tuple[Verdict, BaseException | None]]:
+        deadline = time.monotonic() + self.timeout
+        limit = await self._alimit(inp, deadline)
+        return await self._asplit(inp, surface, deadline, headers, limit)
+
+    # ================================================================= sync core
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="flexguard")
+            return self._executor
+
+    def _map(self, fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
+        if len(items) <= 1 or threading.current_thread().name.startswith("flexguard"):
+            return [fn(item) for item in items]
+        return list(self._pool().map(fn, items))
+
+    def _call(
+        self, inp: GuardInput, surface: Surface, deadline: float, headers: Mapping[str, str] | None
+    ) -> tuple[Verdict, BaseException | None]:
+        key = self._cache_key(inp, surface) if self.cache is not None else None
+        if key is not None and self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return replace(hit, cached=True, latency_ms=0.0), None
+        started = time.perf_counter()
+        body = self.model.request_body(inp, self.model_name)
+        try:
+            if not self._thread_sem.acquire(timeout=max(remaining(deadline), 0.0)):
+                raise TimeoutError
+            try:
+                completion = self.transport.complete(body, deadline=deadline, headers=headers)
+            finally:
+                self._thread_sem.release()
+        except ContextLengthExceededError:
+            raise
+        except GuardTransportError as exc:
+            return self._finish(Verdict.failed(str(exc)), surface, started), exc
+        except TimeoutError as exc:
+            err = f"guard check exceeded its {self.timeout:g} s deadline"
+            return self._finish(Verdict.failed(err), surface, started), exc
+        verdict = self._finish(self.model.parse_completion(completion), surface, started)
+        if key is not None and self.cache is not None:
+            self.cache.put(key, verdict)
+        return verdict, None
+
+    def _split(
+        self,
+        inp: GuardInput,
+        surface: Surface,
+        deadline: float,
+        headers: Mapping[str, str] | None,
+        limit: int,
+        depth: int = 0,
+    ) -> list[tuple[Verdict, BaseException | None]]:
+        pieces = chunk_text(inp.text, limit, min(self.chunk_overlap, limit // 4))
+        inp = self._fit_context(inp, limit)
+
+        def one(piece: str) -> list[tuple[Verdict, BaseException | None]]:
+            sub = replace(inp, text=piece)
+            try:
+                return [self._call(sub, surface, deadline, headers)]
+            except ContextLengthExceededError as exc:
+                if depth >= _MAX_SPLIT_DEPTH or len(piece) < 64:
+                    return [(Verdict.failed(str(exc), surface=surface), exc)]
+                return self._split(sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1)
+
+        groups = self._map(one, pieces)
+        return [item for group in groups for item in group]
+
+    def _discover_len(self, deadline: float) -> int:
+        if self.max_model_len:
+            return self.max_model_len
+        if self._discovered_len is None:
+            try:
+                models = self.transport.models(deadline=min(deadline, time.monotonic() + 5.0))
+                self._discovered_len = _pick_max_len(models, self.model_name)
+            except GuardTransportError as exc:
+                logger.info("could not read max_model_len from /v1/models (%s); assuming %d", exc, DEFAULT_MAX_MODEL_LEN)
+                self._discovered_len = DEFAULT_MAX_MODEL_LEN
+        return self._discovered_len
+
+    def _verdicts(
+        self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None
+    ) -> list[tuple[Verdict, BaseException | None]]:
+        deadline = time.monotonic() + self.timeout
+        limit = max(len(inp.text), 1) if len(inp.text) <= _DISCOVERY_MIN_CHARS else self._chunk_chars(
+            self._discover_len(deadline)
+        )
+        return self._split(inp, surface, deadline, headers, limit)
+
+    # ================================================================= combining
+
+    @staticmethod
+    def _worst_verdict(results: Sequence[tuple[Verdict, BaseException | None]]) -> Verdict:
+        verdicts = [v for v, _ in results]
+        failed = [v for v in verdicts if v.error is not None]
+        worst = failed[0] if failed else max(verdicts, key=lambda v: v.risk_score)
+        if len(verdicts) == 1:
+            return worst
+        cats = tuple(dict.fromkeys(c for v in verdicts if v.error is None for c in v.categories))
+        latency = max((v.latency_ms or 0.0) for v in verdicts)
+        return replace(worst, chunks=len(verdicts), categories=worst.categories or cats, latency_ms=latency)
+
+    def _decide_all(
+        self,
+        results: Sequence[tuple[Verdict, BaseException | None]],
+        policy: StrictnessPolicy,
+        surface: Surface,
+    ) -> Decision:
+        """Decide each chunk; the most severe decision wins (a fail-open pass never hides a block)."""
+        best: Decision | None = None
+        for verdict, exc in results:
+            try:
+                decision = policy.decide(verdict, surface)
+            except GuardUnavailableError as err:
+                raise err from exc
+            if best is None or _rank(decision) > _rank(best):
+                best = decision
+        assert best is not None
+        if len(results) > 1:
+            best = replace(best, verdict=replace(best.verdict, chunks=len(results)))
+        return best
+
+    def _record(self, decision: Decision) -> Decision:
+        with self._lock:
+            self._checks += 1
+            if decision.verdict.error is not None:
+                self._errors += 1
+            if decision.fail_open:
+                self._fail_open += 1
+        if decision.fail_open:
+            logger.warning(
+                "FAIL-OPEN: text allowed without a verdict on surface %s: %s",
+                decision.surface.value if decision.surface else "?",
+                decision.reason,
+            )
+        elif decision.verdict.error is not None:
+            logger.warning("guard unavailable, decision %s: %s", decision.action.value, decision.reason)
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("decision %s: %s", decision.action.value, decision.reason)
+        return decision
+
+    # ================================================================= redaction
+
+    def _redaction_plan(self, inp: GuardInput) -> list[str]:
+        return group_sentences(split_sentences(inp.text), self.max_redact_segments)
+
+    def _redacted_decision(
+        self,
+        decision: Decision,
+        policy: StrictnessPolicy,
+        surface: Surface,
+        segments: Sequence[str],
+        seg_verdicts: Sequence[Verdict],
+        recheck: Callable[[str], Sequence[tuple[Verdict, BaseException | None]]] | None = None,
+    ) -> tuple[str, list[Verdict | None]]:
+        flagged: list[Verdict | None] = [v if policy.is_over(v, surface) else None for v in seg_verdicts]
+        text = apply_redactions(segments, flagged, span_redactor=self.span_redactor)
+        return text, flagged
+
+    def _after_redaction(
+        self,
+        decision: Decision,
+        redacted: str,
+        flagged: Sequence[Verdict | None],
+        recheck: Sequence[tuple[Verdict, BaseException | None]],
+        policy: StrictnessPolicy,
+        surface: Surface,
+    ) -> Decision:
+        n = sum(1 for f in flagged if f is not None)
+        again = self._decide_all(recheck, policy, surface)
+        if again.action is Action.ALLOW or again.action is Action.FLAG:
+            return replace(
+                decision,
+                redacted_text=redacted,
+                reason=f"{decision.reason}; redacted {n} of {len(flagged)} sentences; re-check passed",
+            )
+        return replace(
+            decision,
+            action=Action.BLOCK,
+            route=None,
+            redacted_text=None,
+            rule=f"{decision.rule} (redaction re-check)",
+            reason=f"{decision.reason}; still over the threshold after redacting {n} of {len(flagged)} "
+            f"sentences ({again.reason}) -> block",
+        )
+
+    async def _aredact(
+        self, decision: Decision, inp: GuardInput, policy: StrictnessPolicy, surface: Surface, headers: Any
+    ) -> Decision:
+        segments = self._redaction_plan(inp)
+        seg_results = await asyncio.gather(
+            *(self._averdicts(replace(inp, text=s), surface, headers) for s in segments if s.strip())
+        )
+        seg_verdicts = _align(segments, [self._worst_verdict(r) for r in seg_results])
+        redacted, flagged = self._redacted_decision(decision, policy, surface, segments, seg_verdicts)
+        recheck = await self._averdicts(replace(inp, text=redacted), surface, headers)
+        return self._after_redaction(decision, redacted, flagged, recheck, policy, surface)
+
+    def _redact(
+        self, decision: Decision, inp: GuardInput, policy: StrictnessPolicy, surface: Surface, headers: Any
+    ) -> Decision:
+        segments = self._redaction_plan(inp)
+        live = [s for s in segments if s.strip()]
+        seg_results = self._map(lambda s: self._verdicts(replace(inp, text=s), surface, headers), live)
+        seg_verdicts = _align(segments, [self._worst_verdict(r) for r in seg_results])
+        redacted, flagged = self._redacted_decision(decision, policy, surface, segments, seg_verdicts)
+        recheck = self._verdicts(replace(inp, text=redacted), surface, headers)
+        return self._after_redaction(decision, redacted, flagged, recheck, policy, surface)
+
+    # ================================================================= public API
+
+    async def averdict(
+        self,
+        text: str,
+        response: str | None = None,
+        *,
+        surface: Surface | str | None = None,
+        history: History = None,
+        session_id: str | None = None,
+    ) -> Verdict:
+        """The guard's verdict on a text (the worst chunk for long texts), without applying a policy."""
+        inp, surf = self._prepare(text, response, surface, history)
+        return self._worst_verdict(await self._averdicts(inp, surf, self._headers(session_id)))
+
+    def verdict(
+        self,
+        text: str,
+        response: str | None = None,
+        *,
+        surface: Surface | str | None = None,
+        history: History = None,
+        session_id: str | None = None,
+    ) -> Verdict:
+        """Blocking twin of :meth:`averdict`."""
+        inp, surf = self._prepare(text, response, surface, history)
+        return self._worst_verdict(self._verdicts(inp, surf, self._headers(session_id)))
+
+    async def acheck(
+        self,
+        text: str,
+        response: str | None = None,
+        *,
+        surface: Surface | str | None = None,
+        policy: PolicySpec = None,
+        history: History = None,
+        session_id: str | None = None,
+    ) -> Decision:
+        """Check a text and decide. ``acheck(text)`` moderates a prompt; ``acheck(prompt, response=text)``
+        moderates a response with its prompt as context. ``surface`` picks per-surface rules (and the
+        moderation mode when no response is given); ``policy`` overrides the Guard's policy for this call.
+        """
+        inp, surf = self._prepare(text, response, surface, history)
+        pol = self._resolve_policy(policy)
+        headers = self._headers(session_id)
+        with _telemetry.span("flexguard.check", surface=surf.value, model=self.model_name) as current:
+            results = await self._averdicts(inp, surf, headers)
+            decision = self._decide_all(results, pol, surf)
+            if decision.action is Action.REDACT:
+                decision = await self._aredact(decision, inp, pol, surf, headers)
+            _telemetry.record_decision(current, decision)
+        return self._record(decision)
+
+    def check(
+        self,
+        text: str,
+        response: str | None = None,
+        *,
+        surface: Surface | str | None = None,
+        policy: PolicySpec = None,
+        history: History = None,
+        session_id: str | None = None,
+    ) -> Decision:
+        """Blocking twin of :meth:`acheck`."""
+        inp, surf = self._prepare(text, response, surface, history)
+        pol = self._resolve_policy(policy)
+        headers = self._headers(session_id)
+        with _telemetry.span("flexguard.check", surface=surf.value, model=self.model_name) as current:
+            results = self._verdicts(inp, surf, headers)
+            decision = self._decide_all(results, pol, surf)
+            if decision.action is Action.REDACT:
+                decision = self._redact(decision, inp, pol, surf, headers)
+            _telemetry.record_decision(current, decision)
+        return self._record(decision)
+
+    @staticmethod
+    def _item(item: str | CheckRequest | Mapping[str, Any] | tuple[str, str]) -> CheckRequest:
+        if isinstance(item, CheckRequest):
+            return item
+        if isinstance(item, str):
+            return CheckRequest(item)
+        if isinstance(item, tuple) and len(item) == 2:
+            return CheckRequest(item[0], response=item[1])
+        if isinstance(item, Mapping):
+            try:
+                return CheckRequest(**item)
+            except TypeError as exc:
+                raise GuardInputError(f"bad batch item {dict(item)!r}: {exc}"[:300]) from exc
+        raise GuardInputError(f"batch items must be str, (prompt, response), dict or CheckRequest; got {type(item).__name__}")
+
+    async def abatch(
+        self,
+        items: Iterable[str | CheckRequest | Mapping[str, Any] | tuple[str, str]],
+        *,
+        surface: Surface | str | None = None,
+        policy: PolicySpec = None,
+        return_exceptions: bool = False,
+    ) -> list[Decision | BaseException]:
+        """Check many texts concurrently (bounded by ``concurrency``); results keep the input order."""
+        reqs = [self._item(i) for i in items]
+
+        def run(r: CheckRequest) -> Awaitable[Decision]:
+            return self.acheck(
+                r.text, r.response, surface=r.surface or surface, policy=r.policy or policy, history=r.history
+            )
+
+        return list(await asyncio.gather(*(run(r) for r in reqs), return_exceptions=return_exceptions))
+
+    def batch(
+        self,
+        items: Iterable[str | CheckRequest | Mapping[str, Any] | tuple[str, str]],
+        *,
+        surface: Surface | str | None = None,
+        policy: PolicySpec = None,
+        return_exceptions: bool = False,
+    ) -> list[Decision | BaseException]:
+        """Blocking twin of :meth:`abatch`, on a pool of ``concurrency`` threads."""
+        reqs = [self._item(i) for i in items]
+
+        def run(r: CheckRequest) -> Decision | BaseException:
+            try:
+                return self.check(
+                    r.text, r.response, surface=r.surface or surface, policy=r.policy or policy, history=r.history
+                )
+            except Exception as exc:
+                if return_exceptions:
+                    return exc
+                raise
+
+        if len(reqs) <= 1:
+            return [run(r) for r in reqs]
+        with ThreadPoolExecutor(min(self.concurrency, len(reqs)), thread_name_prefix="flexguard-batch") as pool:
+            return list(pool.map(run, reqs))
+
+
+def _rank(decision: Decision) -> tuple[int, int, float]:
+    # the most severe action; among equals a real verdict beats a fail-open pass, then the higher risk
+    return (decision.action.severity, 0 if decision.fail_open else 1, decision.verdict.risk_score)
+
+
+def _align(segments: Sequence[str], verdicts: Sequence[Verdict]) -> list[Verdict]:
+    """Give blank segments a harmless verdict so segments and verdicts line up."""
+    it = iter(verdicts)
+    out: list[Verdict] = []
+    for seg in segments:
+        out.append(next(it) if seg.strip() else Verdict(risk_score=0.0))
+    return out
+
+
+def _pick_max_len(models: Sequence[Mapping[str, Any]], name: str) -> int:
+    chosen = next((m for m in models if m.get("id") == name), models[0] if models else None)
+    value = chosen.get("max_model_len") if chosen else None
+    if isinstance(value, int) and value > 0:
+        return value
+    logger.info("/v1/models gave no max_model_len for %s; assuming %d", name, DEFAULT_MAX_MODEL_LEN)
+    return DEFAULT_MAX_MODEL_LEN

@@ -1,0 +1,209 @@
+"""FlexGuard (Tommy-DING/FlexGuard-Qwen3-8B and siblings): a 0–100 risk score plus categories.
+
+The model card says the model "is prompted to output exactly" a ``<think>`` block of eight steps, then
+``CATEGORY`` (``SAFE`` or codes among VIO, ILG, SEX, INF, DIS, MIS, JAIL), then the integer ``RISK_SCORE``.
+The official instruction text could not be obtained: the package ships an instruction **reconstructed
+from the model card's description** (``templates/flexguard_prompt.txt`` and ``flexguard_response.txt``).
+Replace it with the official text, or your own, through ``prompt_template=`` / ``response_template=``
+(a string or a path); the text must contain ``{{conversation}}`` where the conversation goes.
+
+The parser tolerates labelled (``RISK_SCORE: 87``) and bare lines, any separator between codes, and the
+reasoning returned in ``reasoning_content`` by servers started with a reasoning parser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ConfigurationError
+from ..verdict import Category, Verdict
+from .base import GuardInput, GuardModel, register
+
+PLACEHOLDER = "{{conversation}}"
+
+_CODES: dict[str, Category] = {
+    "VIO": Category.VIOLENCE,
+    "ILG": Category.ILLEGAL,
+    "SEX": Category.SEXUAL,
+    "INF": Category.PRIVACY,
+    "DIS": Category.DISCRIMINATION,
+    "MIS": Category.MISINFORMATION,
+    "JAIL": Category.JAILBREAK,
+}
+_SAFE_WORDS = {"SAFE", "NONE", "N/A", "NA", "BENIGN"}
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_LABELLED_SCORE = re.compile(
+    r"^[\W_]*RISK[ _-]?SCORE[\W_]*?[:=]\s*\**\s*(-?\d+(?:\.\d+)?)\s*\**\s*(?:/\s*100)?\s*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_LABELLED_CATEGORY = re.compile(
+    r"^[\W_]*CATEGOR(?:Y|IES)[\W_]*?[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE
+)
+_BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*\**$")
+_CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
+_CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
+
+
+def load_template(source: str | Path) -> str:
+    """Read a template from a path, or take a string that already contains the placeholder."""
+    if isinstance(source, Path) or (PLACEHOLDER not in source and "\n" not in source):
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read FlexGuard template {str(path)!r}: {exc}") from exc
+    else:
+        text = source
+    if PLACEHOLDER not in text:
+        raise ConfigurationError(
+            f"FlexGuard template must contain {PLACEHOLDER} where the conversation goes"
+        )
+    if not text.rstrip().endswith(PLACEHOLDER) and text.count(PLACEHOLDER) != 1:
+        raise ConfigurationError(f"FlexGuard template must contain {PLACEHOLDER} exactly once")
+    return text
+
+
+def _bundled(name: str) -> str:
+    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _parse_codes(line: str) -> tuple[list[Category], list[str], bool]:
+    """Categories, native codes and whether the line looked like a category line at all."""
+    cats: list[Category] = []
+    natives: list[str] = []
+    tokens = [t.strip("*`'\"[](){}.").upper() for t in _CODE_SPLIT.split(line.strip())]
+    tokens = [t for t in tokens if t]
+    if not tokens:
+        return cats, natives, False
+    for tok in tokens:
+        if tok in _SAFE_WORDS:
+            continue
+        if not _CODE_TOKEN.match(tok):
+            return [], [], False
+        natives.append(tok)
+        cat = _CODES.get(tok, Category.OTHER)
+        if cat not in cats:
+            cats.append(cat)
+    return cats, natives, True
+
+
+@register
+class FlexGuardModel(GuardModel):
+    """FlexGuard-Qwen3-8B / -4B / -LLaMA3.1-Instruct-8B behind an OpenAI-compatible server."""
+
+    family: ClassVar[str] = "flexguard"
+    name_patterns: ClassVar[tuple[str, ...]] = (r"flex[-_ ]?guard",)
+    native_categories: ClassVar[Mapping[str, Category]] = _CODES
+
+    def __init__(
+        self,
+        *,
+        prompt_template: str | Path | None = None,
+        response_template: str | Path | None = None,
+        max_new_tokens: int = 1024,
+    ) -> None:
+        if max_new_tokens < 16:
+            raise ConfigurationError("flexguard max_new_tokens must be at least 16 (the think block needs room)")
+        self.prompt_template = (
+            load_template(prompt_template) if prompt_template else _bundled("flexguard_prompt.txt")
+        )
+        self.response_template = (
+            load_template(response_template) if response_template else _bundled("flexguard_response.txt")
+        )
+        self.max_new_tokens = max_new_tokens
+        digest = hashlib.sha256((self.prompt_template + "\0" + self.response_template).encode()).hexdigest()
+        self._version = f"flexguard/{digest[:12]}"
+
+    @property
+    def template_version(self) -> str:
+        return self._version
+
+    @property
+    def prompt_overhead_chars(self) -> int:
+        return max(len(self.prompt_template), len(self.response_template)) + 200
+
+    def render(self, inp: GuardInput) -> str:
+        """The instruction with the conversation filled in (fixed prefix first, variable text last)."""
+        turns = [f"{role.upper()}: {self.clean(text)}" for role, text in inp.history]
+        if inp.mode == "response":
+            turns.append(f"USER: {self.clean(inp.context)}")
+            turns.append(f"ASSISTANT: {self.clean(inp.text)}")
+            template = self.response_template
+        else:
+            turns.append(f"USER: {self.clean(inp.text)}")
+            template = self.prompt_template
+        return template.replace(PLACEHOLDER, "\n\n".join(turns), 1)
+
+    def build_messages(self, inp: GuardInput) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.render(inp)}]
+
+    def parse_output(
+        self,
+        content: str,
+        *,
+        reasoning: str | None = None,
+        finish_reason: str | None = "stop",
+        logprobs: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Verdict:
+        raw = content if reasoning is None else f"<think>{reasoning}</think>\n{content}"
+        base: dict[str, Any] = {"raw_output": raw, "family": self.family}
+        if finish_reason == "length":
+            return Verdict.failed("guard answer was cut off at max_tokens (finish_reason=length)", **base)
+
+        think: str | None = reasoning.strip() if reasoning else None
+        match = _THINK.search(content)
+        if match:
+            think = match.group(1).strip()
+            tail = content[match.end() :]
+        elif "</think>" in content:  # the template pre-filled "<think>"
+            head, _, tail = content.partition("</think>")
+            think = head.strip()
+        elif "<think>" in content:
+            return Verdict.failed("guard answer has an unclosed <think> block", **base)
+        else:
+            tail = content
+        base["reasoning"] = think or None
+
+        score_text: str | None = None
+        category_line: str | None = None
+        labelled = list(_LABELLED_SCORE.finditer(tail))
+        if labelled:
+            score_text = labelled[-1].group(1)
+            cat_match = list(_LABELLED_CATEGORY.finditer(tail))
+            if cat_match:
+                category_line = cat_match[-1].group(1)
+        else:
+            lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+            if lines and (m := _BARE_SCORE.match(lines[-1])):
+                score_text = m.group(1)
+                if len(lines) >= 2:
+                    cat_match = _LABELLED_CATEGORY.match(lines[-2])
+                    category_line = cat_match.group(1) if cat_match else lines[-2]
+        if score_text is None:
+            snippet = tail.strip()[-80:] or "<empty>"
+            return Verdict.failed(f"no RISK_SCORE in the guard answer: {snippet!r}", **base)
+        score = float(score_text)
+        if not 0.0 <= score <= 100.0:
+            return Verdict.failed(f"risk score {score_text} is outside 0-100", **base)
+
+        cats: list[Category] = []
+        natives: list[str] = []
+        if category_line is not None:
+            parsed, natives, looked_like_codes = _parse_codes(category_line)
+            cats = parsed if looked_like_codes else []
+            if not looked_like_codes:
+                natives = []
+        native_label = ", ".join(natives) if natives else "SAFE"
+        return Verdict(
+            risk_score=score,
+            categories=tuple(cats),
+            native_categories=tuple(natives),
+            native_label=f"{native_label} / {score_text}",
+            **base,
+        )

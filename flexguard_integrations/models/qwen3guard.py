@@ -1,0 +1,198 @@
+"""Qwen3Guard-Gen: Safe / Controversial / Unsafe, categories and, for responses, a refusal flag.
+
+The server's chat template holds the whole safety policy, so a request carries only the conversation (no
+system message). The answer looks like::
+
+    Safety: Unsafe
+    Categories: Violent
+    Refusal: No            # response moderation only
+
+Risk is the tier mapping Safe 0 / Controversial 50 / Unsafe 100, or with ``scoring="logprobs"`` the
+expectation 50·P(Controversial) + 100·P(Unsafe) over the label token's ``top_logprobs``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+from ..errors import ConfigurationError
+from ..verdict import Category, Verdict
+from .base import GuardInput, GuardModel, register
+
+Scoring = Literal["tier", "logprobs"]
+
+TIER_SCORES: Mapping[str, float] = {"Safe": 0.0, "Controversial": 50.0, "Unsafe": 100.0}
+
+_NATIVE: dict[str, Category] = {
+    "VIOLENT": Category.VIOLENCE,
+    "NON-VIOLENT ILLEGAL ACTS": Category.ILLEGAL,
+    "SEXUAL CONTENT OR SEXUAL ACTS": Category.SEXUAL,
+    "PII": Category.PRIVACY,
+    "PERSONALLY IDENTIFIABLE INFORMATION": Category.PRIVACY,
+    "SUICIDE & SELF-HARM": Category.SELF_HARM,
+    "UNETHICAL ACTS": Category.UNETHICAL,
+    "POLITICALLY SENSITIVE TOPICS": Category.MISINFORMATION,
+    "COPYRIGHT VIOLATION": Category.COPYRIGHT,
+    "JAILBREAK": Category.JAILBREAK,
+}
+
+_SAFETY = re.compile(r"Safety\s*:\s*\**\s*(Safe|Unsafe|Controversial)\b", re.IGNORECASE)
+_CATEGORIES = re.compile(r"^\W*Categories\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)
+_REFUSAL = re.compile(r"Refusal\s*:\s*\**\s*(Yes|No)\b", re.IGNORECASE)
+_LABEL_PREFIX = re.compile(r"Safety\s*:\s*$", re.IGNORECASE)
+
+
+def _label_of_token(token: str) -> str | None:
+    """Which verdict label a generated token starts (``" Cont"`` is the first piece of Controversial)."""
+    t = token.strip().lower()
+    if not t:
+        return None
+    if t.startswith("unsafe") or (len(t) >= 2 and "unsafe".startswith(t)):
+        return "Unsafe"
+    if t.startswith("safe") or (len(t) >= 2 and "safe".startswith(t)):
+        return "Safe"
+    if t.startswith("cont") or (len(t) >= 3 and "controversial".startswith(t)):
+        return "Controversial"
+    return None
+
+
+def expected_risk(top_logprobs: Sequence[Mapping[str, Any]]) -> tuple[float, dict[str, float]] | None:
+    """Risk 0–100 as the expectation over the three label probabilities found among ``top_logprobs``.
+
+    Probabilities of tokens that start the same label are summed, then renormalised over the three labels.
+    Returns None when no label token is present.
+    """
+    mass = {"Safe": 0.0, "Controversial": 0.0, "Unsafe": 0.0}
+    for alt in top_logprobs:
+        token, logprob = alt.get("token"), alt.get("logprob")
+        if not isinstance(token, str) or not isinstance(logprob, int | float) or math.isnan(logprob):
+            continue
+        label = _label_of_token(token)
+        if label is not None:
+            mass[label] += math.exp(max(float(logprob), -1e4))
+    total = sum(mass.values())
+    if total <= 0.0:
+        return None
+    probs = {k: v / total for k, v in mass.items()}
+    return 50.0 * probs["Controversial"] + 100.0 * probs["Unsafe"], probs
+
+
+def _find_label_position(tokens: Sequence[Mapping[str, Any]]) -> int | None:
+    """Index of the generated token that carries the verdict label (right after ``Safety:``)."""
+    text = ""
+    for i, entry in enumerate(tokens):
+        tok = entry.get("token")
+        if not isinstance(tok, str):
+            return None
+        if _LABEL_PREFIX.search(text) and _label_of_token(tok) is not None:
+            return i
+        text += tok
+        if len(text) > 200:
+            return None
+    return None
+
+
+@register
+class Qwen3GuardModel(GuardModel):
+    """Qwen/Qwen3Guard-Gen-0.6B / 4B / 8B served with the model's own chat template."""
+
+    family: ClassVar[str] = "qwen3guard"
+    name_patterns: ClassVar[tuple[str, ...]] = (r"qwen3[-_ ]?guard",)
+    native_categories: ClassVar[Mapping[str, Category]] = _NATIVE
+
+    def __init__(self, *, scoring: Scoring = "tier", max_new_tokens: int = 64, top_logprobs: int = 5) -> None:
+        if scoring not in ("tier", "logprobs"):
+            raise ConfigurationError(f"qwen3guard scoring must be 'tier' or 'logprobs', not {scoring!r}")
+        if max_new_tokens < 8:
+            raise ConfigurationError("qwen3guard max_new_tokens must be at least 8")
+        if not 1 <= top_logprobs <= 20:
+            raise ConfigurationError("qwen3guard top_logprobs must be between 1 and 20 (vLLM's default cap)")
+        self.scoring: Scoring = scoring
+        self.max_new_tokens = max_new_tokens
+        self.top_logprobs = top_logprobs
+
+    @property
+    def template_version(self) -> str:
+        return f"qwen3guard-chat-template/{self.scoring}"
+
+    @property
+    def prompt_overhead_chars(self) -> int:
+        return 2600  # the rendered policy text is about 2.3k characters
+
+    def build_messages(self, inp: GuardInput) -> list[dict[str, str]]:
+        messages = [{"role": role, "content": self.clean(text)} for role, text in inp.history]
+        if inp.mode == "response":
+            messages.append({"role": "user", "content": self.clean(inp.context)})
+            messages.append({"role": "assistant", "content": self.clean(inp.text)})
+        else:
+            messages.append({"role": "user", "content": self.clean(inp.text)})
+        return messages
+
+    def request_body(self, inp: GuardInput, model_name: str) -> dict[str, Any]:
+        body = super().request_body(inp, model_name)
+        if self.scoring == "logprobs":
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs
+        return body
+
+    def parse_output(
+        self,
+        content: str,
+        *,
+        reasoning: str | None = None,
+        finish_reason: str | None = "stop",
+        logprobs: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Verdict:
+        raw = content
+        base: dict[str, Any] = {"raw_output": raw, "family": self.family}
+        if finish_reason == "length":
+            return Verdict.failed("guard answer was cut off at max_tokens (finish_reason=length)", **base)
+        safety = _SAFETY.search(content)
+        if safety is None:
+            snippet = content.strip()[:80] or "<empty>"
+            return Verdict.failed(f"no 'Safety:' label in the guard answer: {snippet!r}", **base)
+        label = safety.group(1).capitalize()
+        natives: list[str] = []
+        cats: list[Category] = []
+        cat_match = _CATEGORIES.search(content)
+        if cat_match:
+            for part in cat_match.group(1).split(","):
+                name = part.strip().strip("*").strip()
+                if not name or name.upper() == "NONE":
+                    continue
+                natives.append(name)
+                cat = _NATIVE.get(name.upper(), Category.OTHER)
+                if cat not in cats:
+                    cats.append(cat)
+        refusal_match = _REFUSAL.search(content)
+        refusal = None if refusal_match is None else refusal_match.group(1).lower() == "yes"
+
+        score = TIER_SCORES[label]
+        note = None
+        if self.scoring == "logprobs":
+            scored = self._logprob_score(logprobs)
+            if scored is None:
+                note = "logprobs missing; tier score used"
+            else:
+                score = scored
+        return Verdict(
+            risk_score=round(score, 3),
+            categories=tuple(cats),
+            native_categories=tuple(natives),
+            native_label=label if note is None else f"{label} ({note})",
+            refusal=refusal,
+            **base,
+        )
+
+    def _logprob_score(self, tokens: Sequence[Mapping[str, Any]] | None) -> float | None:
+        if not tokens:
+            return None
+        pos = _find_label_position(tokens)
+        if pos is None:
+            return None
+        alts = tokens[pos].get("top_logprobs") or [tokens[pos]]
+        result = expected_risk(alts)
+        return None if result is None else result[0]

@@ -1,0 +1,57 @@
+"""Neutralising untrusted text before it reaches a guard model.
+
+vLLM and SGLang render the chat template and tokenise the result with the model's tokenizer, which matches
+added special tokens anywhere in the string. A user message containing ``<|im_end|>`` therefore closes its
+own turn for real and can forge the guard's verdict. Every untrusted string is passed through
+:func:`neutralize` before it is put in a request: control-token shapes get a space inserted, so they are
+read as ordinary text (the guard still sees the attempt) and never encoded as special tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Generic special-token shapes: <|im_end|>, <|endoftext|>, <|begin_of_text|>, DeepSeek's fullwidth <｜...｜>.
+_SPECIAL = re.compile(r"<\|[^<>|\r\n]{0,64}\|>|<｜[^<>｜\r\n]{0,64}｜>")
+# Tag-shaped markers Qwen3 and other chat templates treat as special or structural.
+_TAGS = re.compile(
+    r"</?(?:think|tool_call|tool_response|tools|answer|reasoning|s)>"
+    r"|<</?SYS>>|\[/?INST\]|<(?:start|end)_of_turn>"
+    r"|<(?:BEGIN|END) [A-Z][A-Z ]{0,40}>",
+    re.IGNORECASE,
+)
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+_MAX_PASSES = 8
+
+
+def _space_after_opener(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if token.startswith(("<|", "<｜")):
+        return f"{token[0]} {token[1:-2]}{token[-2]} {token[-1]}"
+    return f"{token[0]} {token[1:]}"
+
+
+def neutralize(text: str) -> str:
+    """Return ``text`` with every control-token shape defused and lone surrogates replaced.
+
+    The result contains no substring that a Qwen-, Llama- or Gemma-style tokenizer would encode as a
+    special token. Applying it twice changes nothing more.
+    """
+    if _SURROGATES.search(text):
+        text = fix_surrogates(text)
+    for _ in range(_MAX_PASSES):
+        new = _TAGS.sub(_space_after_opener, _SPECIAL.sub(_space_after_opener, text))
+        if new == text:
+            return new
+        text = new
+    return text
+
+
+def contains_control_tokens(text: str) -> bool:
+    """True if ``text`` holds a control-token shape that :func:`neutralize` would defuse."""
+    return bool(_SPECIAL.search(text) or _TAGS.search(text))
+
+
+def fix_surrogates(text: str) -> str:
+    """Join valid surrogate pairs and replace lone surrogates with U+FFFD, so the text encodes as UTF-8."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")

@@ -1,0 +1,149 @@
+"""Script-aware text segmentation: sentences (redaction, streaming) and overlapping chunks (long texts).
+
+Qwen3Guard covers 119 languages, so boundaries must work for any script: CJK and Thai use no spaces, CJK
+ends sentences with 。！？, and a split must never fall inside a grapheme cluster (a combining mark, a
+ZWJ emoji sequence, a variation selector, a regional-indicator flag). Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# A sentence ends at terminal punctuation (Latin, CJK, Devanagari, Arabic, Ethiopic, Armenian, Myanmar,
+# Khmer...), optionally followed by closing quotes/brackets, then whitespace — or, for fullwidth CJK
+# punctuation, immediately. Blank lines and line breaks also end sentences.
+_SENTENCE_END = re.compile(
+    r"""(?:[.!?…‼⁇⁈⁉]+["'”’»)\]]*\s+)"""  # Latin-style: needs following whitespace
+    r"""|(?:[。！？｡]+[」』”’）】〕》]*\s*)"""  # CJK: no space needed
+    r"""|(?:[।॥؟۔።፧՜՞։။៕៘]+\s*)"""  # other scripts' terminators
+    r"""|(?:\n\s*)""",
+)
+_THAI = re.compile(r"[\u0e00-\u0e7f\u0e80-\u0eff]")  # Thai and Lao separate sentences with spaces
+_SPACE_RUN = re.compile(r"\s+")
+
+
+def is_extending(ch: str) -> bool:
+    """True for code points that attach to the previous one (never split before them)."""
+    cp = ord(ch)
+    return (
+        unicodedata.combining(ch) != 0
+        or unicodedata.category(ch) in ("Mn", "Me", "Mc")
+        or cp == 0x200D  # zero-width joiner
+        or 0xFE00 <= cp <= 0xFE0F  # variation selectors
+        or 0xE0100 <= cp <= 0xE01EF
+        or 0x1F3FB <= cp <= 0x1F3FF  # emoji skin-tone modifiers
+        or 0xE0020 <= cp <= 0xE007F  # emoji tag sequences
+        or 0xDC00 <= cp <= 0xDFFF  # a low surrogate (never separate it from its high one)
+    )
+
+
+def _is_regional_indicator(ch: str) -> bool:
+    return 0x1F1E6 <= ord(ch) <= 0x1F1FF
+
+
+def safe_boundary(text: str, index: int) -> int:
+    """The nearest index at or before ``index`` where a split does not break a grapheme cluster."""
+    i = max(0, min(index, len(text)))
+    while 0 < i < len(text):
+        ch, prev = text[i], text[i - 1]
+        if is_extending(ch) or ord(prev) == 0x200D or 0xD800 <= ord(prev) <= 0xDBFF:
+            i -= 1
+            continue
+        if _is_regional_indicator(ch) and _is_regional_indicator(prev):
+            # keep flag pairs together: count the run of indicators before i
+            j = i
+            while j > 0 and _is_regional_indicator(text[j - 1]):
+                j -= 1
+            if (i - j) % 2 == 1:
+                i -= 1
+                continue
+        break
+    return i
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split ``text`` into sentences whose concatenation is exactly ``text`` (separators stay attached)."""
+    if not text:
+        return []
+    out: list[str] = []
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        end = m.end()
+        if end > start and text[start:end].strip():
+            out.append(text[start:end])
+            start = end
+    if start < len(text):
+        if out and not text[start:].strip():
+            out[-1] += text[start:]
+        else:
+            out.append(text[start:])
+    if _THAI.search(text):
+        refined: list[str] = []
+        for sentence in out:
+            if _THAI.search(sentence):
+                refined.extend(_split_on_spaces(sentence))
+            else:
+                refined.append(sentence)
+        out = refined
+    return out
+
+
+def _split_on_spaces(text: str) -> list[str]:
+    parts: list[str] = []
+    start = 0
+    for m in _SPACE_RUN.finditer(text):
+        if m.start() > start:
+            parts.append(text[start : m.end()])
+            start = m.end()
+    if start < len(text):
+        if parts and not text[start:].strip():
+            parts[-1] += text[start:]
+        else:
+            parts.append(text[start:])
+    return parts or [text]
+
+
+def chunk_text(text: str, max_chars: int, overlap: int = 0) -> list[str]:
+    """Overlapping chunks of at most ``max_chars`` characters covering all of ``text``.
+
+    Each cut prefers the last sentence end or whitespace in the final fifth of the window and never
+    falls inside a grapheme cluster. Consecutive chunks share about ``overlap`` characters, so a harmful
+    span cut at a boundary is still seen whole by one chunk. Nothing is ever dropped.
+    """
+    if max_chars < 1:
+        raise ValueError("max_chars must be at least 1")
+    overlap = max(0, min(overlap, max_chars // 2))
+    if len(text) <= max_chars:
+        return [text]
+    chunks: list[str] = []
+    start = 0
+    n = len(text)
+    while start < n:
+        hard_end = start + max_chars
+        if hard_end >= n:
+            chunks.append(text[start:])
+            break
+        end = _preferred_cut(text, start, hard_end)
+        chunks.append(text[start:end])
+        next_start = safe_boundary(text, end - overlap) if overlap else end
+        if next_start <= start:  # always progress
+            next_start = end
+        start = next_start
+    return chunks
+
+
+def _preferred_cut(text: str, start: int, hard_end: int) -> int:
+    window_start = start + (hard_end - start) * 4 // 5
+    window = text[window_start:hard_end]
+    best = -1
+    for m in _SENTENCE_END.finditer(window):
+        best = m.end()
+    if best <= 0:
+        ws = [m.end() for m in _SPACE_RUN.finditer(window)]
+        best = ws[-1] if ws else -1
+    cut = window_start + best if best > 0 else hard_end
+    cut = safe_boundary(text, cut)
+    if cut <= start:  # a single grapheme cluster longer than the window: cut at the code point
+        cut = hard_end
+    return cut

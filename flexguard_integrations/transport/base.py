@@ -1,0 +1,210 @@
+"""What every transport shares: the Transport protocol, server error mapping and the retry policy.
+
+Error bodies differ by server (reference/apis.md §6–7): vLLM sends ``{"error": {...}}``, SGLang a flat
+``{"object": "error", ...}``, and vLLM's API-key middleware a bare ``{"error": "Unauthorized"}``. They all
+become one exception family (:mod:`flexguard_integrations.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol, runtime_checkable
+
+from ..errors import (
+    ContextLengthExceededError,
+    GuardAuthenticationError,
+    GuardBadRequestError,
+    GuardOverloadedError,
+    GuardResponseError,
+    GuardServerError,
+    GuardTransportError,
+)
+
+_CONTEXT_PATTERNS = re.compile(
+    r"maximum context length|longer than the model'?s context length|context length|too many tokens"
+    r"|max_model_len|exceeds? (?:the )?(?:model'?s )?(?:maximum )?(?:context|limit)",
+    re.IGNORECASE,
+)
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """How a chat-completion request reaches a guard server. ``deadline`` is a ``time.monotonic()`` value."""
+
+    async def acomplete(
+        self, body: Mapping[str, Any], *, deadline: float, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """POST a chat completion; return the validated response body."""
+        ...
+
+    def complete(
+        self, body: Mapping[str, Any], *, deadline: float, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Blocking twin of :meth:`acomplete`."""
+        ...
+
+    async def amodels(self, *, deadline: float) -> list[dict[str, Any]]:
+        """The served models (``GET /v1/models`` ``data``)."""
+        ...
+
+    def models(self, *, deadline: float) -> list[dict[str, Any]]:
+        """Blocking twin of :meth:`amodels`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections (async)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with jitter on transient failures, bounded by attempts and the deadline.
+
+    Retried: connection errors, timeouts, 502/503/504 (``Retry-After`` honoured). Never retried: 4xx,
+    other 5xx, answers that are not completions.
+    """
+
+    max_retries: int = 2
+    backoff: float = 0.1
+    """First backoff in seconds; doubles each retry."""
+    max_backoff: float = 2.0
+    jitter: float = 0.1
+
+    def wait(self, attempt: int, exc: BaseException | None) -> float:
+        """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
+        delay = min(self.backoff * (2 ** (attempt - 1)), self.max_backoff) + random.uniform(0, self.jitter)
+        retry_after = getattr(exc, "retry_after", None)
+        if isinstance(retry_after, int | float) and retry_after > 0:
+            delay = max(delay, float(retry_after))
+        return delay
+
+    @staticmethod
+    def retryable(exc: BaseException) -> bool:
+        """True for failures a retry may fix."""
+        return isinstance(exc, GuardTransportError) and exc.retryable
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(message, type, param) from any of the known error shapes, or from raw text."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        data = None
+    if isinstance(data, Mapping):
+        err = data.get("error")
+        if isinstance(err, Mapping):  # vLLM / OpenAI
+            return _s(err.get("message")), _s(err.get("type")), _s(err.get("param"))
+        if isinstance(err, str):  # vLLM 401 {"error": "Unauthorized"}
+            return err, None, None
+        if "message" in data or data.get("object") == "error":  # SGLang flat shape
+            return _s(data.get("message")), _s(data.get("type")), _s(data.get("param"))
+        if "detail" in data:  # FastAPI / gateways
+            return _s(data.get("detail")), None, None
+    if text:
+        snippet = re.sub(r"\s+", " ", text)[:200]
+        return snippet, None, None
+    return None, None, None
+
+
+def _s(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def error_from_response(status: int, headers: Mapping[str, str], body: bytes) -> GuardTransportError:
+    """Map a non-2xx HTTP answer to the exception family."""
+    message, etype, param = _error_fields(body)
+    detail = message or "(no body)"
+    kw: dict[str, Any] = {"status_code": status, "error_type": etype, "param": param}
+    if status in (401, 403):
+        return GuardAuthenticationError(
+            f"guard server refused the credentials (HTTP {status}): {detail}; check FLEXGUARD_API_KEY", **kw
+        )
+    if status in (502, 503, 504):
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        return GuardOverloadedError(
+            f"guard server overloaded or unavailable (HTTP {status}): {detail}", retry_after=retry_after, **kw
+        )
+    if status == 400 and (
+        param in ("input_tokens", "input_text") or (message and _CONTEXT_PATTERNS.search(message))
+    ):
+        return ContextLengthExceededError(f"text too long for the guard model's context: {detail}", **kw)
+    if 400 <= status < 500:
+        return GuardBadRequestError(f"guard server rejected the request (HTTP {status}): {detail}", **kw)
+    return GuardServerError(f"guard server error (HTTP {status}): {detail}", **kw)
+
+
+def decode_completion(body: bytes, content_type: str | None = None) -> dict[str, Any]:
+    """Parse a 2xx body and check it is a (chat) completion with ``choices[0]``; GuardResponseError if not."""
+    if not body.strip():
+        raise GuardResponseError("guard server answered 200 with an empty body")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        kind = content_type.split(";")[0] if content_type else "unknown content type"
+        snippet = re.sub(r"\s+", " ", body[:80].decode("utf-8", "replace"))
+        raise GuardResponseError(
+            f"guard server answered 200 with non-JSON ({kind}): {snippet!r}; is the URL a vLLM/SGLang /v1 endpoint?"
+        ) from None
+    check_completion_shape(data)
+    return data  # type: ignore[no-any-return]
+
+
+def check_completion_shape(data: Any) -> None:
+    """Raise GuardResponseError unless ``data`` looks like a chat completion or completion."""
+    if not isinstance(data, Mapping):
+        raise GuardResponseError(f"guard answer is JSON {type(data).__name__}, not a completion object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        keys = ", ".join(list(data)[:6]) or "none"
+        raise GuardResponseError(f"guard answer has no choices (keys: {keys}); not a chat completion")
+    choice = choices[0]
+    if not isinstance(choice.get("message"), Mapping) and not isinstance(choice.get("text"), str):
+        raise GuardResponseError("guard answer's first choice has neither a message nor text")
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until ``deadline`` (never negative)."""
+    return max(0.0, deadline - time.monotonic())
+
+
+def normalise_base_url(base_url: str) -> tuple[str, str]:
+    """(API base ending in /v1, server root). Accepts ``http://host:8000``, ``.../v1`` or ``.../v1/``."""
+    from ..errors import ConfigurationError
+
+    url = base_url.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigurationError(f"guard base_url must start with http:// or https://, got {base_url!r}")
+    if re.search(r"/v\d+$", url):
+        return url, url.rsplit("/", 1)[0]
+    if re.match(r"^https?://[^/]+$", url):
+        return url + "/v1", url
+    return url, url.rsplit("/", 1)[0]
