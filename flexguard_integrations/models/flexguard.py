@@ -77,14 +77,16 @@ def _parse_codes(line: str) -> tuple[list[Category], list[str], bool]:
     """Categories, native codes and whether the line looked like a category line at all."""
     cats: list[Category] = []
     natives: list[str] = []
-    tokens = [t.strip("*`'\"[](){}.").upper() for t in _CODE_SPLIT.split(line.strip())]
-    tokens = [t for t in tokens if t]
-    if not tokens:
+    raw_tokens = [t.strip("*`'\"[](){}.") for t in _CODE_SPLIT.split(line.strip())]
+    raw_tokens = [t for t in raw_tokens if t]
+    if not raw_tokens:
         return cats, natives, False
-    for tok in tokens:
+    for raw in raw_tokens:
+        tok = raw.upper()
         if tok in _SAFE_WORDS:
             continue
-        if not _CODE_TOKEN.match(tok):
+        # a known code in any case, or an unknown upper-case code; prose words are not codes
+        if tok not in _CODES and not (raw.isupper() and _CODE_TOKEN.match(tok)):
             return [], [], False
         natives.append(tok)
         cat = _CODES.get(tok, Category.OTHER)
