@@ -40,7 +40,34 @@ _EXPORTS: dict[str, str] = {
     "GuardResponseError": ".errors",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "Action",
+    "Category",
+    "CheckRequest",
+    "ConfigurationError",
+    "ContextLengthExceededError",
+    "Decision",
+    "FlexGuardError",
+    "Guard",
+    "GuardAuthenticationError",
+    "GuardBadRequestError",
+    "GuardBlockedError",
+    "GuardConnectionError",
+    "GuardInputError",
+    "GuardOverloadedError",
+    "GuardResponseError",
+    "GuardServerError",
+    "GuardTimeoutError",
+    "GuardTransportError",
+    "GuardUnavailableError",
+    "PRESETS",
+    "PolicyError",
+    "StrictnessPolicy",
+    "Surface",
+    "Verdict",
+    "VerdictCache",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from .cache import VerdictCache

@@ -253,7 +253,9 @@ class Guard:
             transport = OpenAITransport(*client)
         else:
             transport = OpenAITransport(client)
-        return cls.from_endpoint("http://unused.invalid/v1", model, family, policy, timeout, transport=transport, **options)
+        return cls.from_endpoint(
+            "http://unused.invalid/v1", model, family, policy, timeout, transport=transport, **options
+        )
 
     def __repr__(self) -> str:
         return (
@@ -291,7 +293,9 @@ class Guard:
     @property
     def stats(self) -> GuardStats:
         """Checks made, guard errors, fail-open decisions and cache counters."""
-        return GuardStats(self._checks, self._errors, self._fail_open, self.cache.stats if self.cache else None)
+        return GuardStats(
+            self._checks, self._errors, self._fail_open, self.cache.stats if self.cache else None
+        )
 
     # ================================================================= inputs
 
@@ -335,9 +339,11 @@ class Guard:
                     role, content = turn
                 if role not in ("user", "assistant") or not isinstance(content, str):
                     raise GuardInputError(
-                        f"history turns must be (role, text) with role 'user' or 'assistant'; got {turn!r}"[:200]
+                        f"history turns must be (role, text) with role 'user' or 'assistant'; got {turn!r}"[
+                            :200
+                        ]
                     )
-                parsed.append((role, content))
+                parsed.append(("user" if role == "user" else "assistant", content))
             turns = tuple(parsed)
         if response is not None:
             if not isinstance(text, str):
@@ -357,7 +363,13 @@ class Guard:
         return {self.session_header: session_id} if session_id else None
 
     def _cache_key(self, inp: GuardInput, surface: Surface) -> tuple[Any, ...]:
-        return (self.model_name, self.model.family, self.model.template_version, surface.value, *inp.cache_key())
+        return (
+            self.model_name,
+            self.model.family,
+            self.model.template_version,
+            surface.value,
+            *inp.cache_key(),
+        )
 
     def _chunk_chars(self, max_model_len: int) -> int:
         overhead_tokens = self.model.prompt_overhead_chars // 3
@@ -445,7 +457,9 @@ class Guard:
             except ContextLengthExceededError as exc:
                 if depth >= _MAX_SPLIT_DEPTH or len(piece) < 64:
                     return [(Verdict.failed(str(exc), surface=surface), exc)]
-                return await self._asplit(sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1)
+                return await self._asplit(
+                    sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1
+                )
 
         if len(pieces) == 1:
             return await one(pieces[0])
@@ -465,7 +479,11 @@ class Guard:
                 models = await self.transport.amodels(deadline=min(deadline, time.monotonic() + 5.0))
                 self._discovered_len = _pick_max_len(models, self.model_name)
             except GuardTransportError as exc:
-                logger.info("could not read max_model_len from /v1/models (%s); assuming %d", exc, DEFAULT_MAX_MODEL_LEN)
+                logger.info(
+                    "could not read max_model_len from /v1/models (%s); assuming %d",
+                    exc,
+                    DEFAULT_MAX_MODEL_LEN,
+                )
                 self._discovered_len = DEFAULT_MAX_MODEL_LEN
         return self._discovered_len
 
@@ -550,7 +568,11 @@ class Guard:
                 models = self.transport.models(deadline=min(deadline, time.monotonic() + 5.0))
                 self._discovered_len = _pick_max_len(models, self.model_name)
             except GuardTransportError as exc:
-                logger.info("could not read max_model_len from /v1/models (%s); assuming %d", exc, DEFAULT_MAX_MODEL_LEN)
+                logger.info(
+                    "could not read max_model_len from /v1/models (%s); assuming %d",
+                    exc,
+                    DEFAULT_MAX_MODEL_LEN,
+                )
                 self._discovered_len = DEFAULT_MAX_MODEL_LEN
         return self._discovered_len
 
@@ -558,8 +580,10 @@ class Guard:
         self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None
     ) -> list[tuple[Verdict, BaseException | None]]:
         deadline = time.monotonic() + self.timeout
-        limit = max(len(inp.text), 1) if len(inp.text) <= _DISCOVERY_MIN_CHARS else self._chunk_chars(
-            self._discover_len(deadline)
+        limit = (
+            max(len(inp.text), 1)
+            if len(inp.text) <= _DISCOVERY_MIN_CHARS
+            else self._chunk_chars(self._discover_len(deadline))
         )
         return self._split(inp, surface, deadline, headers, limit)
 
@@ -771,7 +795,9 @@ class Guard:
                 return CheckRequest(**item)
             except TypeError as exc:
                 raise GuardInputError(f"bad batch item {dict(item)!r}: {exc}"[:300]) from exc
-        raise GuardInputError(f"batch items must be str, (prompt, response), dict or CheckRequest; got {type(item).__name__}")
+        raise GuardInputError(
+            f"batch items must be str, (prompt, response), dict or CheckRequest; got {type(item).__name__}"
+        )
 
     async def abatch(
         self,
@@ -805,7 +831,11 @@ class Guard:
         def run(r: CheckRequest) -> Decision | BaseException:
             try:
                 return self.check(
-                    r.text, r.response, surface=r.surface or surface, policy=r.policy or policy, history=r.history
+                    r.text,
+                    r.response,
+                    surface=r.surface or surface,
+                    policy=r.policy or policy,
+                    history=r.history,
                 )
             except Exception as exc:
                 if return_exceptions:
@@ -814,7 +844,9 @@ class Guard:
 
         if len(reqs) <= 1:
             return [run(r) for r in reqs]
-        with ThreadPoolExecutor(min(self.concurrency, len(reqs)), thread_name_prefix="flexguard-batch") as pool:
+        with ThreadPoolExecutor(
+            min(self.concurrency, len(reqs)), thread_name_prefix="flexguard-batch"
+        ) as pool:
             return list(pool.map(run, reqs))
 
 

@@ -166,7 +166,9 @@ class SurfacePolicy(_Frozen):
     rules: tuple[Rule, ...] = ()
     on_error: OnError | None = None
 
-    _normalise_thresholds = field_validator("thresholds", mode="before")(classmethod(lambda cls, v: _thresholds(v)))
+    _normalise_thresholds = field_validator("thresholds", mode="before")(
+        classmethod(lambda cls, v: _thresholds(v))
+    )
 
     @field_validator("thresholds")
     @classmethod
@@ -195,7 +197,9 @@ class StrictnessPolicy(_Frozen):
     """What a text over the threshold gets when no rule matches (per surface: ``surfaces.X.action``)."""
     name: str | None = None
 
-    _normalise_thresholds = field_validator("thresholds", mode="before")(classmethod(lambda cls, v: _thresholds(v)))
+    _normalise_thresholds = field_validator("thresholds", mode="before")(
+        classmethod(lambda cls, v: _thresholds(v))
+    )
 
     @field_validator("thresholds")
     @classmethod
@@ -262,7 +266,7 @@ class StrictnessPolicy(_Frozen):
         """Decide what to do with a text given its verdict. Pure; raises only for ``on_error: raise``."""
         surface = Surface.parse(surface) if surface is not None else (verdict.surface or Surface.PROMPT)
         sp = self.surfaces.get(surface)
-        common = {"verdict": verdict, "surface": surface, "policy": self.label}
+        common: dict[str, Any] = {"verdict": verdict, "surface": surface, "policy": self.label}
 
         if verdict.error is not None:
             mode = self.on_error_for(surface)

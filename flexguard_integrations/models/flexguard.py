@@ -61,16 +61,19 @@ def load_template(source: str | Path) -> str:
     else:
         text = source
     if PLACEHOLDER not in text:
-        raise ConfigurationError(
-            f"FlexGuard template must contain {PLACEHOLDER} where the conversation goes"
-        )
+        raise ConfigurationError(f"FlexGuard template must contain {PLACEHOLDER} where the conversation goes")
     if not text.rstrip().endswith(PLACEHOLDER) and text.count(PLACEHOLDER) != 1:
         raise ConfigurationError(f"FlexGuard template must contain {PLACEHOLDER} exactly once")
     return text
 
 
 def _bundled(name: str) -> str:
-    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+    return (
+        resources.files("flexguard_integrations.models")
+        .joinpath("templates")
+        .joinpath(name)
+        .read_text(encoding="utf-8")
+    )
 
 
 def _parse_codes(line: str) -> tuple[list[Category], list[str], bool]:
@@ -111,7 +114,9 @@ class FlexGuardModel(GuardModel):
         max_new_tokens: int = 1024,
     ) -> None:
         if max_new_tokens < 16:
-            raise ConfigurationError("flexguard max_new_tokens must be at least 16 (the think block needs room)")
+            raise ConfigurationError(
+                "flexguard max_new_tokens must be at least 16 (the think block needs room)"
+            )
         self.prompt_template = (
             load_template(prompt_template) if prompt_template else _bundled("flexguard_prompt.txt")
         )
@@ -185,8 +190,8 @@ class FlexGuardModel(GuardModel):
             if lines and (m := _BARE_SCORE.match(lines[-1])):
                 score_text = m.group(1)
                 if len(lines) >= 2:
-                    cat_match = _LABELLED_CATEGORY.match(lines[-2])
-                    category_line = cat_match.group(1) if cat_match else lines[-2]
+                    labelled_cat = _LABELLED_CATEGORY.match(lines[-2])
+                    category_line = labelled_cat.group(1) if labelled_cat else lines[-2]
         if score_text is None:
             snippet = tail.strip()[-80:] or "<empty>"
             return Verdict.failed(f"no RISK_SCORE in the guard answer: {snippet!r}", **base)

@@ -84,10 +84,10 @@ class RetryPolicy:
     def wait(self, attempt: int, exc: BaseException | None) -> float:
         """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
         delay = min(self.backoff * (2 ** (attempt - 1)), self.max_backoff) + random.uniform(0, self.jitter)
-        retry_after = getattr(exc, "retry_after", None)
+        retry_after: object = getattr(exc, "retry_after", None)
         if isinstance(retry_after, int | float) and retry_after > 0:
             delay = max(delay, float(retry_after))
-        return delay
+        return float(delay)
 
     @staticmethod
     def retryable(exc: BaseException) -> bool:

@@ -29,10 +29,16 @@ _JSON = {"content-type": "application/json", "accept": "application/json"}
 
 def _map_httpx_error(exc: httpx.HTTPError, what: str) -> GuardTransportError:
     if isinstance(exc, httpx.TimeoutException):
-        return GuardTimeoutError(f"guard server did not answer {what} before the deadline ({type(exc).__name__})")
+        return GuardTimeoutError(
+            f"guard server did not answer {what} before the deadline ({type(exc).__name__})"
+        )
     if isinstance(exc, httpx.ConnectError):
-        return GuardConnectionError(f"cannot connect to the guard server for {what}: {exc or type(exc).__name__}")
-    return GuardConnectionError(f"connection to the guard server failed during {what}: {exc or type(exc).__name__}")
+        return GuardConnectionError(
+            f"cannot connect to the guard server for {what}: {exc or type(exc).__name__}"
+        )
+    return GuardConnectionError(
+        f"connection to the guard server failed during {what}: {exc or type(exc).__name__}"
+    )
 
 
 class HTTPTransport:
@@ -65,7 +71,9 @@ class HTTPTransport:
         self._trust_env = trust_env
         self._connect_timeout = connect_timeout
         self._limits = httpx.Limits(
-            max_connections=self.concurrency, max_keepalive_connections=self.concurrency, keepalive_expiry=30.0
+            max_connections=self.concurrency,
+            max_keepalive_connections=self.concurrency,
+            keepalive_expiry=30.0,
         )
         self._chat_url = self.base_url + "/chat/completions"
         self._models_url = self.base_url + "/models"
@@ -90,7 +98,10 @@ class HTTPTransport:
             with self._sync_lock:
                 if self._sync is None:
                     self._sync = httpx.Client(
-                        headers=self._headers, limits=self._limits, verify=self._verify, trust_env=self._trust_env
+                        headers=self._headers,
+                        limits=self._limits,
+                        verify=self._verify,
+                        trust_env=self._trust_env,
                     )
         return self._sync
 
@@ -127,11 +138,15 @@ class HTTPTransport:
 
     # ----------------------------------------------------------------- async
 
-    async def _apost(self, url: str, payload: bytes, deadline: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
+    async def _apost(
+        self, url: str, payload: bytes, deadline: float, headers: Mapping[str, str] | None
+    ) -> dict[str, Any]:
         if remaining(deadline) <= 0:
             raise GuardTimeoutError("guard check deadline passed before the request was sent")
         try:
-            resp = await self._async_client().post(url, content=payload, headers=headers, timeout=self._timeout(deadline))
+            resp = await self._async_client().post(
+                url, content=payload, headers=headers, timeout=self._timeout(deadline)
+            )
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, "a check") from exc
         if resp.status_code != 200:
@@ -184,11 +199,15 @@ class HTTPTransport:
 
     # ----------------------------------------------------------------- sync
 
-    def _post(self, url: str, payload: bytes, deadline: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
+    def _post(
+        self, url: str, payload: bytes, deadline: float, headers: Mapping[str, str] | None
+    ) -> dict[str, Any]:
         if remaining(deadline) <= 0:
             raise GuardTimeoutError("guard check deadline passed before the request was sent")
         try:
-            resp = self._sync_client().post(url, content=payload, headers=headers, timeout=self._timeout(deadline))
+            resp = self._sync_client().post(
+                url, content=payload, headers=headers, timeout=self._timeout(deadline)
+            )
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, "a check") from exc
         if resp.status_code != 200:
@@ -231,7 +250,9 @@ class HTTPTransport:
     def post_json(self, path: str, body: Mapping[str, Any], *, deadline: float) -> httpx.Response:
         """POST JSON to a path under the server root (``/tokenize``); used by diagnostics."""
         try:
-            return self._sync_client().post(self.root_url + path, json=dict(body), timeout=self._timeout(deadline))
+            return self._sync_client().post(
+                self.root_url + path, json=dict(body), timeout=self._timeout(deadline)
+            )
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, f"POST {path}") from exc
 

@@ -198,14 +198,20 @@ def test_flex_card_shape_bare(flex: FlexGuardModel) -> None:
         ("CATEGORY: SAFE\nRISK_SCORE: 3", 3.0, ()),
         ("CATEGORY: JAIL\nRISK_SCORE: 91", 91.0, (Category.JAILBREAK,)),
         ("Category: sex | inf\nRisk score: 64", 64.0, (Category.SEXUAL, Category.PRIVACY)),
-        ("**CATEGORY:** DIS;MIS\n**RISK_SCORE:** 55", 55.0, (Category.DISCRIMINATION, Category.MISINFORMATION)),
+        (
+            "**CATEGORY:** DIS;MIS\n**RISK_SCORE:** 55",
+            55.0,
+            (Category.DISCRIMINATION, Category.MISINFORMATION),
+        ),
         ("SAFE\n0", 0.0, ()),
         ("VIO ILG SEX\n100", 100.0, (Category.VIOLENCE, Category.ILLEGAL, Category.SEXUAL)),
         ("VIO\n\n42\n", 42.0, (Category.VIOLENCE,)),
         ("RISK_SCORE: 77/100", 77.0, ()),
     ],
 )
-def test_flex_tolerated_variants(flex: FlexGuardModel, tail: str, score: float, cats: tuple[Category, ...]) -> None:
+def test_flex_tolerated_variants(
+    flex: FlexGuardModel, tail: str, score: float, cats: tuple[Category, ...]
+) -> None:
     v = flex.parse_output("<think>x</think>\n" + tail)
     assert v.ok, v.error
     assert v.risk_score == score

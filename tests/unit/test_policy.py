@@ -131,7 +131,9 @@ def test_explicit_base_threshold_and_surface_threshold() -> None:
     p = StrictnessPolicy.from_dict({"threshold": 70, "surfaces": {"prompt": {"threshold": 10}}})
     assert p.decide(v(65), Surface.RESPONSE).action is Action.ALLOW
     assert p.decide(v(15), Surface.PROMPT).action is Action.BLOCK
-    p2 = StrictnessPolicy.from_dict({"thresholds": {"VIO": 90}, "surfaces": {"tool_call": {"thresholds": {"VIO": 5}}}})
+    p2 = StrictnessPolicy.from_dict(
+        {"thresholds": {"VIO": 90}, "surfaces": {"tool_call": {"thresholds": {"VIO": 5}}}}
+    )
     assert p2.decide(v(80, Category.VIOLENCE)).action is Action.ALLOW
     assert p2.decide(v(6, Category.VIOLENCE), Surface.TOOL_CALL).action is Action.BLOCK
 
@@ -185,7 +187,10 @@ def test_on_error_per_surface() -> None:
         ({"surfaces": {"prompt": {"colour": "red"}}}, "surfaces.prompt.colour: unknown key"),
         ({"rules": [{"when": {"min_score": 50}, "then": "nuke"}]}, "rules.0.then: unknown action 'nuke'"),
         ({"rules": [{"when": {"min_score": 50}, "then": "reroute"}]}, "reroute needs a route name"),
-        ({"rules": [{"when": {"min_score": 80, "max_score": 20}, "then": "block"}]}, "greater than max_score"),
+        (
+            {"rules": [{"when": {"min_score": 80, "max_score": 20}, "then": "block"}]},
+            "greater than max_score",
+        ),
         ({"rules": [{"when": {"categories": ["VIO", "ZZZ"]}, "then": "block"}]}, "unknown category 'ZZZ'"),
         ({"rules": [{"when": {"min_score": 50}}]}, "rules.0.then"),
         ({"tresholds": {}}, "tresholds: unknown key"),
@@ -252,7 +257,9 @@ surfaces = st.sampled_from(list(Surface))
 
 
 @given(scores, cats, surfaces, st.sampled_from(sorted(PRESETS)))
-def test_allow_iff_under_threshold_without_rules(score: float, cs: list[Category], surface: Surface, preset: str) -> None:
+def test_allow_iff_under_threshold_without_rules(
+    score: float, cs: list[Category], surface: Surface, preset: str
+) -> None:
     p = StrictnessPolicy(preset=preset)  # type: ignore[arg-type]
     d = p.decide(v(score, *cs), surface)
     assert (d.action is Action.ALLOW) == (score < PRESETS[preset])
@@ -261,7 +268,9 @@ def test_allow_iff_under_threshold_without_rules(score: float, cs: list[Category
 
 
 @given(scores, cats, surfaces)
-def test_stricter_preset_never_allows_what_a_looser_one_blocks(score: float, cs: list[Category], surface: Surface) -> None:
+def test_stricter_preset_never_allows_what_a_looser_one_blocks(
+    score: float, cs: list[Category], surface: Surface
+) -> None:
     order = ["strict", "moderate", "loose"]
     actions = [StrictnessPolicy(preset=p).decide(v(score, *cs), surface).action for p in order]  # type: ignore[arg-type]
     blocked = [a is Action.BLOCK for a in actions]
@@ -269,13 +278,17 @@ def test_stricter_preset_never_allows_what_a_looser_one_blocks(score: float, cs:
 
 
 @given(scores, cats, surfaces, st.sampled_from(["block", "allow"]))
-def test_error_verdicts_never_allowed_silently(score: float, cs: list[Category], surface: Surface, on_error: str) -> None:
+def test_error_verdicts_never_allowed_silently(
+    score: float, cs: list[Category], surface: Surface, on_error: str
+) -> None:
     d = StrictnessPolicy(on_error=on_error).decide(Verdict.failed("down"), surface)  # type: ignore[arg-type]
     assert d.action is (Action.BLOCK if on_error == "block" else Action.ALLOW)
     assert d.fail_open == (on_error == "allow")
 
 
-@given(scores, cats, st.dictionaries(st.sampled_from(["VIO", "ILG", "SEX", "INF", "JAIL"]), scores, max_size=3))
+@given(
+    scores, cats, st.dictionaries(st.sampled_from(["VIO", "ILG", "SEX", "INF", "JAIL"]), scores, max_size=3)
+)
 def test_threshold_for_is_min_over_categories(score: float, cs: list[Category], th: dict[str, float]) -> None:
     p = StrictnessPolicy.from_dict({"thresholds": th})
     t = p.threshold_for(v(score, *cs))
