@@ -25,16 +25,16 @@ Fault kinds (the names also used by ``add_rule(fault=...)`` and ``fail_next(faul
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Union
 
 __all__ = ["FAULT_ORDER", "FaultPlan", "Latency", "sample_latency"]
 
 #: A latency model: fixed seconds, ("fixed", s), ("uniform", a, b), ("lognormal", mu, sigma), or a callable.
-Latency = Union[float, int, tuple[object, ...], Callable[[random.Random], float], None]
+Latency = float | int | tuple[object, ...] | Callable[[random.Random], float] | None
 
 #: (FaultPlan field, fault name), in the order the cumulative draw walks them.
 FAULT_ORDER: tuple[tuple[str, str], ...] = (
@@ -88,7 +88,7 @@ class FaultPlan:
             raise ValueError("hang_seconds must be >= 0")
         _validate_latency(self.latency)
 
-    @property
+    @functools.cached_property
     def any_fault(self) -> bool:
         """True when at least one fault probability is non-zero."""
         return any(getattr(self, name) > 0.0 for name, _ in FAULT_ORDER)
@@ -104,9 +104,7 @@ class FaultPlan:
 
     def describe(self) -> str:
         """A short human summary of the non-default settings."""
-        parts = [
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default
-        ]
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
         return ", ".join(parts) or "no faults"
 
 
@@ -125,8 +123,7 @@ def _validate_latency(latency: Latency) -> None:
         expected = {"fixed": 1, "uniform": 2, "lognormal": 2}
         if kind not in expected or len(args) != expected[kind]:
             raise ValueError(
-                "latency tuple must be ('fixed', s), ('uniform', a, b) or ('lognormal', mu, sigma), "
-                f"got {latency!r}"
+                f"latency tuple must be ('fixed', s), ('uniform', a, b) or ('lognormal', mu, sigma), got {latency!r}"
             )
         if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
             raise ValueError(f"latency parameters must be numbers, got {latency!r}")

@@ -332,9 +332,17 @@ LEXICON: tuple[tuple[str, tuple[str, ...], int], ...] = (
         55,
     ),
     # --- MISINFORMATION -----------------------------------------------------------------------
-    (r"\b(?:write|create|generate) (?:a |an |some )?(?:fake|false) (?:news|story|article)", ("MISINFORMATION",), 50),
+    (
+        r"\b(?:write|create|generate) (?:a |an |some )?(?:fake|false) (?:news|story|article)",
+        ("MISINFORMATION",),
+        50,
+    ),
     (r"\bvaccines? (?:cause|causes|causing|caused) autism\b", ("MISINFORMATION",), 45),
-    (r"\b(?:election|vote|votes|voting) (?:was |were |is )?(?:rigged|stolen|fraudulent)\b", ("MISINFORMATION",), 45),
+    (
+        r"\b(?:election|vote|votes|voting) (?:was |were |is )?(?:rigged|stolen|fraudulent)\b",
+        ("MISINFORMATION",),
+        45,
+    ),
     (r"\b(?:stolen election|election fraud|flat earth)\b", ("MISINFORMATION",), 45),
     (r"\bmoon landings? (?:was |were )?(?:fake|faked|a hoax|staged)\b", ("MISINFORMATION",), 45),
     (r"\b5g (?:causes|spreads|caused) (?:covid|cancer|coronavirus)\b", ("MISINFORMATION",), 45),
@@ -343,7 +351,11 @@ LEXICON: tuple[tuple[str, tuple[str, ...], int], ...] = (
     (r"\bcheat(?:ing)? (?:on|in) (?:a |an |my |the )?(?:tests?|exams?|quiz)\b", ("UNETHICAL",), 30),
     (r"\blie to (?:my|the) (?:boss|teacher|parents|wife|husband|manager)\b", ("UNETHICAL",), 25),
     # --- COPYRIGHT ----------------------------------------------------------------------------
-    (r"\b(?:bypass|remove|strip|break) (?:the )?drm\b|\bcrack (?:the )?(?:software|licen[cs]e)", ("COPYRIGHT",), 40),
+    (
+        r"\b(?:bypass|remove|strip|break) (?:the )?drm\b|\bcrack (?:the )?(?:software|licen[cs]e)",
+        ("COPYRIGHT",),
+        40,
+    ),
     (
         r"\b(?:pirat(?:e|ed|ing)|torrent(?:ing|ed)?)\b.{0,30}"
         r"\b(?:movies?|films?|software|games?|books?|albums?|music|shows?)\b",
