@@ -119,7 +119,7 @@ class HTTPTransport:
 
     def _stop(self, deadline: float) -> Callable[[RetryCallState], bool]:
         def stop(state: RetryCallState) -> bool:
-            if state.attempt_number > self.retry.max_retries:
+            if state.attempt_number >= self.retry.max_retries:
                 return True
             return remaining(deadline) <= (state.upcoming_sleep or 0.0) + 0.005
 

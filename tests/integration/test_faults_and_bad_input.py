@@ -179,3 +179,13 @@ def test_bad_batch_item(guard: Guard) -> None:
         guard.batch([3.14])  # type: ignore[list-item]
     out = guard.batch(["ok text", ""], return_exceptions=True)
     assert isinstance(out[1], GuardInputError)
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 3])
+def test_max_retries_counts_retries_not_attempts(retries: int) -> None:
+    with FakeGuardServer() as srv:
+        srv.fail_next(10, fault="503")
+        with Guard.from_endpoint(srv.base_url, QWEN, max_retries=retries, timeout=20) as guard:
+            d = guard.check(BENIGN)
+        assert chat_requests(srv) == retries + 1
+    assert d.action is Action.BLOCK and "503" in (d.verdict.error or "")
