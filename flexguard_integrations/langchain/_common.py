@@ -1,0 +1,202 @@
+"""Helpers shared by the LangChain integration: reading text out of LangChain objects, refusals, events."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.prompt_values import PromptValue
+from langchain_core.runnables import RunnableConfig
+
+from ..errors import GuardInputError
+from ..verdict import Decision
+
+logger = logging.getLogger("flexguard_integrations")
+
+VERDICT_EVENT = "flexguard_verdict"
+"""Name of the custom event dispatched for every verdict (seen by callbacks, LangSmith, astream_events)."""
+
+POLICY_CONFIG_KEY = "flexguard_policy"
+"""``config["configurable"][POLICY_CONFIG_KEY]`` selects the policy for one call (tenants, A/B...)."""
+
+DEFAULT_REFUSAL = "I can't help with that: the request was blocked by the safety guard ({categories})."
+
+
+def message_text(message: BaseMessage) -> str:
+    """The text of a message whether its content is a string or a list of blocks (non-text blocks skipped)."""
+    return str(message.text)
+
+
+def render_tool_call(name: str, args: Any) -> str:
+    """A tool call as the text the guard judges: ``name(arguments as JSON)``."""
+    try:
+        rendered = json.dumps(args, ensure_ascii=False, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        rendered = str(args)
+    return f"{name}({rendered})"
+
+
+def last_human_text(messages: Sequence[BaseMessage]) -> str:
+    """The text of the last human message ('' when there is none)."""
+    for msg in reversed(messages):
+        if isinstance(msg, HumanMessage):
+            return message_text(msg)
+    return ""
+
+
+def extract_input_text(value: Any, input_key: str | None = None) -> str:
+    """The text to check from a Runnable input: str, message, list of messages, PromptValue or dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, PromptValue):
+        return extract_input_text(value.to_messages())
+    if isinstance(value, BaseMessage):
+        return message_text(value)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        msgs = [m for m in value if isinstance(m, BaseMessage)]
+        if not msgs:
+            if value and all(isinstance(m, tuple | Mapping) for m in value):
+                return _text_of_message_likes(value)
+            raise GuardInputError("the input is an empty list of messages; there is nothing to check")
+        text = last_human_text(msgs)
+        return text or message_text(msgs[-1])
+    if isinstance(value, Mapping):
+        keys = [input_key] if input_key else ["input", "question", "query", "messages", "text", "prompt"]
+        for key in keys:
+            if key in value:
+                return extract_input_text(value[key])
+        raise GuardInputError(
+            f"cannot find the text to check in a dict input with keys {sorted(value)!r}; pass input_key="
+        )
+    raise GuardInputError(f"cannot read text from a {type(value).__name__} input")
+
+
+def _text_of_message_likes(items: Sequence[Any]) -> str:
+    for item in reversed(items):
+        if isinstance(item, tuple) and len(item) == 2 and item[0] in ("user", "human"):
+            return str(item[1])
+        if isinstance(item, Mapping) and item.get("role") in ("user", "human"):
+            return str(item.get("content", ""))
+    raise GuardInputError("no user message in the input list")
+
+
+def extract_output_text(value: Any, output_key: str | None = None) -> str | None:
+    """The text of a Runnable output (str, AIMessage, dict with an output key); None if it has none."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, BaseMessage):
+        return message_text(value)
+    if isinstance(value, Mapping):
+        keys = [output_key] if output_key else ["output", "answer", "text", "result", "content"]
+        for key in keys:
+            if key in value:
+                return extract_output_text(value[key])
+        if "messages" in value and value["messages"]:
+            last = value["messages"][-1]
+            return message_text(last) if isinstance(last, BaseMessage) else None
+        if output_key:
+            raise GuardInputError(f"output has no key {output_key!r} (keys: {sorted(value)!r})")
+        return None
+    return None
+
+
+def replace_input_text(value: Any, new_text: str, input_key: str | None = None) -> Any:
+    """A copy of the input with its checked text replaced (REDACT); message ids are kept."""
+    if isinstance(value, str):
+        return new_text
+    if isinstance(value, PromptValue):
+        return replace_input_text(value.to_messages(), new_text)
+    if isinstance(value, BaseMessage):
+        return value.model_copy(update={"content": new_text})
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        items = list(value)
+        for i in range(len(items) - 1, -1, -1):
+            if isinstance(items[i], HumanMessage):
+                items[i] = items[i].model_copy(update={"content": new_text})
+                return items
+        if items and isinstance(items[-1], BaseMessage):
+            items[-1] = items[-1].model_copy(update={"content": new_text})
+        return items
+    if isinstance(value, Mapping):
+        keys = [input_key] if input_key else ["input", "question", "query", "messages", "text", "prompt"]
+        for key in keys:
+            if key in value:
+                return {**value, key: replace_input_text(value[key], new_text)}
+    return value
+
+
+def replace_output_text(value: Any, new_text: str, output_key: str | None = None) -> Any:
+    """A copy of the output with its text replaced (REDACT or refusal), in the same shape."""
+    if isinstance(value, str):
+        return new_text
+    if isinstance(value, AIMessage):
+        return value.model_copy(update={"content": new_text, "tool_calls": [], "invalid_tool_calls": []})
+    if isinstance(value, BaseMessage):
+        return value.model_copy(update={"content": new_text})
+    if isinstance(value, Mapping):
+        keys = [output_key] if output_key else ["output", "answer", "text", "result", "content"]
+        for key in keys:
+            if key in value:
+                return {**value, key: replace_output_text(value[key], new_text)}
+        messages = value.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], BaseMessage):
+            return {**value, "messages": [*messages[:-1], replace_output_text(messages[-1], new_text)]}
+        return {**value, output_key or "output": new_text}
+    return new_text
+
+
+def format_refusal(template: str, decision: Decision) -> str:
+    """Fill ``{categories}``, ``{risk_score}``, ``{reason}`` and ``{action}`` into a refusal template."""
+    cats = ", ".join(c.value.lower().replace("_", " ") for c in decision.verdict.categories)
+    if not cats:
+        cats = "guard unavailable" if decision.verdict.error else "policy violation"
+    try:
+        return template.format(
+            categories=cats,
+            risk_score=f"{decision.verdict.risk_score:g}",
+            reason=decision.reason,
+            action=decision.action.value,
+        )
+    except (KeyError, IndexError, ValueError):
+        logger.warning("refusal template %r has unknown placeholders; sent as is", template)
+        return template
+
+
+def event_payload(decision: Decision, where: str) -> dict[str, Any]:
+    """The data of a ``flexguard_verdict`` custom event."""
+    return {"where": where, **decision.to_dict()}
+
+
+def dispatch_verdict(decision: Decision, where: str, config: RunnableConfig | None = None) -> None:
+    """Dispatch ``flexguard_verdict`` when called inside a run; a no-op outside one."""
+    from langchain_core.callbacks import dispatch_custom_event
+
+    try:
+        dispatch_custom_event(VERDICT_EVENT, event_payload(decision, where), config=config)
+    except RuntimeError:  # not inside a run: nobody to tell
+        logger.debug("flexguard_verdict not dispatched (no parent run): %s", where)
+
+
+async def adispatch_verdict(decision: Decision, where: str, config: RunnableConfig | None = None) -> None:
+    """Async twin of :func:`dispatch_verdict`."""
+    from langchain_core.callbacks import adispatch_custom_event
+
+    try:
+        await adispatch_custom_event(VERDICT_EVENT, event_payload(decision, where), config=config)
+    except RuntimeError:
+        logger.debug("flexguard_verdict not dispatched (no parent run): %s", where)
+
+
+def policy_from_config(config: RunnableConfig | None) -> Any:
+    """The per-call policy from ``config["configurable"]["flexguard_policy"]``, or None."""
+    if not config:
+        return None
+    return (config.get("configurable") or {}).get(POLICY_CONFIG_KEY)
+
+
+def tool_message_error(tool_call_id: str, name: str | None, content: str) -> ToolMessage:
+    """The error result an agent gets instead of running a blocked tool."""
+    return ToolMessage(content=content, tool_call_id=tool_call_id, name=name, status="error")

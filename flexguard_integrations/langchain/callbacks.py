@@ -1,0 +1,115 @@
+"""``GuardCallbackHandler``: guard classic chains through callbacks, without changing the chain.
+
+A **sync** handler with ``raise_error=True`` and ``run_inline=True``: an async handler's exception is
+swallowed on a sync ``invoke`` whatever ``raise_error`` says (reference/apis.md §1), so a sync handler is
+the one that can abort both sync and async runs. It checks chat-model inputs (the last user message) and
+outputs, tool inputs and outputs, and retrieved documents, raises :class:`GuardBlockedError` for anything
+that does not pass, and dispatches a ``flexguard_verdict`` custom event for every verdict.
+
+Callbacks can only observe or abort: REDACT and REROUTE cannot be carried out here and count as a block.
+An abort in ``on_llm_end`` comes after the model call has been paid for; use ``guarded`` or the agent
+middleware to stop a request before it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
+from langchain_core.messages import BaseMessage, ToolMessage
+from langchain_core.outputs import LLMResult
+
+from ..errors import GuardBlockedError
+from ..guard import Guard
+from ..verdict import Decision, Surface
+from ._common import VERDICT_EVENT, event_payload, last_human_text, message_text
+
+
+class GuardCallbackHandler(BaseCallbackHandler):
+    """Abort a run when the guard does not pass a prompt, response, tool input/output or document."""
+
+    raise_error: bool = True
+    run_inline: bool = True
+
+    def __init__(
+        self,
+        guard: Guard,
+        *,
+        check_prompts: bool = True,
+        check_responses: bool = True,
+        check_tools: bool = True,
+        check_documents: bool = True,
+        policy: Any = None,
+    ) -> None:
+        self.guard = guard
+        self.check_prompts = check_prompts
+        self.check_responses = check_responses
+        self.check_tools = check_tools
+        self.check_documents = check_documents
+        self.policy = policy
+        self.decisions: list[Decision] = []
+        self._prompts: dict[UUID, str] = {}
+
+    def _handle(self, decision: Decision, where: str, run_id: UUID | None) -> None:
+        self.decisions.append(decision)
+        self._emit(decision, where, run_id)
+        if not decision.action.passes:
+            raise GuardBlockedError(decision)
+
+    def _emit(self, decision: Decision, where: str, run_id: UUID | None) -> None:
+        from langchain_core.callbacks import dispatch_custom_event
+
+        try:
+            dispatch_custom_event(VERDICT_EVENT, event_payload(decision, where))
+        except RuntimeError:  # no parent run context: tell this handler's own listeners only
+            self.on_custom_event(VERDICT_EVENT, event_payload(decision, where), run_id=run_id or UUID(int=0))
+
+    def on_chat_model_start(
+        self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
+    ) -> None:
+        prompt = last_human_text(messages[0]) if messages else ""
+        self._prompts[run_id] = prompt
+        if self.check_prompts and prompt.strip():
+            self._handle(self.guard.check(prompt, surface=Surface.PROMPT, policy=self.policy), "chat_model_start", run_id)
+
+    def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
+        prompt = prompts[0] if prompts else ""
+        self._prompts[run_id] = prompt
+        if self.check_prompts and prompt.strip():
+            self._handle(self.guard.check(prompt, surface=Surface.PROMPT, policy=self.policy), "llm_start", run_id)
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        prompt = self._prompts.pop(run_id, "")
+        if not self.check_responses or not response.generations or not response.generations[0]:
+            return
+        text = response.generations[0][0].text
+        if not text.strip():
+            return
+        decision = self.guard.check(prompt or " ", response=text, surface=Surface.RESPONSE, policy=self.policy)
+        self._handle(decision, "llm_end", run_id)
+
+    def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID, **kwargs: Any) -> None:
+        if not self.check_tools or not input_str.strip():
+            return
+        name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
+        text = f"{name}({input_str})"
+        decision = self.guard.check(" ", response=text, surface=Surface.TOOL_CALL, policy=self.policy)
+        self._handle(decision, "tool_start", run_id)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if not self.check_tools:
+            return
+        text = message_text(output) if isinstance(output, ToolMessage) else str(output)
+        if text.strip():
+            self._handle(self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self.policy), "tool_end", run_id)
+
+    def on_retriever_end(self, documents: Sequence[Document], *, run_id: UUID, **kwargs: Any) -> None:
+        if not self.check_documents:
+            return
+        texts = [d.page_content for d in documents if d.page_content.strip()]
+        for decision in self.guard.batch(texts, surface=Surface.RETRIEVED, policy=self.policy):
+            assert isinstance(decision, Decision)
+            self._handle(decision, "retriever_end", run_id)

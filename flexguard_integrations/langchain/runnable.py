@@ -1,0 +1,514 @@
+"""Guard Runnables: ``GuardRunnable`` (text in, Decision out) and ``guarded(runnable, guard)``.
+
+``guarded`` wraps any Runnable (a chain, a chat model, an agent): the input is checked before the wrapped
+run (or at the same time, ``parallel_input=True``), the output after it, and the decision is carried out:
+REDACT passes the redacted text on, REROUTE runs ``routes[name]`` with the original input, BLOCK raises
+:class:`GuardBlockedError` or answers with the refusal. ``stream`` / ``astream`` hold text back until a
+check has passed it (see :mod:`flexguard_integrations.streaming`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, Literal, get_origin
+
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from langchain_core.runnables.config import ContextThreadPoolExecutor, patch_config
+from pydantic import ConfigDict, Field
+
+from ..errors import GuardBlockedError
+from ..guard import Guard
+from ..streaming import StreamModerator
+from ..verdict import Action, Decision, Surface
+from ._common import (
+    DEFAULT_REFUSAL,
+    adispatch_verdict,
+    dispatch_verdict,
+    extract_input_text,
+    extract_output_text,
+    format_refusal,
+    policy_from_config,
+    replace_input_text,
+    replace_output_text,
+)
+
+OnBlock = Literal["raise", "refuse"]
+RefusalAs = Literal["auto", "str", "message", "dict"]
+
+
+class GuardRunnable(RunnableSerializable[Any, Decision]):
+    """A Runnable that checks its input and returns the :class:`Decision`.
+
+    The input may be a str, a message, a list of messages, a PromptValue or a dict (``input_key``, or one
+    of ``input``/``question``/``query``/``messages``/``text``/``prompt``). With ``response_key`` a dict
+    input gets response moderation of ``input[response_key]`` with the input text as its prompt. The
+    policy can be chosen per call with ``config={"configurable": {"flexguard_policy": "strict"}}``.
+    Each check runs as its own traced run and dispatches a ``flexguard_verdict`` custom event.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    guard: Guard
+    surface: Surface = Surface.PROMPT
+    input_key: str | None = None
+    response_key: str | None = None
+    policy: Any = None
+    name: str | None = "FlexGuard"
+
+    def _texts(self, value: Any) -> tuple[str, str | None]:
+        response = None
+        if self.response_key and isinstance(value, Mapping) and self.response_key in value:
+            response = extract_output_text(value[self.response_key])
+        return extract_input_text(value, self.input_key), response
+
+    def _check(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Decision:
+        text, response = self._texts(value)
+        policy = policy_from_config(config) or self.policy
+        surface = Surface.RESPONSE if response is not None and self.surface.mode == "prompt" else self.surface
+        decision = self.guard.check(text, response=response, surface=surface, policy=policy)
+        dispatch_verdict(decision, "GuardRunnable", config)
+        return decision
+
+    async def _acheck(
+        self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
+    ) -> Decision:
+        text, response = self._texts(value)
+        policy = policy_from_config(config) or self.policy
+        surface = Surface.RESPONSE if response is not None and self.surface.mode == "prompt" else self.surface
+        decision = await self.guard.acheck(text, response=response, surface=surface, policy=policy)
+        await adispatch_verdict(decision, "GuardRunnable", config)
+        return decision
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Decision:
+        return self._call_with_config(self._check, input, config, run_type="chain", **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Decision:
+        return await self._acall_with_config(self._acheck, input, config, run_type="chain", **kwargs)
+
+
+class GuardedRunnable(RunnableSerializable[Any, Any]):
+    """A Runnable wrapped by a guard on its input and output. Build it with :func:`guarded`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    bound: Runnable[Any, Any]
+    guard: Guard
+    check_input: bool = True
+    check_output: bool = True
+    on_block: OnBlock = "raise"
+    refusal: str = DEFAULT_REFUSAL
+    refusal_as: RefusalAs = "auto"
+    routes: dict[str, Runnable[Any, Any]] = Field(default_factory=dict)
+    parallel_input: bool = False
+    input_key: str | None = None
+    output_key: str | None = None
+    policy: Any = None
+    stream_chunk_chars: int = 200
+    stream_context_chars: int = 50
+    stream_first: bool = False
+    name: str | None = None
+
+    def get_name(self, suffix: str | None = None, *, name: str | None = None) -> str:
+        return name or self.name or f"Guarded[{self.bound.get_name()}]"
+
+    # ----------------------------------------------------------------- shared decisions
+
+    def _policy(self, config: RunnableConfig | None) -> Any:
+        return policy_from_config(config) or self.policy
+
+    def _refusal_value(self, decision: Decision, input_value: Any, output: Any = None) -> Any:
+        text = format_refusal(self.refusal, decision)
+        kind = self.refusal_as
+        if kind == "auto":
+            if output is not None:
+                return replace_output_text(output, text, self.output_key)
+            if isinstance(input_value, Mapping) and isinstance(input_value.get("messages"), list):
+                # an agent's state in, an agent's state out: append the refusal as the last message
+                answer = AIMessage(content=text, response_metadata={"flexguard": decision.to_dict()})
+                return {**input_value, "messages": [*input_value["messages"], answer]}
+            kind = self._output_kind(input_value)
+        if kind == "message":
+            return AIMessage(content=text, response_metadata={"flexguard": decision.to_dict()})
+        if kind == "dict":
+            return {self.output_key or "output": text}
+        return text
+
+    def _output_kind(self, input_value: Any) -> RefusalAs:
+        """The shape of the wrapped runnable's output: its declared OutputType, else a guess from the input."""
+        try:
+            declared = self.bound.OutputType
+        except Exception:  # some runnables cannot infer it
+            declared = Any
+        if declared is str:
+            return "str"
+        if isinstance(declared, type) and issubclass(declared, BaseMessage):
+            return "message"
+        if "langchain_core.messages" in repr(declared):
+            return "message"
+        if declared is dict or get_origin(declared) is dict:
+            return "dict"
+        if isinstance(self.bound, BaseChatModel) or isinstance(input_value, BaseMessage | list):
+            return "message"
+        if isinstance(input_value, Mapping):
+            return "dict"
+        return "str"
+
+    def _blocked(self, decision: Decision, input_value: Any, output: Any = None) -> Any:
+        if self.on_block == "raise":
+            raise GuardBlockedError(decision)
+        return self._refusal_value(decision, input_value, output)
+
+    def _route(self, decision: Decision) -> Runnable[Any, Any] | None:
+        return self.routes.get(decision.route or "")
+
+    # ----------------------------------------------------------------- sync
+
+    def _redirect(self, decision: Decision) -> _Redirect:
+        route = self._route(decision) if decision.action is Action.REROUTE else None
+        return _Redirect(route=route, decision=decision)
+
+    def _input_outcome(
+        self, decision: Decision, value: Any, config: RunnableConfig
+    ) -> tuple[Literal["run", "done"], Any]:
+        """What to do after the input check: ("run", input to run with) or ("done", a _Redirect)."""
+        if decision.action.passes:
+            return "run", value
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            return "run", replace_input_text(value, decision.redacted_text, self.input_key)
+        return "done", self._redirect(decision)
+
+    def _finish_output(self, decision: Decision, value: Any, output: Any) -> Any:
+        if decision.action.passes:
+            return output
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            return replace_output_text(output, decision.redacted_text, self.output_key)
+        return self._redirect(decision)
+
+    def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Any:
+        policy = self._policy(config)
+        child = patch_config(config, callbacks=run_manager.get_child())
+        prompt = extract_input_text(value, self.input_key) if (self.check_input or self.check_output) else ""
+        run_value = value
+        if self.check_input:
+            if self.parallel_input:
+                return self._invoke_parallel(value, prompt, policy, child, config)
+            decision = self.guard.check(prompt, surface=Surface.PROMPT, policy=policy)
+            dispatch_verdict(decision, "input", config)
+            step, result = self._input_outcome(decision, value, config)
+            if step == "done":
+                return self._resolve(result, value, child)
+            run_value = result
+        output = self.bound.invoke(run_value, child)
+        return self._check_output(value, prompt, output, policy, config, child)
+
+    def _resolve(self, result: _Redirect, value: Any, child: RunnableConfig, output: Any = None) -> Any:
+        if result.route is not None:
+            return result.route.invoke(value, child)
+        return self._blocked(result.decision, value, output)
+
+    def _check_output(
+        self, value: Any, prompt: str, output: Any, policy: Any, config: RunnableConfig, child: RunnableConfig
+    ) -> Any:
+        if not self.check_output:
+            return output
+        text = extract_output_text(output, self.output_key)
+        if text is None or not text.strip():
+            return output
+        decision = self.guard.check(prompt or " ", response=text, surface=Surface.RESPONSE, policy=policy)
+        dispatch_verdict(decision, "output", config)
+        result = self._finish_output(decision, value, output)
+        if isinstance(result, _Redirect):
+            return self._resolve(result, value, child, output)
+        return result
+
+    def _invoke_parallel(
+        self, value: Any, prompt: str, policy: Any, child: RunnableConfig, config: RunnableConfig
+    ) -> Any:
+        # Sync speculation: the wrapped run goes to a worker thread while the input is checked here. A
+        # thread cannot be cancelled: on a block its result is discarded and never released.
+        pool = ContextThreadPoolExecutor(max_workers=1)
+        try:
+            future = pool.submit(self.bound.invoke, value, child)
+            decision = self.guard.check(prompt, surface=Surface.PROMPT, policy=policy)
+            dispatch_verdict(decision, "input", config)
+            step, result = self._input_outcome(decision, value, config)
+            if step == "done" or result is not value:
+                future.cancel()
+                if step == "done":
+                    return self._resolve(result, value, child)
+                output = self.bound.invoke(result, child)  # redacted input: the speculative run is stale
+            else:
+                output = future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return self._check_output(value, prompt, output, policy, config, child)
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._call_with_config(self._invoke, input, config, run_type="chain", **kwargs)
+
+    # ----------------------------------------------------------------- async
+
+    async def _aresolve(self, result: _Redirect, value: Any, child: RunnableConfig, output: Any = None) -> Any:
+        if result.route is not None:
+            return await result.route.ainvoke(value, child)
+        return self._blocked(result.decision, value, output)
+
+    async def _acheck_output(
+        self, value: Any, prompt: str, output: Any, policy: Any, config: RunnableConfig, child: RunnableConfig
+    ) -> Any:
+        if not self.check_output:
+            return output
+        text = extract_output_text(output, self.output_key)
+        if text is None or not text.strip():
+            return output
+        decision = await self.guard.acheck(prompt or " ", response=text, surface=Surface.RESPONSE, policy=policy)
+        await adispatch_verdict(decision, "output", config)
+        result = self._finish_output(decision, value, output)
+        if isinstance(result, _Redirect):
+            return await self._aresolve(result, value, child, output)
+        return result
+
+    async def _ainvoke(
+        self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
+    ) -> Any:
+        policy = self._policy(config)
+        child = patch_config(config, callbacks=run_manager.get_child())
+        prompt = extract_input_text(value, self.input_key) if (self.check_input or self.check_output) else ""
+        run_value = value
+        if self.check_input:
+            if self.parallel_input:
+                output = await self._ainvoke_parallel(value, prompt, policy, child, config)
+                if isinstance(output, _Final):
+                    return output.value
+                return await self._acheck_output(value, prompt, output, policy, config, child)
+            decision = await self.guard.acheck(prompt, surface=Surface.PROMPT, policy=policy)
+            await adispatch_verdict(decision, "input", config)
+            step, result = self._input_outcome(decision, value, config)
+            if step == "done":
+                return await self._aresolve(result, value, child)
+            run_value = result
+        output = await self.bound.ainvoke(run_value, child)
+        return await self._acheck_output(value, prompt, output, policy, config, child)
+
+    async def _ainvoke_parallel(
+        self, value: Any, prompt: str, policy: Any, child: RunnableConfig, config: RunnableConfig
+    ) -> Any:
+        """Speculative input guarding: the wrapped run starts with the check and is cancelled on a block."""
+        run_task: asyncio.Task[Any] = asyncio.ensure_future(self.bound.ainvoke(value, child))
+        try:
+            decision = await self.guard.acheck(prompt, surface=Surface.PROMPT, policy=policy)
+        except BaseException:
+            run_task.cancel()
+            await asyncio.gather(run_task, return_exceptions=True)
+            raise
+        await adispatch_verdict(decision, "input", config)
+        step, result = self._input_outcome(decision, value, config)
+        if step == "run" and result is value:
+            return await run_task
+        run_task.cancel()
+        await asyncio.gather(run_task, return_exceptions=True)
+        if step == "done":
+            return _Final(await self._aresolve(result, value, child))
+        return await self.bound.ainvoke(result, child)  # redacted input: the speculative run was stale
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._acall_with_config(self._ainvoke, input, config, run_type="chain", **kwargs)
+
+    # ----------------------------------------------------------------- streaming
+
+    def _moderator(self, prompt: str, policy: Any) -> StreamModerator[Any]:
+        return StreamModerator(
+            self.guard,
+            prompt=prompt,
+            surface=Surface.RESPONSE,
+            policy=policy,
+            chunk_chars=self.stream_chunk_chars,
+            context_chars=self.stream_context_chars,
+            stream_first=self.stream_first,
+        )
+
+    def _stop_chunk(self, decision: Decision, sample: Any) -> Any:
+        """The chunk that ends a stream in place of blocked text (same type as the wrapped stream's)."""
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            text = decision.redacted_text
+        else:
+            if self.on_block == "raise":
+                raise GuardBlockedError(decision)
+            text = format_refusal(self.refusal, decision)
+        if isinstance(sample, BaseMessageChunk) or sample is None and isinstance(self.bound, BaseChatModel):
+            return AIMessageChunk(content=text, response_metadata={"flexguard": decision.to_dict()})
+        if isinstance(sample, Mapping):
+            return {self.output_key or "output": text}
+        return text
+
+    def _stream(
+        self, inputs: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig
+    ) -> Iterator[Any]:
+        value = _single(inputs)
+        policy = self._policy(config)
+        child = patch_config(config, callbacks=run_manager.get_child())
+        prompt = extract_input_text(value, self.input_key)
+        run_value = value
+        if self.check_input:
+            decision = self.guard.check(prompt, surface=Surface.PROMPT, policy=policy)
+            dispatch_verdict(decision, "input", config)
+            step, result = self._input_outcome(decision, value, config)
+            if step == "done":
+                yield self._resolve(result, value, child)
+                return
+            run_value = result
+        if not self.check_output:
+            yield from self.bound.stream(run_value, child)
+            return
+        moderator = self._moderator(prompt, policy)
+        sample = None
+        for chunk in self.bound.stream(run_value, child):
+            sample = chunk
+            yield from moderator.push(chunk, _chunk_text(chunk, self.output_key))
+            if moderator.stopped is not None:
+                break
+        if moderator.stopped is None:
+            yield from moderator.flush()
+        if moderator.stopped is not None:
+            dispatch_verdict(moderator.stopped, "stream", config)
+            yield self._stop_chunk(moderator.stopped, sample)
+
+    async def _astream(
+        self, inputs: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
+    ) -> AsyncIterator[Any]:
+        value = None
+        async for item in inputs:
+            value = item
+        policy = self._policy(config)
+        child = patch_config(config, callbacks=run_manager.get_child())
+        prompt = extract_input_text(value, self.input_key)
+        run_value = value
+        if self.check_input:
+            decision = await self.guard.acheck(prompt, surface=Surface.PROMPT, policy=policy)
+            await adispatch_verdict(decision, "input", config)
+            step, result = self._input_outcome(decision, value, config)
+            if step == "done":
+                yield await self._aresolve(result, value, child)
+                return
+            run_value = result
+        if not self.check_output:
+            async for chunk in self.bound.astream(run_value, child):
+                yield chunk
+            return
+        moderator = self._moderator(prompt, policy)
+        sample = None
+        stream = self.bound.astream(run_value, child)
+        try:
+            async for chunk in stream:
+                sample = chunk
+                for released in await moderator.apush(chunk, _chunk_text(chunk, self.output_key)):
+                    yield released
+                if moderator.stopped is not None:
+                    break
+            if moderator.stopped is None:
+                for released in await moderator.aflush():
+                    yield released
+        finally:
+            await moderator.aclose()
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if moderator.stopped is not None:
+            await adispatch_verdict(moderator.stopped, "stream", config)
+            yield self._stop_chunk(moderator.stopped, sample)
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        yield from self._transform_stream_with_config(iter([input]), self._stream, config, run_type="chain", **kwargs)
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        async def one() -> AsyncIterator[Any]:
+            yield input
+
+        async for chunk in self._atransform_stream_with_config(one(), self._astream, config, run_type="chain", **kwargs):
+            yield chunk
+
+
+@dataclass(frozen=True)
+class _Redirect:
+    """A decision that replaces the normal result: run ``route``, else block (raise or refuse)."""
+
+    route: Runnable[Any, Any] | None
+    decision: Decision
+
+
+class _Final:
+    """Marks a finished result (refusal or route output) coming out of speculative input guarding."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _single(inputs: Iterator[Any]) -> Any:
+    value = None
+    for item in inputs:
+        value = item
+    return value
+
+
+def _chunk_text(chunk: Any, output_key: str | None) -> str:
+    if isinstance(chunk, str):
+        return chunk
+    if isinstance(chunk, BaseMessage):
+        return str(chunk.text)
+    if isinstance(chunk, Mapping):
+        text = extract_output_text(chunk, output_key)
+        return text or ""
+    return ""
+
+
+def guarded(
+    runnable: Runnable[Any, Any],
+    guard: Guard,
+    *,
+    check_input: bool = True,
+    check_output: bool = True,
+    on_block: OnBlock = "raise",
+    refusal: str = DEFAULT_REFUSAL,
+    refusal_as: RefusalAs = "auto",
+    routes: Mapping[str, Runnable[Any, Any]] | None = None,
+    parallel_input: bool = False,
+    input_key: str | None = None,
+    output_key: str | None = None,
+    policy: Any = None,
+    stream_chunk_chars: int = 200,
+    stream_context_chars: int = 50,
+    stream_first: bool = False,
+) -> GuardedRunnable:
+    """Wrap any Runnable with input and output guarding.
+
+    - ``on_block="raise"`` raises :class:`GuardBlockedError`; ``"refuse"`` answers with ``refusal`` (a
+      template with ``{categories}``, ``{risk_score}``, ``{reason}``), as an AIMessage where the wrapped
+      runnable deals in messages, a dict with ``output_key`` for dict chains, else a str.
+    - ``routes`` maps REROUTE names to Runnables run with the original input.
+    - ``parallel_input=True`` checks the input while the wrapped run starts (speculative); on a block the
+      run is cancelled (async) or its result discarded (sync) and nothing it produced is released.
+    - Streams hold text back until a check at a sentence or ``stream_chunk_chars`` boundary passed it;
+      ``stream_first=True`` releases text before its check (lower latency, leaky: documented as such).
+    """
+    return GuardedRunnable(
+        bound=runnable,
+        guard=guard,
+        check_input=check_input,
+        check_output=check_output,
+        on_block=on_block,
+        refusal=refusal,
+        refusal_as=refusal_as,
+        routes=dict(routes or {}),
+        parallel_input=parallel_input,
+        input_key=input_key,
+        output_key=output_key,
+        policy=policy,
+        stream_chunk_chars=stream_chunk_chars,
+        stream_context_chars=stream_context_chars,
+        stream_first=stream_first,
+    )
