@@ -225,7 +225,7 @@ LEXICON: tuple[tuple[str, tuple[str, ...], int], ...] = (
     (r"\b(?:mass shooting|school shooting|terrorist attack)\b", ("VIOLENCE",), 92),
     (
         r"\b(?:kill|murder|stab|shoot|strangle|poison|behead)(?:ing|ed|s)?\s+"
-        r"(?:him|her|them|someone|somebody|anyone|people|a person|my|the|his|their|our)\b",
+        r"(?:him|her|them|someone|somebody|anyone|people|a person|my|his|their|our)\b",
         ("VIOLENCE",),
         90,
     ),
