@@ -94,7 +94,7 @@ def extract_output_text(value: Any, output_key: str | None = None) -> str | None
         for key in keys:
             if key in value:
                 return extract_output_text(value[key])
-        if "messages" in value and value["messages"]:
+        if value.get("messages"):
             last = value["messages"][-1]
             return message_text(last) if isinstance(last, BaseMessage) else None
         if output_key:

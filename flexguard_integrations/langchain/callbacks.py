@@ -73,7 +73,9 @@ class GuardCallbackHandler(BaseCallbackHandler):
         prompt = last_human_text(messages[0]) if messages else ""
         self._prompts[run_id] = prompt
         if self.check_prompts and prompt.strip():
-            self._handle(self.guard.check(prompt, surface=Surface.PROMPT, policy=self.policy), "chat_model_start", run_id)
+            self._handle(
+                self.guard.check(prompt, surface=Surface.PROMPT, policy=self.policy), "chat_model_start", run_id
+            )
 
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
         prompt = prompts[0] if prompts else ""

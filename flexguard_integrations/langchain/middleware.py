@@ -144,9 +144,7 @@ class GuardMiddleware(AgentMiddleware):
         """REROUTE to human_review: interrupt the graph; resume with {"approve": true} to let it pass."""
         from langgraph.types import interrupt
 
-        answer = interrupt(
-            {"type": "flexguard_review", "where": where, "text": text, "decision": decision.to_dict()}
-        )
+        answer = interrupt({"type": "flexguard_review", "where": where, "text": text, "decision": decision.to_dict()})
         approved = answer is True or (isinstance(answer, str) and answer.lower() in ("approve", "approved", "yes"))
         if isinstance(answer, Mapping):
             approved = bool(answer.get("approve") or answer.get("approved"))

@@ -10,8 +10,8 @@ check has passed it (see :mod:`flexguard_integrations.streaming`).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, get_origin
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
@@ -273,9 +273,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return await self._aresolve(result, value, child, output)
         return result
 
-    async def _ainvoke(
-        self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
-    ) -> Any:
+    async def _ainvoke(self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig) -> Any:
         policy = self._policy(config)
         child = patch_config(config, callbacks=run_manager.get_child())
         prompt = extract_input_text(value, self.input_key) if (self.check_input or self.check_output) else ""
@@ -340,7 +338,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             if self.on_block == "raise":
                 raise GuardBlockedError(decision)
             text = format_refusal(self.refusal, decision)
-        if isinstance(sample, BaseMessageChunk) or sample is None and isinstance(self.bound, BaseChatModel):
+        if isinstance(sample, BaseMessageChunk) or (sample is None and isinstance(self.bound, BaseChatModel)):
             return AIMessageChunk(content=text, response_metadata={"flexguard": decision.to_dict()})
         if isinstance(sample, Mapping):
             return {self.output_key or "output": text}
@@ -429,7 +427,9 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         async def one() -> AsyncIterator[Any]:
             yield input
 
-        async for chunk in self._atransform_stream_with_config(one(), self._astream, config, run_type="chain", **kwargs):
+        async for chunk in self._atransform_stream_with_config(
+            one(), self._astream, config, run_type="chain", **kwargs
+        ):
             yield chunk
 
 

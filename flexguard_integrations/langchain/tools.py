@@ -53,7 +53,9 @@ class GuardedTool(BaseTool):
 
     def _run(self, *args: Any, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any) -> Any:
         if self.check_args:
-            decision = self.guard.check(" ", response=self._args_text(args, kwargs), surface=Surface.TOOL_CALL, policy=self.policy)
+            decision = self.guard.check(
+                " ", response=self._args_text(args, kwargs), surface=Surface.TOOL_CALL, policy=self.policy
+            )
             dispatch_verdict(decision, f"tool_call:{self.tool.name}")
             self._refuse_call(decision)
         config: RunnableConfig = {"callbacks": run_manager.get_child()} if run_manager else {}
@@ -65,9 +67,7 @@ class GuardedTool(BaseTool):
         dispatch_verdict(decision, f"tool_result:{self.tool.name}")
         return self._output(output, decision)
 
-    async def _arun(
-        self, *args: Any, run_manager: AsyncCallbackManagerForToolRun | None = None, **kwargs: Any
-    ) -> Any:
+    async def _arun(self, *args: Any, run_manager: AsyncCallbackManagerForToolRun | None = None, **kwargs: Any) -> Any:
         if self.check_args:
             decision = await self.guard.acheck(
                 " ", response=self._args_text(args, kwargs), surface=Surface.TOOL_CALL, policy=self.policy

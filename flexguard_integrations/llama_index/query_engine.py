@@ -1,0 +1,249 @@
+"""``GuardedQueryEngine``: guard any query engine's question and answer.
+
+The query is checked first (surface ``prompt``): BLOCK answers with a refusal ``Response`` (or raises),
+REROUTE sends it to ``fallback_engines[name]``, REDACT queries with the redacted text. The answer is then
+checked against the query (surface ``response``); every decision lands in ``response.metadata
+["flexguard"]``. Streaming responses hold back text that has not been checked yet (as the LangChain
+integration does) and end with the refusal when a chunk is blocked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Generator, Mapping
+from typing import Any, Literal, TypeVar
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.response.schema import (
+    RESPONSE_TYPE,
+    AsyncStreamingResponse,
+    PydanticResponse,
+    Response,
+    StreamingResponse,
+)
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.schema import QueryBundle
+
+from ..errors import GuardBlockedError
+from ..guard import Guard
+from ..streaming import StreamModerator
+from ..verdict import Action, Decision, Surface
+from .events import emit
+
+R = TypeVar("R")
+
+DEFAULT_REFUSAL = "I can't answer that: it was blocked by the safety guard ({categories})."
+
+
+def _refusal_text(template: str, decision: Decision) -> str:
+    cats = ", ".join(c.value.lower().replace("_", " ") for c in decision.verdict.categories)
+    if not cats:
+        cats = "guard unavailable" if decision.verdict.error else "policy violation"
+    try:
+        return template.format(categories=cats, risk_score=f"{decision.verdict.risk_score:g}", reason=decision.reason)
+    except (KeyError, IndexError, ValueError):
+        return template
+
+
+class GuardedQueryEngine(BaseQueryEngine):
+    """Wrap a query engine with query and answer checks (sync, async and streaming)."""
+
+    def __init__(
+        self,
+        query_engine: BaseQueryEngine,
+        guard: Guard,
+        *,
+        fallback_engines: Mapping[str, BaseQueryEngine] | None = None,
+        check_query: bool = True,
+        check_response: bool = True,
+        on_block: Literal["refuse", "raise"] = "refuse",
+        refusal: str = DEFAULT_REFUSAL,
+        policy: Any = None,
+        stream_chunk_chars: int = 200,
+        stream_context_chars: int = 50,
+        callback_manager: CallbackManager | None = None,
+    ) -> None:
+        self.query_engine = query_engine
+        self.guard = guard
+        self.fallback_engines = dict(fallback_engines or {})
+        self.check_query = check_query
+        self.check_response = check_response
+        self.on_block = on_block
+        self.refusal = refusal
+        self.policy = policy
+        self.stream_chunk_chars = stream_chunk_chars
+        self.stream_context_chars = stream_context_chars
+        super().__init__(callback_manager or getattr(query_engine, "callback_manager", None))
+
+    def _get_prompt_modules(self) -> dict[str, Any]:
+        return {"query_engine": self.query_engine}
+
+    # ----------------------------------------------------------------- decisions
+
+    def _refuse(self, decision: Decision, decisions: dict[str, Any]) -> Response:
+        if self.on_block == "raise":
+            raise GuardBlockedError(decision)
+        return Response(
+            response=_refusal_text(self.refusal, decision), source_nodes=[], metadata={"flexguard": decisions}
+        )
+
+    def _query_plan(self, bundle: QueryBundle, decision: Decision) -> tuple[str, Any]:
+        """("run", bundle) to query, ("route", engine) for a fallback, or ("refuse", None)."""
+        if decision.action.passes:
+            return "run", bundle
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            return "run", QueryBundle(query_str=decision.redacted_text, custom_embedding_strs=[decision.redacted_text])
+        if decision.action is Action.REROUTE and decision.route in self.fallback_engines:
+            return "route", self.fallback_engines[decision.route]
+        return "refuse", None
+
+    @staticmethod
+    def _text_of(response: Any) -> str | None:
+        if isinstance(response, Response):
+            return response.response or ""
+        if isinstance(response, PydanticResponse):
+            return response.response.model_dump_json() if response.response is not None else ""
+        return None
+
+    def _finish(self, response: Any, decision: Decision, decisions: dict[str, Any]) -> Any:
+        decisions["response"] = decision.to_dict()
+        if decision.action.passes:
+            return _with_metadata(response, decisions)
+        if decision.action is Action.REDACT and decision.redacted_text is not None and isinstance(response, Response):
+            response.response = decision.redacted_text
+            return _with_metadata(response, decisions)
+        return self._refuse(decision, decisions)
+
+    def _moderator(self, query: str) -> StreamModerator[str]:
+        return StreamModerator(
+            self.guard,
+            prompt=query,
+            surface=Surface.RESPONSE,
+            policy=self.policy,
+            chunk_chars=self.stream_chunk_chars,
+            context_chars=self.stream_context_chars,
+        )
+
+    def _stop_text(self, decision: Decision) -> str:
+        emit(decision, "query_engine:stream")
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            return decision.redacted_text
+        if self.on_block == "raise":
+            raise GuardBlockedError(decision)
+        return _refusal_text(self.refusal, decision)
+
+    # ----------------------------------------------------------------- sync
+
+    def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        decisions: dict[str, Any] = {}
+        engine, bundle = self.query_engine, query_bundle
+        if self.check_query:
+            decision = self.guard.check(query_bundle.query_str, surface=Surface.PROMPT, policy=self.policy)
+            emit(decision, "query_engine:query")
+            decisions["query"] = decision.to_dict()
+            step, target = self._query_plan(query_bundle, decision)
+            if step == "refuse":
+                return self._refuse(decision, decisions)
+            if step == "route":
+                engine = target
+            else:
+                bundle = target
+        response = engine.query(bundle)
+        if not self.check_response:
+            return _with_metadata(response, decisions)
+        if isinstance(response, StreamingResponse):
+            return self._guard_stream(response, query_bundle.query_str, decisions)
+        text = self._text_of(response)
+        if not text or not text.strip():
+            return _with_metadata(response, decisions)
+        decision = self.guard.check(query_bundle.query_str, response=text, surface=Surface.RESPONSE, policy=self.policy)
+        emit(decision, "query_engine:response")
+        return self._finish(response, decision, decisions)  # type: ignore[no-any-return]
+
+    def _guard_stream(self, response: StreamingResponse, query: str, decisions: dict[str, Any]) -> StreamingResponse:
+        moderator = self._moderator(query)
+        source = response.response_gen
+
+        def gen() -> Generator[str, None, None]:
+            for token in source:
+                yield from moderator.push(token, token)
+                if moderator.stopped is not None:
+                    break
+            if moderator.stopped is None:
+                yield from moderator.flush()
+            if moderator.stopped is not None:
+                decisions["response"] = moderator.stopped.to_dict()
+                yield self._stop_text(moderator.stopped)
+
+        return StreamingResponse(
+            response_gen=gen(), source_nodes=response.source_nodes, metadata=_merged(response.metadata, decisions)
+        )
+
+    # ----------------------------------------------------------------- async
+
+    async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        decisions: dict[str, Any] = {}
+        engine, bundle = self.query_engine, query_bundle
+        if self.check_query:
+            decision = await self.guard.acheck(query_bundle.query_str, surface=Surface.PROMPT, policy=self.policy)
+            emit(decision, "query_engine:query")
+            decisions["query"] = decision.to_dict()
+            step, target = self._query_plan(query_bundle, decision)
+            if step == "refuse":
+                return self._refuse(decision, decisions)
+            if step == "route":
+                engine = target
+            else:
+                bundle = target
+        response = await engine.aquery(bundle)
+        if not self.check_response:
+            return _with_metadata(response, decisions)
+        if isinstance(response, AsyncStreamingResponse):
+            return self._aguard_stream(response, query_bundle.query_str, decisions)
+        if isinstance(response, StreamingResponse):
+            return self._guard_stream(response, query_bundle.query_str, decisions)
+        text = self._text_of(response)
+        if not text or not text.strip():
+            return _with_metadata(response, decisions)
+        decision = await self.guard.acheck(
+            query_bundle.query_str, response=text, surface=Surface.RESPONSE, policy=self.policy
+        )
+        emit(decision, "query_engine:response")
+        return self._finish(response, decision, decisions)  # type: ignore[no-any-return]
+
+    def _aguard_stream(
+        self, response: AsyncStreamingResponse, query: str, decisions: dict[str, Any]
+    ) -> AsyncStreamingResponse:
+        moderator = self._moderator(query)
+        source = response.async_response_gen()
+
+        async def gen() -> AsyncGenerator[str, None]:
+            try:
+                async for token in source:
+                    for released in await moderator.apush(token, token):
+                        yield released
+                    if moderator.stopped is not None:
+                        break
+                if moderator.stopped is None:
+                    for released in await moderator.aflush():
+                        yield released
+            finally:
+                await moderator.aclose()
+            if moderator.stopped is not None:
+                decisions["response"] = moderator.stopped.to_dict()
+                yield self._stop_text(moderator.stopped)
+
+        return AsyncStreamingResponse(
+            response_gen=gen(), source_nodes=response.source_nodes, metadata=_merged(response.metadata, decisions)
+        )
+
+
+def _merged(metadata: dict[str, Any] | None, decisions: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(metadata or {})
+    merged["flexguard"] = decisions
+    return merged
+
+
+def _with_metadata(response: R, decisions: dict[str, Any]) -> R:
+    if hasattr(response, "metadata"):
+        response.metadata = _merged(response.metadata, decisions)
+    return response

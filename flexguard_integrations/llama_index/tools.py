@@ -1,0 +1,195 @@
+"""Agent tool gating for ``FunctionAgent``, ``ReActAgent`` and ``AgentWorkflow``, and a whole-agent guard.
+
+In llama-index 0.14 an exception raised inside a tool does not stop the agent: it goes back to the model
+as an error result. So a blocked call returns an error ``ToolOutput`` carrying the refusal, and the real
+function never runs. The arguments are checked before execution (surface ``tool_call``), the output after
+(surface ``tool_result``: REDACT replaces it, BLOCK withholds it).
+
+``GuardedAgent`` guards a workflow agent as a whole: the user message before the run, the final answer
+after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from llama_index.core.llms import ChatMessage, MessageRole
+from llama_index.core.tools import ToolOutput
+from llama_index.core.tools.types import AsyncBaseTool, BaseTool, ToolMetadata
+
+from ..errors import GuardBlockedError
+from ..guard import Guard
+from ..verdict import Action, Decision, Surface
+from .events import emit
+from .query_engine import _refusal_text
+
+DEFAULT_TOOL_REFUSAL = "Tool call blocked by the safety guard ({categories}); the tool was not run."
+DEFAULT_TOOL_RESULT_REFUSAL = "[tool result withheld by the safety guard ({categories})]"
+DEFAULT_AGENT_REFUSAL = "I can't help with that: it was blocked by the safety guard ({categories})."
+
+
+def render_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A tool call as the text the guard judges: ``name(arguments as JSON)``."""
+    payload: Any = kwargs if kwargs else (args[0] if len(args) == 1 else list(args))
+    try:
+        rendered = json.dumps(payload, ensure_ascii=False, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        rendered = str(payload)
+    return f"{name}({rendered})"
+
+
+class GuardedTool(AsyncBaseTool):
+    """A LlamaIndex tool whose arguments and output go through a Guard (same metadata as the wrapped one)."""
+
+    def __init__(
+        self,
+        tool: BaseTool,
+        guard: Guard,
+        *,
+        check_args: bool = True,
+        check_output: bool = True,
+        violation_message: str = DEFAULT_TOOL_REFUSAL,
+        output_violation_message: str = DEFAULT_TOOL_RESULT_REFUSAL,
+        policy: Any = None,
+    ) -> None:
+        self.tool = tool
+        self.guard = guard
+        self.check_args = check_args
+        self.check_output = check_output
+        self.violation_message = violation_message
+        self.output_violation_message = output_violation_message
+        self.policy = policy
+
+    @property
+    def metadata(self) -> ToolMetadata:
+        return self.tool.metadata
+
+    @property
+    def _name(self) -> str:
+        return self.tool.metadata.get_name()
+
+    def _blocked_output(self, decision: Decision, kwargs: dict[str, Any], template: str) -> ToolOutput:
+        text = _refusal_text(template, decision)
+        return ToolOutput(content=text, tool_name=self._name, raw_input=kwargs, raw_output=text, is_error=True)
+
+    def _after(self, output: ToolOutput, decision: Decision, kwargs: dict[str, Any]) -> ToolOutput:
+        emit(decision, f"tool_result:{self._name}")
+        if decision.action.passes:
+            return output
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            return ToolOutput(
+                content=decision.redacted_text,
+                tool_name=output.tool_name,
+                raw_input=output.raw_input,
+                raw_output=decision.redacted_text,
+                is_error=output.is_error,
+            )
+        return self._blocked_output(decision, kwargs, self.output_violation_message)
+
+    def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        if self.check_args:
+            text = render_call(self._name, args, kwargs)
+            decision = self.guard.check(" ", response=text, surface=Surface.TOOL_CALL, policy=self.policy)
+            emit(decision, f"tool_call:{self._name}")
+            if not decision.action.passes:
+                return self._blocked_output(decision, kwargs, self.violation_message)
+        output = self.tool(*args, **kwargs)
+        if not self.check_output or output.is_error or not str(output.content).strip():
+            return output
+        decision = self.guard.check(str(output.content), surface=Surface.TOOL_RESULT, policy=self.policy)
+        return self._after(output, decision, kwargs)
+
+    async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        if self.check_args:
+            text = render_call(self._name, args, kwargs)
+            decision = await self.guard.acheck(" ", response=text, surface=Surface.TOOL_CALL, policy=self.policy)
+            emit(decision, f"tool_call:{self._name}")
+            if not decision.action.passes:
+                return self._blocked_output(decision, kwargs, self.violation_message)
+        if isinstance(self.tool, AsyncBaseTool):
+            output = await self.tool.acall(*args, **kwargs)
+        else:
+            output = await asyncio.to_thread(self.tool, *args, **kwargs)
+        if not self.check_output or output.is_error or not str(output.content).strip():
+            return output
+        decision = await self.guard.acheck(str(output.content), surface=Surface.TOOL_RESULT, policy=self.policy)
+        return self._after(output, decision, kwargs)
+
+
+def guard_tool(tool: BaseTool, guard: Guard, **options: Any) -> GuardedTool:
+    """Wrap one tool: arguments checked before it runs (a blocked call never runs it), output after."""
+    return GuardedTool(tool, guard, **options)
+
+
+def guard_tools(tools: Sequence[BaseTool], guard: Guard, **options: Any) -> list[GuardedTool]:
+    """:func:`guard_tool` for each tool, order kept."""
+    return [GuardedTool(t, guard, **options) for t in tools]
+
+
+class GuardedAgent:
+    """Guard a workflow agent (``FunctionAgent``, ``ReActAgent``, ``AgentWorkflow``) as a whole.
+
+    ``await GuardedAgent(agent, guard).run(user_msg=...)`` checks the user message before the run (a
+    blocked one never starts the agent) and the final answer after it (a blocked answer is replaced by
+    the refusal). Decisions are in ``output.raw["flexguard"]`` when the output allows it, and always in
+    ``self.last_decisions``. Combine with :func:`guard_tools` to gate each tool call as well.
+    """
+
+    def __init__(
+        self,
+        agent: Any,
+        guard: Guard,
+        *,
+        on_block: Literal["refuse", "raise"] = "refuse",
+        refusal: str = DEFAULT_AGENT_REFUSAL,
+        policy: Any = None,
+    ) -> None:
+        self.agent = agent
+        self.guard = guard
+        self.on_block = on_block
+        self.refusal = refusal
+        self.policy = policy
+        self.last_decisions: dict[str, Decision] = {}
+
+    def _refusal(self, decision: Decision) -> Any:
+        if self.on_block == "raise":
+            raise GuardBlockedError(decision)
+        from llama_index.core.agent.workflow import AgentOutput
+
+        text = _refusal_text(self.refusal, decision)
+        return AgentOutput(
+            response=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+            tool_calls=[],
+            raw={"flexguard": {k: v.to_dict() for k, v in self.last_decisions.items()}},
+            current_agent_name=getattr(self.agent, "name", "agent"),
+        )
+
+    async def run(self, user_msg: str, **kwargs: Any) -> Any:
+        """Run the agent on ``user_msg`` with both checks; returns the agent's output (or the refusal)."""
+        self.last_decisions = {}
+        decision = await self.guard.acheck(user_msg, surface=Surface.PROMPT, policy=self.policy)
+        emit(decision, "agent:input")
+        self.last_decisions["input"] = decision
+        run_msg = user_msg
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            run_msg = decision.redacted_text
+        elif not decision.action.passes:
+            return self._refusal(decision)
+        output = await self.agent.run(user_msg=run_msg, **kwargs)
+        answer = str(getattr(getattr(output, "response", None), "content", "") or "")
+        if not answer.strip():
+            return output
+        decision = await self.guard.acheck(user_msg, response=answer, surface=Surface.RESPONSE, policy=self.policy)
+        emit(decision, "agent:output")
+        self.last_decisions["output"] = decision
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            output.response = ChatMessage(role=MessageRole.ASSISTANT, content=decision.redacted_text)
+        elif not decision.action.passes:
+            return self._refusal(decision)
+        raw = getattr(output, "raw", None)
+        if isinstance(raw, dict):
+            raw["flexguard"] = {k: v.to_dict() for k, v in self.last_decisions.items()}
+        return output
