@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "PRESETS",
     "Action",
     "Category",
     "CheckRequest",
@@ -60,7 +61,6 @@ __all__ = [
     "GuardTimeoutError",
     "GuardTransportError",
     "GuardUnavailableError",
-    "PRESETS",
     "PolicyError",
     "StrictnessPolicy",
     "Surface",

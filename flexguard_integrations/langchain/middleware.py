@@ -178,10 +178,10 @@ class GuardMiddleware(AgentMiddleware):
         self, state: Mapping[str, Any], tasks: list[tuple[BaseMessage, Surface, str]], decisions: list[Decision]
     ) -> dict[str, Any] | None:
         replaced: list[BaseMessage] = []
-        for (msg, surface, text), decision in zip(tasks, decisions, strict=True):
+        for (msg, surface, text), raw_decision in zip(tasks, decisions, strict=True):
             if isinstance(msg, ToolMessage):
                 self._remember(self._checked_results, msg.tool_call_id, None)
-            decision, handled = self._resolve_route(decision, text, surface.value, state)
+            decision, handled = self._resolve_route(raw_decision, text, surface.value, state)
             if handled is not None:
                 return dict(handled)
             if decision.action.passes:
@@ -211,11 +211,11 @@ class GuardMiddleware(AgentMiddleware):
         decisions: list[Decision],
     ) -> dict[str, Any] | None:
         update: dict[str, Any] | None = None
-        for (call_id, surface, text), decision in zip(tasks, decisions, strict=True):
+        for (call_id, surface, text), raw_decision in zip(tasks, decisions, strict=True):
             if surface is Surface.TOOL_CALL:
-                self._remember(self._call_decisions, call_id, decision)
+                self._remember(self._call_decisions, call_id, raw_decision)
                 continue
-            decision, handled = self._resolve_route(decision, text, surface.value, state)
+            decision, handled = self._resolve_route(raw_decision, text, surface.value, state)
             if handled is not None:
                 return dict(handled)
             if decision.action.passes:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.workflow import Event, StopEvent, step
 
 from ..guard import Guard
@@ -34,7 +35,7 @@ class GuardCheckEvent(Event):
     text: str
     response: str | None = None
     surface: str = "prompt"
-    payload: dict[str, Any] = {}
+    payload: dict[str, Any] = Field(default_factory=dict)
 
 
 class GuardPassedEvent(Event):
@@ -43,7 +44,7 @@ class GuardPassedEvent(Event):
     text: str
     response: str | None = None
     decision: dict[str, Any]
-    payload: dict[str, Any] = {}
+    payload: dict[str, Any] = Field(default_factory=dict)
 
 
 class GuardStepMixin:
