@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -111,6 +112,7 @@ def _positive_float(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``flexguard`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
     try:
         if args_list and args_list[0] == "fake-server":
             return _fake_server(args_list[1:])
@@ -125,6 +127,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (so redirection and test capture work)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never break the command
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
+    """Show the library's warnings (guard unavailable, FAIL-OPEN) on stderr with a clear prefix."""
+    logger = logging.getLogger("flexguard_integrations")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("flexguard: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
 
 
 def _local_guard_or_none() -> Guard | None:

@@ -644,18 +644,12 @@ class Guard:
     def _redaction_plan(self, inp: GuardInput) -> list[str]:
         return group_sentences(split_sentences(inp.text), self.max_redact_segments)
 
-    def _redacted_decision(
-        self,
-        decision: Decision,
-        policy: StrictnessPolicy,
-        surface: Surface,
-        segments: Sequence[str],
-        seg_verdicts: Sequence[Verdict],
-        recheck: Callable[[str], Sequence[tuple[Verdict, BaseException | None]]] | None = None,
+    def _apply_redactions(
+        self, policy: StrictnessPolicy, surface: Surface, segments: Sequence[str], seg_verdicts: Sequence[Verdict]
     ) -> tuple[str, list[Verdict | None]]:
+        """The redacted text, and for each segment the verdict that got it redacted (None when kept)."""
         flagged: list[Verdict | None] = [v if policy.is_over(v, surface) else None for v in seg_verdicts]
-        text = apply_redactions(segments, flagged, span_redactor=self.span_redactor)
-        return text, flagged
+        return apply_redactions(segments, flagged, span_redactor=self.span_redactor), flagged
 
     def _after_redaction(
         self,
@@ -692,7 +686,7 @@ class Guard:
             *(self._averdicts(replace(inp, text=s), surface, headers) for s in segments if s.strip())
         )
         seg_verdicts = _align(segments, [self._worst_verdict(r) for r in seg_results])
-        redacted, flagged = self._redacted_decision(decision, policy, surface, segments, seg_verdicts)
+        redacted, flagged = self._apply_redactions(policy, surface, segments, seg_verdicts)
         recheck = await self._averdicts(replace(inp, text=redacted), surface, headers)
         return self._after_redaction(decision, redacted, flagged, recheck, policy, surface)
 
@@ -703,7 +697,7 @@ class Guard:
         live = [s for s in segments if s.strip()]
         seg_results = self._map(lambda s: self._verdicts(replace(inp, text=s), surface, headers), live)
         seg_verdicts = _align(segments, [self._worst_verdict(r) for r in seg_results])
-        redacted, flagged = self._redacted_decision(decision, policy, surface, segments, seg_verdicts)
+        redacted, flagged = self._apply_redactions(policy, surface, segments, seg_verdicts)
         recheck = self._verdicts(replace(inp, text=redacted), surface, headers)
         return self._after_redaction(decision, redacted, flagged, recheck, policy, surface)
 
