@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "Surface": ".verdict",
     "Category": ".verdict",
     "VerdictCache": ".cache",
+    "CircuitBreaker": ".breaker",
     "FlexGuardError": ".errors",
     "ConfigurationError": ".errors",
     "PolicyError": ".errors",
@@ -45,6 +46,7 @@ __all__ = [
     "Action",
     "Category",
     "CheckRequest",
+    "CircuitBreaker",
     "ConfigurationError",
     "ContextLengthExceededError",
     "Decision",
@@ -70,6 +72,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .breaker import CircuitBreaker
     from .cache import VerdictCache
     from .errors import (
         ConfigurationError,

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import _telemetry
+from .breaker import CircuitBreaker
 from .cache import CacheStats, VerdictCache
 from .errors import (
     ConfigurationError,
     ContextLengthExceededError,
     GuardInputError,
+    GuardResponseError,
     GuardTransportError,
     GuardUnavailableError,
 )
@@ -107,6 +109,7 @@ class Guard:
         max_redact_segments: int = 64,
         span_redactor: SpanRedactor | None = None,
         session_header: str = "x-session-id",
+        circuit_breaker: CircuitBreaker | bool | None = None,
     ) -> None:
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
@@ -135,6 +138,12 @@ class Guard:
         self.max_redact_segments = max_redact_segments
         self.span_redactor = span_redactor
         self.session_header = session_header
+        if circuit_breaker is True:
+            self.breaker: CircuitBreaker | None = CircuitBreaker()
+        elif isinstance(circuit_breaker, CircuitBreaker):
+            self.breaker = circuit_breaker
+        else:
+            self.breaker = None
         self._discovered_len: int | None = None
         self._policies: dict[Any, StrictnessPolicy] = {}
         self._sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
@@ -176,7 +185,7 @@ class Guard:
         """
         guard_keys = {
             "cache", "max_model_len", "max_text_chars", "chunk_overlap", "chars_per_token",
-            "max_redact_segments", "span_redactor", "session_header",
+            "max_redact_segments", "span_redactor", "session_header", "circuit_breaker",
         }  # fmt: skip
         guard_opts = {k: options.pop(k) for k in list(options) if k in guard_keys}
         guard_model = create_model(family, model, **options)
@@ -422,21 +431,27 @@ class Guard:
             if hit is not None:
                 return replace(hit, cached=True, latency_ms=0.0), None
         started = time.perf_counter()
+        if self.breaker is not None and (why := self.breaker.before_request()) is not None:
+            return self._finish(Verdict.failed(why), surface, started), None
         body = self.model.request_body(inp, self.model_name)
         try:
             async with self._sem(), _timeout_cm(remaining(deadline) + 0.05):
                 completion = await self.transport.acomplete(body, deadline=deadline, headers=headers)
-        except ContextLengthExceededError:
+        except ContextLengthExceededError as exc:
+            self._breaker_failure(exc)
             raise
         except GuardTransportError as exc:
+            self._breaker_failure(exc)
             return self._finish(Verdict.failed(str(exc)), surface, started), exc
         except TimeoutError as exc:
+            self._breaker_failure(exc)
             err = f"guard check exceeded its {self.timeout:g} s deadline"
             return self._finish(Verdict.failed(err), surface, started), exc
-        verdict = self._finish(self.model.parse_completion(completion), surface, started)
-        if key is not None and self.cache is not None:
-            self.cache.put(key, verdict)
-        return verdict, None
+        except BaseException:
+            if self.breaker is not None:
+                self.breaker.abandon()
+            raise
+        return self._parsed(completion, key, surface, started), None
 
     async def _asplit(
         self,
@@ -516,6 +531,8 @@ class Guard:
             if hit is not None:
                 return replace(hit, cached=True, latency_ms=0.0), None
         started = time.perf_counter()
+        if self.breaker is not None and (why := self.breaker.before_request()) is not None:
+            return self._finish(Verdict.failed(why), surface, started), None
         body = self.model.request_body(inp, self.model_name)
         try:
             if not self._thread_sem.acquire(timeout=max(remaining(deadline), 0.0)):
@@ -524,17 +541,36 @@ class Guard:
                 completion = self.transport.complete(body, deadline=deadline, headers=headers)
             finally:
                 self._thread_sem.release()
-        except ContextLengthExceededError:
+        except ContextLengthExceededError as exc:
+            self._breaker_failure(exc)
             raise
         except GuardTransportError as exc:
+            self._breaker_failure(exc)
             return self._finish(Verdict.failed(str(exc)), surface, started), exc
         except TimeoutError as exc:
+            self._breaker_failure(exc)
             err = f"guard check exceeded its {self.timeout:g} s deadline"
             return self._finish(Verdict.failed(err), surface, started), exc
+        except BaseException:
+            if self.breaker is not None:
+                self.breaker.abandon()
+            raise
+        return self._parsed(completion, key, surface, started), None
+
+    def _breaker_failure(self, exc: BaseException) -> None:
+        if self.breaker is not None:
+            self.breaker.record_failure(exc)
+
+    def _parsed(self, completion: dict[str, Any], key: Any, surface: Surface, started: float) -> Verdict:
         verdict = self._finish(self.model.parse_completion(completion), surface, started)
-        if key is not None and self.cache is not None:
-            self.cache.put(key, verdict)
-        return verdict, None
+        if verdict.error is None:
+            if self.breaker is not None:
+                self.breaker.record_success()
+            if key is not None and self.cache is not None:
+                self.cache.put(key, verdict)
+        elif self.breaker is not None:
+            self.breaker.record_failure(GuardResponseError(verdict.error))
+        return verdict
 
     def _split(
         self,

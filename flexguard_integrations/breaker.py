@@ -1,0 +1,96 @@
+"""A circuit breaker, so a dead guard costs microseconds per check instead of a full timeout.
+
+Closed: requests flow and consecutive failures are counted. After ``failure_threshold`` consecutive
+failures it opens: checks fail at once (the verdict's error says the circuit is open) and the policy's
+``on_error`` decides, as for any guard failure. After ``reset_timeout`` seconds one half-open probe is let
+through: success closes the circuit, failure opens it again for another ``reset_timeout``.
+
+Only failures that say the server is unhealthy count (connection errors, timeouts, 5xx, unreadable
+answers); a request the server rejected (4xx) or a context-length error does not.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import GuardBadRequestError
+
+State = Literal["closed", "open", "half_open"]
+
+
+@dataclass
+class CircuitBreaker:
+    """Thread-safe consecutive-failure breaker with a half-open probe."""
+
+    failure_threshold: int = 5
+    reset_timeout: float = 10.0
+    _state: State = field(default="closed", init=False)
+    _failures: int = field(default=0, init=False)
+    _opened_at: float = field(default=0.0, init=False)
+    _probing: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    opened_count: int = field(default=0, init=False)
+    short_circuited: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ValueError("failure_threshold must be at least 1")
+        if self.reset_timeout <= 0:
+            raise ValueError("reset_timeout must be positive")
+
+    @property
+    def state(self) -> State:
+        """closed, open or half_open (open turns half_open once ``reset_timeout`` has passed)."""
+        with self._lock:
+            if self._state == "open" and time.monotonic() - self._opened_at >= self.reset_timeout:
+                return "half_open"
+            return self._state
+
+    def before_request(self) -> str | None:
+        """None to send the request; otherwise why it must not be sent (the circuit is open)."""
+        with self._lock:
+            if self._state == "closed":
+                return None
+            waited = time.monotonic() - self._opened_at
+            if waited >= self.reset_timeout and not self._probing:
+                self._state = "half_open"
+                self._probing = True
+                return None
+            self.short_circuited += 1
+            left = max(0.0, self.reset_timeout - waited)
+            return (
+                f"circuit breaker open after {self._failures} consecutive guard failures; "
+                f"next probe in {left:.1f} s"
+            )
+
+    def record_success(self) -> None:
+        """A request got an answer: close the circuit."""
+        with self._lock:
+            self._failures = 0
+            self._state = "closed"
+            self._probing = False
+
+    def record_failure(self, exc: BaseException) -> None:
+        """A request failed; open the circuit when the threshold is reached (or a probe failed).
+
+        A 4xx answer proves the server is alive, so it counts as a success for the breaker.
+        """
+        if isinstance(exc, GuardBadRequestError):
+            self.record_success()
+            return
+        with self._lock:
+            self._failures += 1
+            if self._probing or self._failures >= self.failure_threshold:
+                if self._state != "open":
+                    self.opened_count += 1
+                self._state = "open"
+                self._opened_at = time.monotonic()
+                self._probing = False
+
+    def abandon(self) -> None:
+        """A request ended without an outcome (cancelled): let another probe through later."""
+        with self._lock:
+            self._probing = False

@@ -1,0 +1,118 @@
+"""Circuit breaker: a dead guard costs microseconds, not a timeout; decisions still follow on_error."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from flexguard_integrations import Action, CircuitBreaker, Guard
+from flexguard_integrations.errors import GuardBadRequestError, GuardConnectionError
+from flexguard_integrations.testing import FakeGuardServer
+from tests.conftest import QWEN, closed_port_url
+
+TEXT = "Is it going to rain tomorrow?"
+
+
+def chat_requests(srv: FakeGuardServer) -> int:
+    return sum(1 for r in srv.requests if r.path.endswith("/chat/completions"))
+
+
+def test_breaker_state_machine() -> None:
+    b = CircuitBreaker(failure_threshold=2, reset_timeout=0.2)
+    assert b.before_request() is None and b.state == "closed"
+    b.record_failure(GuardConnectionError("x"))
+    assert b.state == "closed"
+    b.record_failure(GuardConnectionError("x"))
+    assert b.state == "open" and b.opened_count == 1
+    why = b.before_request()
+    assert why is not None and "circuit breaker open after 2 consecutive" in why
+    time.sleep(0.25)
+    assert b.state == "half_open"
+    assert b.before_request() is None  # the one probe
+    assert b.before_request() is not None  # others wait for the probe
+    b.record_failure(GuardConnectionError("still down"))  # a failed probe re-opens at once
+    assert b.state == "open" and b.before_request() is not None
+    time.sleep(0.25)
+    assert b.before_request() is None
+    b.record_success()
+    assert b.state == "closed" and b.before_request() is None
+
+
+def test_4xx_proves_the_server_is_alive() -> None:
+    b = CircuitBreaker(failure_threshold=2, reset_timeout=1)
+    b.record_failure(GuardConnectionError("x"))
+    b.record_failure(GuardBadRequestError("bad request"))
+    b.record_failure(GuardConnectionError("x"))
+    assert b.state == "closed"
+
+
+def test_abandoned_probe_lets_another_through() -> None:
+    b = CircuitBreaker(failure_threshold=1, reset_timeout=0.05)
+    b.record_failure(GuardConnectionError("x"))
+    time.sleep(0.06)
+    assert b.before_request() is None
+    b.abandon()  # e.g. the probing caller was cancelled
+    assert b.before_request() is None
+
+
+def test_bad_breaker_settings() -> None:
+    with pytest.raises(ValueError, match="failure_threshold"):
+        CircuitBreaker(failure_threshold=0)
+    with pytest.raises(ValueError, match="reset_timeout"):
+        CircuitBreaker(reset_timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("on_error", "action", "fail_open"), [("block", Action.BLOCK, False), ("allow", Action.ALLOW, True)]
+)
+def test_dead_guard_short_circuits_and_follows_on_error(on_error: str, action: Action, fail_open: bool) -> None:
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=60)
+    with Guard.from_endpoint(
+        closed_port_url(), QWEN, policy={"on_error": on_error}, max_retries=0, circuit_breaker=breaker, cache=False
+    ) as guard:
+        for _ in range(3):
+            guard.check(TEXT)
+        assert breaker.state == "open"
+        decisions = [guard.check(TEXT) for _ in range(200)]
+    assert breaker.short_circuited == 200  # none of them attempted a connection
+    assert all(d.action is action and d.fail_open is fail_open for d in decisions)
+    assert "circuit breaker open" in (decisions[0].verdict.error or "")
+
+
+async def test_half_open_probe_closes_the_circuit_when_the_guard_is_back() -> None:
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=0.3)
+    with FakeGuardServer() as srv:
+        srv.fail_next(2, fault="503")
+        async with Guard.from_endpoint(
+            srv.base_url, QWEN, max_retries=0, circuit_breaker=breaker, cache=False
+        ) as guard:
+            assert (await guard.acheck(TEXT)).action is Action.BLOCK
+            assert (await guard.acheck(TEXT)).action is Action.BLOCK
+            assert breaker.state == "open"
+            n = chat_requests(srv)
+            blocked = await guard.acheck(TEXT)
+            assert blocked.action is Action.BLOCK and "circuit breaker open" in (blocked.verdict.error or "")
+            assert chat_requests(srv) == n  # nothing was sent
+            time.sleep(0.35)
+            probe = await guard.acheck(TEXT)
+            assert probe.action is Action.ALLOW and breaker.state == "closed"
+            assert chat_requests(srv) == n + 1
+
+
+def test_unreadable_answers_count_as_failures() -> None:
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=60)
+    with FakeGuardServer() as srv:
+        srv.fail_next(2, fault="malformed")
+        with Guard.from_endpoint(srv.base_url, QWEN, circuit_breaker=breaker, cache=False) as guard:
+            guard.check(TEXT)
+            guard.check(TEXT)
+            assert breaker.state == "open"
+            assert guard.check(TEXT).action is Action.BLOCK
+
+
+def test_breaker_is_off_by_default_and_on_with_true(server: FakeGuardServer) -> None:
+    with Guard.from_endpoint(server.base_url, QWEN) as guard:
+        assert guard.breaker is None
+    with Guard.from_endpoint(server.base_url, QWEN, circuit_breaker=True) as guard:
+        assert guard.breaker is not None and guard.breaker.failure_threshold == 5
