@@ -61,10 +61,7 @@ class CircuitBreaker:
                 return None
             self.short_circuited += 1
             left = max(0.0, self.reset_timeout - waited)
-            return (
-                f"circuit breaker open after {self._failures} consecutive guard failures; "
-                f"next probe in {left:.1f} s"
-            )
+            return f"circuit breaker open after {self._failures} consecutive guard failures; next probe in {left:.1f} s"
 
     def record_success(self) -> None:
         """A request got an answer: close the circuit."""

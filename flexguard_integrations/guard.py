@@ -302,9 +302,7 @@ class Guard:
     @property
     def stats(self) -> GuardStats:
         """Checks made, guard errors, fail-open decisions and cache counters."""
-        return GuardStats(
-            self._checks, self._errors, self._fail_open, self.cache.stats if self.cache else None
-        )
+        return GuardStats(self._checks, self._errors, self._fail_open, self.cache.stats if self.cache else None)
 
     # ================================================================= inputs
 
@@ -348,9 +346,7 @@ class Guard:
                     role, content = turn
                 if role not in ("user", "assistant") or not isinstance(content, str):
                     raise GuardInputError(
-                        f"history turns must be (role, text) with role 'user' or 'assistant'; got {turn!r}"[
-                            :200
-                        ]
+                        f"history turns must be (role, text) with role 'user' or 'assistant'; got {turn!r}"[:200]
                     )
                 parsed.append(("user" if role == "user" else "assistant", content))
             turns = tuple(parsed)
@@ -472,9 +468,7 @@ class Guard:
             except ContextLengthExceededError as exc:
                 if depth >= _MAX_SPLIT_DEPTH or len(piece) < 64:
                     return [(Verdict.failed(str(exc), surface=surface), exc)]
-                return await self._asplit(
-                    sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1
-                )
+                return await self._asplit(sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1)
 
         if len(pieces) == 1:
             return await one(pieces[0])
@@ -874,9 +868,7 @@ class Guard:
 
         if len(reqs) <= 1:
             return [run(r) for r in reqs]
-        with ThreadPoolExecutor(
-            min(self.concurrency, len(reqs)), thread_name_prefix="flexguard-batch"
-        ) as pool:
+        with ThreadPoolExecutor(min(self.concurrency, len(reqs)), thread_name_prefix="flexguard-batch") as pool:
             return list(pool.map(run, reqs))
 
 

@@ -166,9 +166,7 @@ class SurfacePolicy(_Frozen):
     rules: tuple[Rule, ...] = ()
     on_error: OnError | None = None
 
-    _normalise_thresholds = field_validator("thresholds", mode="before")(
-        classmethod(lambda cls, v: _thresholds(v))
-    )
+    _normalise_thresholds = field_validator("thresholds", mode="before")(classmethod(lambda cls, v: _thresholds(v)))
 
     @field_validator("thresholds")
     @classmethod
@@ -197,9 +195,7 @@ class StrictnessPolicy(_Frozen):
     """What a text over the threshold gets when no rule matches (per surface: ``surfaces.X.action``)."""
     name: str | None = None
 
-    _normalise_thresholds = field_validator("thresholds", mode="before")(
-        classmethod(lambda cls, v: _thresholds(v))
-    )
+    _normalise_thresholds = field_validator("thresholds", mode="before")(classmethod(lambda cls, v: _thresholds(v)))
 
     @field_validator("thresholds")
     @classmethod
@@ -388,9 +384,7 @@ class StrictnessPolicy(_Frozen):
                 return cls.from_preset(spec)
             if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
                 return cls.from_yaml(spec)
-            raise PolicyError(
-                f"policy {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file"
-            )
+            raise PolicyError(f"policy {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file")
         raise PolicyError(f"cannot make a policy from {type(spec).__name__}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -42,9 +42,7 @@ _LABELLED_SCORE = re.compile(
     r"^[\W_]*RISK[ _-]?SCORE[\W_]*?[:=]\s*\**\s*(-?\d+(?:\.\d+)?)\s*\**\s*(?:/\s*100)?\s*$",
     re.IGNORECASE | re.MULTILINE,
 )
-_LABELLED_CATEGORY = re.compile(
-    r"^[\W_]*CATEGOR(?:Y|IES)[\W_]*?[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE
-)
+_LABELLED_CATEGORY = re.compile(r"^[\W_]*CATEGOR(?:Y|IES)[\W_]*?[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 _BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*\**$")
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
 _CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
@@ -114,12 +112,8 @@ class FlexGuardModel(GuardModel):
         max_new_tokens: int = 1024,
     ) -> None:
         if max_new_tokens < 16:
-            raise ConfigurationError(
-                "flexguard max_new_tokens must be at least 16 (the think block needs room)"
-            )
-        self.prompt_template = (
-            load_template(prompt_template) if prompt_template else _bundled("flexguard_prompt.txt")
-        )
+            raise ConfigurationError("flexguard max_new_tokens must be at least 16 (the think block needs room)")
+        self.prompt_template = load_template(prompt_template) if prompt_template else _bundled("flexguard_prompt.txt")
         self.response_template = (
             load_template(response_template) if response_template else _bundled("flexguard_response.txt")
         )

@@ -32,9 +32,7 @@ class AiohttpTransport(HTTPTransport):
                 "the aiohttp transport needs the 'fast' extra: pip install 'flexguard-integrations[fast]'"
             ) from exc
         super().__init__(base_url, **kwargs)
-        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return super().__repr__().replace("HTTPTransport", "AiohttpTransport", 1)
@@ -111,14 +109,10 @@ class AiohttpTransport(HTTPTransport):
 
         left = max(remaining(deadline), 0.001)
         try:
-            async with self._session().get(
-                self._models_url, timeout=aiohttp.ClientTimeout(total=left)
-            ) as resp:
+            async with self._session().get(self._models_url, timeout=aiohttp.ClientTimeout(total=left)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    raise error_from_response(
-                        resp.status, {k.lower(): v for k, v in resp.headers.items()}, body
-                    )
+                    raise error_from_response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise GuardConnectionError(f"GET /v1/models failed: {exc or type(exc).__name__}") from exc
         try:

@@ -153,9 +153,7 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes) ->
         return GuardOverloadedError(
             f"guard server overloaded or unavailable (HTTP {status}): {detail}", retry_after=retry_after, **kw
         )
-    if status == 400 and (
-        param in ("input_tokens", "input_text") or (message and _CONTEXT_PATTERNS.search(message))
-    ):
+    if status == 400 and (param in ("input_tokens", "input_text") or (message and _CONTEXT_PATTERNS.search(message))):
         return ContextLengthExceededError(f"text too long for the guard model's context: {detail}", **kw)
     if 400 <= status < 500:
         return GuardBadRequestError(f"guard server rejected the request (HTTP {status}): {detail}", **kw)

@@ -29,16 +29,10 @@ _JSON = {"content-type": "application/json", "accept": "application/json"}
 
 def _map_httpx_error(exc: httpx.HTTPError, what: str) -> GuardTransportError:
     if isinstance(exc, httpx.TimeoutException):
-        return GuardTimeoutError(
-            f"guard server did not answer {what} before the deadline ({type(exc).__name__})"
-        )
+        return GuardTimeoutError(f"guard server did not answer {what} before the deadline ({type(exc).__name__})")
     if isinstance(exc, httpx.ConnectError):
-        return GuardConnectionError(
-            f"cannot connect to the guard server for {what}: {exc or type(exc).__name__}"
-        )
-    return GuardConnectionError(
-        f"connection to the guard server failed during {what}: {exc or type(exc).__name__}"
-    )
+        return GuardConnectionError(f"cannot connect to the guard server for {what}: {exc or type(exc).__name__}")
+    return GuardConnectionError(f"connection to the guard server failed during {what}: {exc or type(exc).__name__}")
 
 
 class HTTPTransport:
@@ -199,15 +193,11 @@ class HTTPTransport:
 
     # ----------------------------------------------------------------- sync
 
-    def _post(
-        self, url: str, payload: bytes, deadline: float, headers: Mapping[str, str] | None
-    ) -> dict[str, Any]:
+    def _post(self, url: str, payload: bytes, deadline: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
         if remaining(deadline) <= 0:
             raise GuardTimeoutError("guard check deadline passed before the request was sent")
         try:
-            resp = self._sync_client().post(
-                url, content=payload, headers=headers, timeout=self._timeout(deadline)
-            )
+            resp = self._sync_client().post(url, content=payload, headers=headers, timeout=self._timeout(deadline))
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, "a check") from exc
         if resp.status_code != 200:
@@ -250,9 +240,7 @@ class HTTPTransport:
     def post_json(self, path: str, body: Mapping[str, Any], *, deadline: float) -> httpx.Response:
         """POST JSON to a path under the server root (``/tokenize``); used by diagnostics."""
         try:
-            return self._sync_client().post(
-                self.root_url + path, json=dict(body), timeout=self._timeout(deadline)
-            )
+            return self._sync_client().post(self.root_url + path, json=dict(body), timeout=self._timeout(deadline))
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, f"POST {path}") from exc
 

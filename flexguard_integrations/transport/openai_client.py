@@ -64,9 +64,7 @@ class OpenAITransport:
         return f"OpenAITransport({str(getattr(client, 'base_url', '?'))!r})"
 
     @staticmethod
-    def _kwargs(
-        body: Mapping[str, Any], deadline: float, headers: Mapping[str, str] | None
-    ) -> dict[str, Any]:
+    def _kwargs(body: Mapping[str, Any], deadline: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
         kwargs = dict(body)
         kwargs["timeout"] = max(remaining(deadline), 0.001)
         if headers:
@@ -83,9 +81,7 @@ class OpenAITransport:
         self, body: Mapping[str, Any], *, deadline: float, headers: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
         if self._async is None:
-            raise ConfigurationError(
-                "acheck() needs an openai.AsyncOpenAI client; pass one to from_openai_client"
-            )
+            raise ConfigurationError("acheck() needs an openai.AsyncOpenAI client; pass one to from_openai_client")
         if remaining(deadline) <= 0:
             raise GuardTimeoutError("guard check deadline passed before the request was sent")
         try:

@@ -209,9 +209,7 @@ def test_flex_card_shape_bare(flex: FlexGuardModel) -> None:
         ("RISK_SCORE: 77/100", 77.0, ()),
     ],
 )
-def test_flex_tolerated_variants(
-    flex: FlexGuardModel, tail: str, score: float, cats: tuple[Category, ...]
-) -> None:
+def test_flex_tolerated_variants(flex: FlexGuardModel, tail: str, score: float, cats: tuple[Category, ...]) -> None:
     v = flex.parse_output("<think>x</think>\n" + tail)
     assert v.ok, v.error
     assert v.risk_score == score

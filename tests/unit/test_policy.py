@@ -131,9 +131,7 @@ def test_explicit_base_threshold_and_surface_threshold() -> None:
     p = StrictnessPolicy.from_dict({"threshold": 70, "surfaces": {"prompt": {"threshold": 10}}})
     assert p.decide(v(65), Surface.RESPONSE).action is Action.ALLOW
     assert p.decide(v(15), Surface.PROMPT).action is Action.BLOCK
-    p2 = StrictnessPolicy.from_dict(
-        {"thresholds": {"VIO": 90}, "surfaces": {"tool_call": {"thresholds": {"VIO": 5}}}}
-    )
+    p2 = StrictnessPolicy.from_dict({"thresholds": {"VIO": 90}, "surfaces": {"tool_call": {"thresholds": {"VIO": 5}}}})
     assert p2.decide(v(80, Category.VIOLENCE)).action is Action.ALLOW
     assert p2.decide(v(6, Category.VIOLENCE), Surface.TOOL_CALL).action is Action.BLOCK
 
@@ -286,9 +284,7 @@ def test_error_verdicts_never_allowed_silently(
     assert d.fail_open == (on_error == "allow")
 
 
-@given(
-    scores, cats, st.dictionaries(st.sampled_from(["VIO", "ILG", "SEX", "INF", "JAIL"]), scores, max_size=3)
-)
+@given(scores, cats, st.dictionaries(st.sampled_from(["VIO", "ILG", "SEX", "INF", "JAIL"]), scores, max_size=3))
 def test_threshold_for_is_min_over_categories(score: float, cs: list[Category], th: dict[str, float]) -> None:
     p = StrictnessPolicy.from_dict({"thresholds": th})
     t = p.threshold_for(v(score, *cs))
