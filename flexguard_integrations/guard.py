@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -266,6 +266,41 @@ class Guard:
             "http://unused.invalid/v1", model, family, policy, timeout, transport=transport, **options
         )
 
+    @classmethod
+    def local(
+        cls,
+        model: str | os.PathLike[str] = "Qwen/Qwen3Guard-Gen-0.6B",
+        family: str | None = None,
+        policy: PolicySpec = "moderate",
+        *,
+        device: str = "cpu",
+        max_batch_size: int = 8,
+        **options: Any,
+    ) -> Guard:
+        """A Guard that runs the guard model in this process with transformers (extra ``local``), no server.
+
+        ``model`` is a hub name (downloaded once into the Hugging Face cache) or a local directory. Checks
+        run on one worker thread, never on the event loop; concurrent checks are batched into one forward
+        pass (``max_batch_size``, ``batch_window=`` seconds). Other options: ``torch_dtype`` (default
+        ``"auto"``), ``revision``, ``trust_remote_code``, ``model_kwargs`` for the model; family options
+        (``scoring="logprobs"``...) and Guard options (``timeout``, default 120 s on a CPU, ``cache``...).
+        """
+        from .transport.local import LocalTransport, require_local_extra
+
+        require_local_extra()
+        guard_keys = {
+            "timeout", "concurrency", "cache", "max_model_len", "max_text_chars", "chunk_overlap",
+            "chars_per_token", "max_redact_segments", "span_redactor", "session_header", "circuit_breaker",
+        }  # fmt: skip
+        local_keys = {"torch_dtype", "batch_window", "revision", "trust_remote_code", "model_kwargs"}
+        guard_opts: dict[str, Any] = {k: options.pop(k) for k in list(options) if k in guard_keys}
+        local_opts = {k: options.pop(k) for k in list(options) if k in local_keys}
+        guard_opts.setdefault("timeout", 120.0)
+        name = os.fspath(model)
+        guard_model = create_model(family, name, **options)  # before loading weights: fail fast on bad options
+        transport = LocalTransport(name, device=device, max_batch_size=max_batch_size, **local_opts)
+        return cls(guard_model, transport, model_name=name, policy=policy, **guard_opts)
+
     def __repr__(self) -> str:
         return (
             f"Guard(model={self.model_name!r}, family={self.model.family!r}, policy={self.policy.label!r}, "
@@ -431,7 +466,7 @@ class Guard:
             return self._finish(Verdict.failed(why), surface, started), None
         body = self.model.request_body(inp, self.model_name)
         try:
-            async with self._sem(), _timeout_cm(remaining(deadline) + 0.05):
+            async with _timeout_cm(remaining(deadline) + 0.05), self._sem():  # queueing counts too
                 completion = await self.transport.acomplete(body, deadline=deadline, headers=headers)
         except ContextLengthExceededError as exc:
             self._breaker_failure(exc)
@@ -833,11 +868,14 @@ class Guard:
     ) -> list[Decision | BaseException]:
         """Check many texts concurrently (bounded by ``concurrency``); results keep the input order."""
         reqs = [self._item(i) for i in items]
+        slots = asyncio.Semaphore(self.concurrency)
 
-        def run(r: CheckRequest) -> Awaitable[Decision]:
-            return self.acheck(
-                r.text, r.response, surface=r.surface or surface, policy=r.policy or policy, history=r.history
-            )
+        async def run(r: CheckRequest) -> Decision:
+            # each item's deadline starts when it gets a slot, so a long batch does not time out in the queue
+            async with slots:
+                return await self.acheck(
+                    r.text, r.response, surface=r.surface or surface, policy=r.policy or policy, history=r.history
+                )
 
         return list(await asyncio.gather(*(run(r) for r in reqs), return_exceptions=return_exceptions))
 
