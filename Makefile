@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck check bench clean
+.PHONY: setup demo test test-local lint typecheck check bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,13 @@ demo: setup
 ## The whole test suite.
 test: setup
 	$(BIN)/python -m pytest -q
+
+## The local (transformers) guard's tests, on a tiny random model: installs the CPU build of torch (a local
+## wheel here; never the CUDA build) and FAILS, rather than skips, when torch or transformers is missing.
+test-local: setup
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet "transformers>=4.51"
+	HF_HUB_OFFLINE=1 FLEXGUARD_REQUIRE_LOCAL=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/local
 
 lint: setup
 	$(BIN)/ruff check flexguard_integrations tests benchmarks examples

@@ -32,12 +32,22 @@ EXIT_ERROR = 2
 OK, FAIL, SKIP = "✓", "✗", "–"
 DOCTOR_SAMPLE = "What time does the museum open on Sundays?"
 _SURFACES = ("prompt", "response", "tool_call", "tool_result", "retrieved")
-_NO_ENDPOINT = (
-    "flexguard: no guard endpoint is configured.\n"
+_SERVER_HINT = (
     "  Set FLEXGUARD_BASE_URL (and FLEXGUARD_MODEL) to a vLLM or SGLang server, e.g.\n"
     "    export FLEXGUARD_BASE_URL=http://localhost:8000/v1 FLEXGUARD_MODEL=Qwen/Qwen3Guard-Gen-8B\n"
-    "  or pass --base-url/--model. To try the package without a GPU, run `flexguard fake-server`\n"
-    "  (an EMULATED guard) in another terminal and point FLEXGUARD_BASE_URL at http://127.0.0.1:8000/v1."
+    "  or pass --base-url/--model."
+)
+_FAKE_HINT = (
+    "run `flexguard fake-server` (an EMULATED guard) in another terminal and point FLEXGUARD_BASE_URL at\n"
+    "  http://127.0.0.1:8000/v1."
+)
+_NO_ENDPOINT = (
+    "flexguard: no guard endpoint is configured, and the local extra is not installed.\n"
+    f"{_SERVER_HINT} To try the package without a GPU server, either install the local extra\n"
+    "    pip install 'flexguard-integrations[local]'\n"
+    "  (install the CPU build of torch first: pip install torch --index-url https://download.pytorch.org/whl/cpu)\n"
+    "  and `flexguard check` runs Qwen/Qwen3Guard-Gen-0.6B in this process (about 1.5 GB downloaded once;\n"
+    f"  FLEXGUARD_LOCAL_MODEL or --local-model picks another model; see docs/local.md), or {_FAKE_HINT}"
 )
 
 
@@ -67,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--surface", choices=_SURFACES, help="where the text comes from (default: prompt/response)")
     check.add_argument("--policy", metavar="P", help="preset (strict, moderate, loose) or a policy YAML file")
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.add_argument(
+        "--local-model",
+        metavar="NAME_OR_DIR",
+        help="with no endpoint configured: the model to run in this process with transformers (extra 'local'; "
+        "env FLEXGUARD_LOCAL_MODEL, default Qwen/Qwen3Guard-Gen-0.6B)",
+    )
     _endpoint_options(check, base_url=True)
 
     doctor = sub.add_parser(
@@ -150,9 +166,36 @@ def _setup_logging() -> None:
         logger.setLevel(logging.WARNING)
 
 
-def _local_guard_or_none() -> Guard | None:
-    """Hook for a local (transformers) backend used when no endpoint is configured; none exists yet."""
-    return None
+def _local_guard_or_none(args: argparse.Namespace, env: Mapping[str, str]) -> Guard | None:
+    """The in-process guard (extra ``local``) used when no endpoint is configured; None without the extra."""
+    from .transport.local import DEFAULT_LOCAL_MODEL, local_extra_available
+
+    if not local_extra_available():
+        return None
+    from .errors import ConfigurationError, PolicyError
+    from .guard import Guard
+
+    model = getattr(args, "local_model", None) or env.get("FLEXGUARD_LOCAL_MODEL") or DEFAULT_LOCAL_MODEL
+    options: dict[str, Any] = {}
+    if getattr(args, "timeout", None):
+        options["timeout"] = args.timeout
+    _err(
+        f"flexguard: no FLEXGUARD_BASE_URL; running {model} in this process with transformers on the CPU "
+        "(a hub model is downloaded once into the Hugging Face cache)"
+    )
+    try:
+        return Guard.local(
+            model,
+            family=getattr(args, "family", None) or env.get("FLEXGUARD_FAMILY") or None,
+            policy=getattr(args, "policy", None) or env.get("FLEXGUARD_POLICY") or "moderate",
+            **options,
+        )
+    except PolicyError:
+        raise
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"{exc}\n  No guard endpoint is configured either.\n{_SERVER_HINT} Or {_FAKE_HINT}"
+        ) from exc
 
 
 def _err(message: str) -> None:
@@ -177,7 +220,7 @@ def _build_guard(args: argparse.Namespace, env: Mapping[str, str]) -> Guard | No
 
     base_url = args.base_url or env.get("FLEXGUARD_BASE_URL")
     if not base_url:
-        return _local_guard_or_none()
+        return _local_guard_or_none(args, env)
     overrides: dict[str, Any] = {"base_url": base_url}
     for key in ("model", "family", "api_key", "timeout", "policy"):
         value = getattr(args, key, None)

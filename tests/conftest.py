@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+
+# No test may reach the Hugging Face hub: with the local extra installed, a hub name must fail at once
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from flexguard_integrations.testing import FakeGuardServer
 
