@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "Guard": ".guard",
     "CheckRequest": ".guard",
+    "policy_scope": ".guard",
     "StrictnessPolicy": ".policy",
     "PRESETS": ".policy",
     "Verdict": ".verdict",
@@ -69,6 +70,7 @@ __all__ = [
     "Verdict",
     "VerdictCache",
     "__version__",
+    "policy_scope",
 ]
 
 if TYPE_CHECKING:
@@ -91,7 +93,7 @@ if TYPE_CHECKING:
         GuardUnavailableError,
         PolicyError,
     )
-    from .guard import CheckRequest, Guard
+    from .guard import CheckRequest, Guard, policy_scope
     from .policy import PRESETS, StrictnessPolicy
     from .verdict import Action, Category, Decision, Surface, Verdict
 

@@ -8,13 +8,15 @@ are real twins on a blocking HTTP client, not wrappers around an event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import os
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +45,32 @@ logger = logging.getLogger("flexguard_integrations")
 T = TypeVar("T")
 PolicySpec = StrictnessPolicy | Mapping[str, Any] | str | Path | None
 History = Sequence[tuple[Role, str]] | Sequence[Mapping[str, str]] | None
+
+_POLICY_SCOPE: contextvars.ContextVar[PolicySpec] = contextvars.ContextVar("flexguard_policy_scope", default=None)
+
+
+@contextlib.contextmanager
+def policy_scope(policy: PolicySpec) -> Iterator[None]:
+    """Within this block (and the tasks it starts), checks that pass no ``policy=`` use ``policy``.
+
+    The per-call switch for code that cannot pass arguments through: a LlamaIndex query engine, a
+    postprocessor deep in a pipeline, a tenant's request handler::
+
+        with policy_scope("strict"):
+            engine.query("...")
+    """
+    token = _POLICY_SCOPE.set(policy)
+    try:
+        yield
+    finally:
+        _POLICY_SCOPE.reset(token)
+
+
+def scoped_policy(default: PolicySpec = None) -> PolicySpec:
+    """The enclosing :func:`policy_scope`'s policy, else ``default`` (integrations: per call beats config)."""
+    scoped = _POLICY_SCOPE.get()
+    return scoped if scoped is not None else default
+
 
 DEFAULT_MAX_MODEL_LEN = 32768
 _DISCOVERY_MIN_CHARS = 1024  # shorter texts never need the model's context length
@@ -342,6 +370,9 @@ class Guard:
     # ================================================================= inputs
 
     def _resolve_policy(self, policy: PolicySpec) -> StrictnessPolicy:
+        """The policy for one call: the argument, else the enclosing :func:`policy_scope`, else the Guard's."""
+        if policy is None:
+            policy = _POLICY_SCOPE.get()
         if policy is None:
             return self.policy
         if isinstance(policy, StrictnessPolicy):
@@ -425,6 +456,13 @@ class Guard:
             latency_ms=(time.perf_counter() - started) * 1000.0,
         )
 
+    def _plan_chunks(self, inp: GuardInput, limit: int | None) -> tuple[list[str], GuardInput]:
+        """The pieces to check. ``limit`` None: the text fits as is (nothing is split or trimmed)."""
+        if limit is None:
+            return [inp.text], inp
+        pieces = chunk_text(inp.text, limit, min(self.chunk_overlap, limit // 4))
+        return pieces, self._fit_context(inp, limit)
+
     def _fit_context(self, inp: GuardInput, limit: int) -> GuardInput:
         """Keep context and history within half the chunk budget (their most recent part is kept)."""
         budget = limit // 2
@@ -490,11 +528,10 @@ class Guard:
         surface: Surface,
         deadline: float,
         headers: Mapping[str, str] | None,
-        limit: int,
+        limit: int | None,
         depth: int = 0,
     ) -> list[tuple[Verdict, BaseException | None]]:
-        pieces = chunk_text(inp.text, limit, min(self.chunk_overlap, limit // 4))
-        inp = self._fit_context(inp, limit)
+        pieces, inp = self._plan_chunks(inp, limit)
 
         async def one(piece: str) -> list[tuple[Verdict, BaseException | None]]:
             sub = replace(inp, text=piece)
@@ -510,10 +547,12 @@ class Guard:
         groups = await asyncio.gather(*(one(p) for p in pieces))
         return [item for group in groups for item in group]
 
-    async def _alimit(self, inp: GuardInput, deadline: float) -> int:
-        if len(inp.text) <= _DISCOVERY_MIN_CHARS:
-            return max(len(inp.text), 1)
-        return self._chunk_chars(await self._adiscover_len(deadline))
+    async def _alimit(self, inp: GuardInput, deadline: float) -> int | None:
+        """The chunk size for this text, or None when it is short enough to send whole."""
+        if _total_chars(inp) <= _DISCOVERY_MIN_CHARS:
+            return None
+        limit = self._chunk_chars(await self._adiscover_len(deadline))
+        return None if _fits(inp, limit) else limit
 
     async def _adiscover_len(self, deadline: float) -> int:
         if self.max_model_len:
@@ -607,11 +646,10 @@ class Guard:
         surface: Surface,
         deadline: float,
         headers: Mapping[str, str] | None,
-        limit: int,
+        limit: int | None,
         depth: int = 0,
     ) -> list[tuple[Verdict, BaseException | None]]:
-        pieces = chunk_text(inp.text, limit, min(self.chunk_overlap, limit // 4))
-        inp = self._fit_context(inp, limit)
+        pieces, inp = self._plan_chunks(inp, limit)
 
         def one(piece: str) -> list[tuple[Verdict, BaseException | None]]:
             sub = replace(inp, text=piece)
@@ -645,11 +683,11 @@ class Guard:
         self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None
     ) -> list[tuple[Verdict, BaseException | None]]:
         deadline = time.monotonic() + self.timeout
-        limit = (
-            max(len(inp.text), 1)
-            if len(inp.text) <= _DISCOVERY_MIN_CHARS
-            else self._chunk_chars(self._discover_len(deadline))
-        )
+        limit: int | None = None
+        if _total_chars(inp) > _DISCOVERY_MIN_CHARS:
+            limit = self._chunk_chars(self._discover_len(deadline))
+            if _fits(inp, limit):
+                limit = None
         return self._split(inp, surface, deadline, headers, limit)
 
     # ================================================================= combining
@@ -711,10 +749,12 @@ class Guard:
 
     def _apply_redactions(
         self, policy: StrictnessPolicy, surface: Surface, segments: Sequence[str], seg_verdicts: Sequence[Verdict]
-    ) -> tuple[str, list[Verdict | None]]:
-        """The redacted text, and for each segment the verdict that got it redacted (None when kept)."""
+    ) -> tuple[str, str, list[Verdict | None]]:
+        """(redacted text, the same with bare markers for the re-check, the verdict behind each redaction)."""
         flagged: list[Verdict | None] = [v if policy.is_over(v, surface) else None for v in seg_verdicts]
-        return apply_redactions(segments, flagged, span_redactor=self.span_redactor), flagged
+        shown = apply_redactions(segments, flagged, span_redactor=self.span_redactor)
+        checked = apply_redactions(segments, flagged, span_redactor=self.span_redactor, labelled=False)
+        return shown, checked, flagged
 
     def _after_redaction(
         self,
@@ -751,8 +791,8 @@ class Guard:
             *(self._averdicts(replace(inp, text=s), surface, headers) for s in segments if s.strip())
         )
         seg_verdicts = _align(segments, [self._worst_verdict(r) for r in seg_results])
-        redacted, flagged = self._apply_redactions(policy, surface, segments, seg_verdicts)
-        recheck = await self._averdicts(replace(inp, text=redacted), surface, headers)
+        redacted, checked, flagged = self._apply_redactions(policy, surface, segments, seg_verdicts)
+        recheck = await self._averdicts(replace(inp, text=checked), surface, headers)
         return self._after_redaction(decision, redacted, flagged, recheck, policy, surface)
 
     def _redact(
@@ -762,8 +802,8 @@ class Guard:
         live = [s for s in segments if s.strip()]
         seg_results = self._map(lambda s: self._verdicts(replace(inp, text=s), surface, headers), live)
         seg_verdicts = _align(segments, [self._worst_verdict(r) for r in seg_results])
-        redacted, flagged = self._apply_redactions(policy, surface, segments, seg_verdicts)
-        recheck = self._verdicts(replace(inp, text=redacted), surface, headers)
+        redacted, checked, flagged = self._apply_redactions(policy, surface, segments, seg_verdicts)
+        recheck = self._verdicts(replace(inp, text=checked), surface, headers)
         return self._after_redaction(decision, redacted, flagged, recheck, policy, surface)
 
     # ================================================================= public API
@@ -889,6 +929,8 @@ class Guard:
     ) -> list[Decision | BaseException]:
         """Blocking twin of :meth:`abatch`, on a pool of ``concurrency`` threads."""
         reqs = [self._item(i) for i in items]
+        if policy is None:  # worker threads do not inherit the caller's policy_scope
+            policy = _POLICY_SCOPE.get()
 
         def run(r: CheckRequest) -> Decision | BaseException:
             try:
@@ -908,6 +950,15 @@ class Guard:
             return [run(r) for r in reqs]
         with ThreadPoolExecutor(min(self.concurrency, len(reqs)), thread_name_prefix="flexguard-batch") as pool:
             return list(pool.map(run, reqs))
+
+
+def _total_chars(inp: GuardInput) -> int:
+    return len(inp.text) + len(inp.context) + sum(len(t) for _, t in inp.history)
+
+
+def _fits(inp: GuardInput, limit: int) -> bool:
+    """True when the text fits one chunk and its context fits the context budget (half a chunk)."""
+    return len(inp.text) <= limit and _total_chars(inp) - len(inp.text) <= limit // 2
 
 
 def _rank(decision: Decision) -> tuple[int, int, float]:

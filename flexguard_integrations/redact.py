@@ -41,11 +41,14 @@ def apply_redactions(
     flagged: Sequence[Verdict | None],
     *,
     span_redactor: SpanRedactor | None = None,
+    labelled: bool = True,
 ) -> str:
     """Join ``segments``, replacing those whose entry in ``flagged`` is a verdict (None keeps the segment).
 
     Leading and trailing whitespace of a replaced segment is kept so the layout survives. A segment
-    flagged for PRIVACY alone is passed to ``span_redactor`` when one is given.
+    flagged for PRIVACY alone is passed to ``span_redactor`` when one is given. ``labelled=False`` writes a
+    bare ``[REDACTED]``: the form the Guard re-checks, so the marker's own words (``JAILBREAK``...) are
+    not judged as content.
     """
     if len(segments) != len(flagged):
         raise ValueError("segments and flagged must have the same length")
@@ -64,7 +67,7 @@ def apply_redactions(
         ):
             out.append(span_redactor(seg))
         else:
-            out.append(f"{lead}{marker(verdict)}{trail}")
+            out.append(f"{lead}{marker(verdict) if labelled else '[REDACTED]'}{trail}")
     return "".join(out)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -51,7 +51,13 @@ class StreamModerator(Generic[T]):
     chunk_chars: int = 200
     context_chars: int = 50
     stream_first: bool = False
+    redact_item: Callable[[str], T] | None = None
+    """Builds the item that replaces held text on REDACT (e.g. ``AIMessageChunk(content=text)``); without
+    it a REDACT ends the stream like a block."""
+    on_decision: Callable[[Decision], None] | None = None
+    """Called with every check's decision (events, metadata)."""
     stats: StreamStats = field(default_factory=StreamStats)
+    decisions: list[Decision] = field(default_factory=list)
     _held: list[T] = field(default_factory=list)
     _buffer: str = ""
     _tail: str = ""
@@ -86,27 +92,48 @@ class StreamModerator(Generic[T]):
             return True
         return n >= self.chunk_chars and bool(_SENTENCE_END.search(self._buffer))
 
-    def _take_window(self) -> str:
-        """The text to check (released context + unchecked text); the buffer moves into the context."""
-        window = self._tail + self._buffer
+    def _take_window(self) -> tuple[str, str]:
+        """(window to check, the released context it starts with); the buffer moves into the context."""
+        context = self._tail
+        window = context + self._buffer
         self._tail = window[-self.context_chars :] if self.context_chars else ""
         self.stats.released_chars += len(self._buffer)
         self._buffer = ""
-        return window
+        return window, context
 
     def _release(self) -> list[T]:
         items, self._held = self._held, []
         return items
 
-    def _judge(self, decision: Decision) -> bool:
-        self.stats.checks += 1
-        if decision.action.passes:
-            return True
+    def _stop(self, decision: Decision) -> None:
         if self._stopped is None:
             self._stopped = decision
         self._held = []
         self._buffer = ""
-        return False
+
+    def _judge(self, decision: Decision, context: str = "") -> list[T] | None:
+        """Items to release for a checked window (None when the stream must stop)."""
+        self.stats.checks += 1
+        self.decisions.append(decision)
+        if self.on_decision is not None:
+            self.on_decision(decision)
+        if decision.action.passes:
+            return self._release()
+        redacted = decision.redacted_text
+        if (
+            decision.action is Action.REDACT
+            and redacted is not None
+            and self.redact_item is not None
+            and not self.stream_first
+            and redacted.startswith(context)
+        ):
+            # only the new text is replaced: the released context before it is kept as it was
+            new_text = redacted[len(context) :]
+            self._held = []
+            self._tail = (context + new_text)[-self.context_chars :] if self.context_chars else ""
+            return [self.redact_item(new_text)] if new_text else []
+        self._stop(decision)
+        return None
 
     def _empty(self) -> Decision:
         return Decision(action=Action.ALLOW, verdict=_EMPTY, reason="nothing to check", surface=self.surface)
@@ -133,29 +160,32 @@ class StreamModerator(Generic[T]):
                 return []
             self._add(item, text)
             if self._ready():
-                self._pending.append(asyncio.ensure_future(self._acheck(self._take_window())))
+                window, _ = self._take_window()
+                self._pending.append(asyncio.ensure_future(self._acheck(window)))
             return [item]
         if self._stopped is not None:
             return []
         self._add(item, text)
-        if self._ready() and self._judge(await self._acheck(self._take_window())):
-            return self._release()
-        return []
+        if not self._ready():
+            return []
+        window, context = self._take_window()
+        return self._judge(await self._acheck(window), context) or []
 
     async def aflush(self) -> list[T]:
         """End of stream: check what is still unchecked; return held items if they pass."""
+        released: list[T] = []
         if self._stopped is None and self._buffer:
-            window = self._take_window()
+            window, context = self._take_window()
             if self.stream_first:
                 self._pending.append(asyncio.ensure_future(self._acheck(window)))
-            elif self._judge(await self._acheck(window)):
-                return self._release()
+            else:
+                released = self._judge(await self._acheck(window), context) or []
         if self._pending:
             results = await asyncio.gather(*self._pending)
             self._pending.clear()
             for decision in results:
                 self._judge(decision)
-        return []
+        return released
 
     async def aclose(self) -> None:
         """Cancel checks still running (a consumer that stops early leaves nothing behind)."""
@@ -181,18 +211,21 @@ class StreamModerator(Generic[T]):
         self._add(item, text)
         if self.stream_first:
             if self._ready():
-                self._judge(self._check(self._take_window()))
+                window, _ = self._take_window()
+                self._judge(self._check(window))
             return [item]
-        if self._ready() and self._judge(self._check(self._take_window())):
-            return self._release()
-        return []
+        if not self._ready():
+            return []
+        window, context = self._take_window()
+        return self._judge(self._check(window), context) or []
 
     def flush(self) -> list[T]:
         """Blocking twin of :meth:`aflush`."""
         if self._stopped is not None or not self._buffer:
             return []
-        passed = self._judge(self._check(self._take_window()))
-        return self._release() if passed and not self.stream_first else []
+        window, context = self._take_window()
+        released = self._judge(self._check(window), context) or []
+        return [] if self.stream_first else released
 
 
 _EMPTY = Verdict(risk_score=0.0)

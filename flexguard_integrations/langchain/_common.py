@@ -30,6 +30,25 @@ def message_text(message: BaseMessage) -> str:
     return str(message.text)
 
 
+def with_text(message: BaseMessage, new_text: str) -> BaseMessage:
+    """A copy of ``message`` (same id) whose text is ``new_text``; non-text blocks (images...) are kept."""
+    content = message.content
+    if isinstance(content, str):
+        return message.model_copy(update={"content": new_text})
+    blocks: list[Any] = []
+    placed = False
+    for block in content:
+        is_text = isinstance(block, str) or (isinstance(block, Mapping) and block.get("type") == "text")
+        if not is_text:
+            blocks.append(block)
+        elif not placed:
+            blocks.append({"type": "text", "text": new_text})
+            placed = True
+    if not placed:
+        blocks.insert(0, {"type": "text", "text": new_text})
+    return message.model_copy(update={"content": blocks})
+
+
 def render_tool_call(name: str, args: Any) -> str:
     """A tool call as the text the guard judges: ``name(arguments as JSON)``."""
     try:
@@ -97,9 +116,11 @@ def extract_output_text(value: Any, output_key: str | None = None) -> str | None
         if value.get("messages"):
             last = value["messages"][-1]
             return message_text(last) if isinstance(last, BaseMessage) else None
+        # never release a dict output unchecked because its text could not be found
+        keys_seen = sorted(map(str, value))
         if output_key:
-            raise GuardInputError(f"output has no key {output_key!r} (keys: {sorted(value)!r})")
-        return None
+            raise GuardInputError(f"output has no key {output_key!r} (keys: {keys_seen!r})")
+        raise GuardInputError(f"cannot find the text to check in an output with keys {keys_seen!r}; pass output_key=")
     return None
 
 
@@ -110,15 +131,15 @@ def replace_input_text(value: Any, new_text: str, input_key: str | None = None) 
     if isinstance(value, PromptValue):
         return replace_input_text(value.to_messages(), new_text)
     if isinstance(value, BaseMessage):
-        return value.model_copy(update={"content": new_text})
+        return with_text(value, new_text)
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         items = list(value)
         for i in range(len(items) - 1, -1, -1):
             if isinstance(items[i], HumanMessage):
-                items[i] = items[i].model_copy(update={"content": new_text})
+                items[i] = with_text(items[i], new_text)
                 return items
         if items and isinstance(items[-1], BaseMessage):
-            items[-1] = items[-1].model_copy(update={"content": new_text})
+            items[-1] = with_text(items[-1], new_text)
         return items
     if isinstance(value, Mapping):
         keys = [input_key] if input_key else ["input", "question", "query", "messages", "text", "prompt"]
@@ -195,6 +216,13 @@ def policy_from_config(config: RunnableConfig | None) -> Any:
     if not config:
         return None
     return (config.get("configurable") or {}).get(POLICY_CONFIG_KEY)
+
+
+def current_config_policy() -> Any:
+    """The per-call policy of the LangChain / LangGraph run this code executes in, or None."""
+    from langchain_core.runnables.config import var_child_runnable_config
+
+    return policy_from_config(var_child_runnable_config.get())
 
 
 def tool_message_error(tool_call_id: str, name: str | None, content: str) -> ToolMessage:

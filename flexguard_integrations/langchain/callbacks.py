@@ -23,9 +23,9 @@ from langchain_core.messages import BaseMessage, ToolMessage
 from langchain_core.outputs import LLMResult
 
 from ..errors import GuardBlockedError
-from ..guard import Guard
+from ..guard import Guard, scoped_policy
 from ..verdict import Decision, Surface
-from ._common import VERDICT_EVENT, event_payload, last_human_text, message_text
+from ._common import VERDICT_EVENT, current_config_policy, event_payload, last_human_text, message_text
 
 
 class GuardCallbackHandler(BaseCallbackHandler):
@@ -53,6 +53,10 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self.decisions: list[Decision] = []
         self._prompts: dict[UUID, str] = {}
 
+    @property
+    def _policy(self) -> Any:
+        return current_config_policy() or scoped_policy(self.policy)
+
     def _handle(self, decision: Decision, where: str, run_id: UUID | None) -> None:
         self.decisions.append(decision)
         self._emit(decision, where, run_id)
@@ -74,14 +78,14 @@ class GuardCallbackHandler(BaseCallbackHandler):
         self._prompts[run_id] = prompt
         if self.check_prompts and prompt.strip():
             self._handle(
-                self.guard.check(prompt, surface=Surface.PROMPT, policy=self.policy), "chat_model_start", run_id
+                self.guard.check(prompt, surface=Surface.PROMPT, policy=self._policy), "chat_model_start", run_id
             )
 
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
         prompt = prompts[0] if prompts else ""
         self._prompts[run_id] = prompt
         if self.check_prompts and prompt.strip():
-            self._handle(self.guard.check(prompt, surface=Surface.PROMPT, policy=self.policy), "llm_start", run_id)
+            self._handle(self.guard.check(prompt, surface=Surface.PROMPT, policy=self._policy), "llm_start", run_id)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         prompt = self._prompts.pop(run_id, "")
@@ -90,7 +94,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
         text = response.generations[0][0].text
         if not text.strip():
             return
-        decision = self.guard.check(prompt or " ", response=text, surface=Surface.RESPONSE, policy=self.policy)
+        decision = self.guard.check(prompt or " ", response=text, surface=Surface.RESPONSE, policy=self._policy)
         self._handle(decision, "llm_end", run_id)
 
     def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID, **kwargs: Any) -> None:
@@ -98,7 +102,7 @@ class GuardCallbackHandler(BaseCallbackHandler):
             return
         name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
         text = f"{name}({input_str})"
-        decision = self.guard.check(" ", response=text, surface=Surface.TOOL_CALL, policy=self.policy)
+        decision = self.guard.check(" ", response=text, surface=Surface.TOOL_CALL, policy=self._policy)
         self._handle(decision, "tool_start", run_id)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -106,12 +110,23 @@ class GuardCallbackHandler(BaseCallbackHandler):
             return
         text = message_text(output) if isinstance(output, ToolMessage) else str(output)
         if text.strip():
-            self._handle(self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self.policy), "tool_end", run_id)
+            self._handle(self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self._policy), "tool_end", run_id)
+
+    def _check_documents(self, documents: Sequence[Document], where: str, run_id: UUID) -> None:
+        texts = [d.page_content for d in documents if d.page_content.strip()]
+        for decision in self.guard.batch(texts, surface=Surface.RETRIEVED, policy=self._policy):
+            assert isinstance(decision, Decision)
+            self._handle(decision, where, run_id)
 
     def on_retriever_end(self, documents: Sequence[Document], *, run_id: UUID, **kwargs: Any) -> None:
+        if self.check_documents:
+            self._check_documents(documents, "retriever_end", run_id)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Documents returned by a chain step (a retriever written as a RunnableLambda) are checked too."""
         if not self.check_documents:
             return
-        texts = [d.page_content for d in documents if d.page_content.strip()]
-        for decision in self.guard.batch(texts, surface=Surface.RETRIEVED, policy=self.policy):
-            assert isinstance(decision, Decision)
-            self._handle(decision, "retriever_end", run_id)
+        if isinstance(outputs, Document):
+            self._check_documents([outputs], "chain_end", run_id)
+        elif isinstance(outputs, list | tuple) and outputs and all(isinstance(d, Document) for d in outputs):
+            self._check_documents(list(outputs), "chain_end", run_id)

@@ -25,17 +25,19 @@ from langchain.agents.middleware import AgentMiddleware, hook_config
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
 from ..errors import GuardBlockedError
-from ..guard import Guard
+from ..guard import Guard, scoped_policy
 from ..verdict import Action, Decision, Surface
 from ._common import (
     DEFAULT_REFUSAL,
     adispatch_verdict,
+    current_config_policy,
     dispatch_verdict,
     format_refusal,
     last_human_text,
     message_text,
     render_tool_call,
     tool_message_error,
+    with_text,
 )
 
 ExitBehavior = Literal["end", "error", "replace"]
@@ -90,6 +92,11 @@ class GuardMiddleware(AgentMiddleware):
     @property
     def name(self) -> str:
         return "GuardMiddleware"
+
+    @property
+    def _policy(self) -> Any:
+        """Per call (``configurable.flexguard_policy`` or a policy_scope) beats the middleware's own."""
+        return current_config_policy() or scoped_policy(self.policy)
 
     # ================================================================= bookkeeping
 
@@ -187,7 +194,7 @@ class GuardMiddleware(AgentMiddleware):
             if decision.action.passes:
                 continue
             if decision.action is Action.REDACT and decision.redacted_text is not None:
-                replaced.append(msg.model_copy(update={"content": decision.redacted_text}))
+                replaced.append(with_text(msg, decision.redacted_text))
                 continue
             if self.exit_behavior == "error":
                 raise GuardBlockedError(decision)
@@ -221,7 +228,7 @@ class GuardMiddleware(AgentMiddleware):
             if decision.action.passes:
                 continue
             if decision.action is Action.REDACT and decision.redacted_text is not None:
-                update = {"messages": [last.model_copy(update={"content": decision.redacted_text})]}
+                update = {"messages": [with_text(last, decision.redacted_text)]}
                 continue
             if self.exit_behavior == "error":
                 raise GuardBlockedError(decision)
@@ -247,7 +254,7 @@ class GuardMiddleware(AgentMiddleware):
         tasks = self._input_tasks(state["messages"])
         if not tasks:
             return None
-        decisions = [self.guard.check(text, surface=surface, policy=self.policy) for _, surface, text in tasks]
+        decisions = [self.guard.check(text, surface=surface, policy=self._policy) for _, surface, text in tasks]
         for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
             dispatch_verdict(decision, f"before_model:{surface.value}")
         return self._before_update(state, tasks, decisions)
@@ -259,7 +266,7 @@ class GuardMiddleware(AgentMiddleware):
             return None
         decisions = list(
             await asyncio.gather(
-                *(self.guard.acheck(text, surface=surface, policy=self.policy) for _, surface, text in tasks)
+                *(self.guard.acheck(text, surface=surface, policy=self._policy) for _, surface, text in tasks)
             )
         )
         for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
@@ -272,7 +279,7 @@ class GuardMiddleware(AgentMiddleware):
         if last is None or not tasks:
             return None
         prompt = last_human_text(state["messages"]) or " "
-        decisions = [self.guard.check(prompt, response=text, surface=s, policy=self.policy) for _, s, text in tasks]
+        decisions = [self.guard.check(prompt, response=text, surface=s, policy=self._policy) for _, s, text in tasks]
         for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
             dispatch_verdict(decision, f"after_model:{surface.value}")
         return self._after_update(state, last, tasks, decisions)
@@ -285,7 +292,7 @@ class GuardMiddleware(AgentMiddleware):
         prompt = last_human_text(state["messages"]) or " "
         decisions = list(
             await asyncio.gather(
-                *(self.guard.acheck(prompt, response=text, surface=s, policy=self.policy) for _, s, text in tasks)
+                *(self.guard.acheck(prompt, response=text, surface=s, policy=self._policy) for _, s, text in tasks)
             )
         )
         for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
@@ -295,15 +302,23 @@ class GuardMiddleware(AgentMiddleware):
     # ================================================================= tool hooks
 
     def _call_outcome(self, request: Any, decision: Decision) -> ToolMessage | None:
-        """None to run the tool; an error ToolMessage when the call may not run."""
+        """None to run the tool; an error ToolMessage when the call may not run.
+
+        A call a route handler took over is not run either: the handler decided what happens instead.
+        """
         call = request.tool_call
         text = render_tool_call(call["name"], call["args"])
         decision, handled = self._resolve_route(decision, text, "tool_call", request.state or {})
-        if decision.action.passes or handled is not None:
+        if decision.action.passes:
             return None
-        if self.exit_behavior == "error":
+        if self.exit_behavior == "error" and handled is None:
             raise GuardBlockedError(decision)
-        return tool_message_error(str(call["id"]), call.get("name"), self._fmt(self.tool_violation_message, decision))
+        # the agent will see this message as the tool's result: do not send it back to the guard
+        self._remember(self._checked_results, str(call["id"]), None)
+        content = self._fmt(self.tool_violation_message, decision)
+        if handled is not None and isinstance(handled.get("content"), str):
+            content = handled["content"]
+        return tool_message_error(str(call["id"]), call.get("name"), content)
 
     def _result_outcome(self, result: Any, decision: Decision) -> Any:
         if decision.action.passes:
@@ -328,7 +343,7 @@ class GuardMiddleware(AgentMiddleware):
             if decision is None:
                 text = render_tool_call(call["name"], call["args"])
                 decision = self.guard.check(
-                    self._prompt_of(request), response=text, surface=Surface.TOOL_CALL, policy=self.policy
+                    self._prompt_of(request), response=text, surface=Surface.TOOL_CALL, policy=self._policy
                 )
                 dispatch_verdict(decision, "tool_call")
             refused = self._call_outcome(request, decision)
@@ -340,7 +355,7 @@ class GuardMiddleware(AgentMiddleware):
         text = message_text(result)
         if not text.strip():
             return result
-        decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self.policy)
+        decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         dispatch_verdict(decision, "tool_result")
         self._remember(self._checked_results, result.tool_call_id, None)
         return self._result_outcome(result, decision)
@@ -353,7 +368,7 @@ class GuardMiddleware(AgentMiddleware):
             if decision is None:
                 text = render_tool_call(call["name"], call["args"])
                 decision = await self.guard.acheck(
-                    self._prompt_of(request), response=text, surface=Surface.TOOL_CALL, policy=self.policy
+                    self._prompt_of(request), response=text, surface=Surface.TOOL_CALL, policy=self._policy
                 )
                 await adispatch_verdict(decision, "tool_call")
             refused = self._call_outcome(request, decision)
@@ -365,7 +380,7 @@ class GuardMiddleware(AgentMiddleware):
         text = message_text(result)
         if not text.strip():
             return result
-        decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=self.policy)
+        decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         await adispatch_verdict(decision, "tool_result")
         self._remember(self._checked_results, result.tool_call_id, None)
         return self._result_outcome(result, decision)

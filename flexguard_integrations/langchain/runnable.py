@@ -22,7 +22,7 @@ from langchain_core.runnables.config import ContextThreadPoolExecutor, patch_con
 from pydantic import ConfigDict, Field
 
 from ..errors import GuardBlockedError
-from ..guard import Guard
+from ..guard import Guard, scoped_policy
 from ..streaming import StreamModerator
 from ..verdict import Action, Decision, Surface
 from ._common import (
@@ -68,7 +68,7 @@ class GuardRunnable(RunnableSerializable[Any, Decision]):
 
     def _check(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Decision:
         text, response = self._texts(value)
-        policy = policy_from_config(config) or self.policy
+        policy = policy_from_config(config) or scoped_policy(self.policy)
         surface = Surface.RESPONSE if response is not None and self.surface.mode == "prompt" else self.surface
         decision = self.guard.check(text, response=response, surface=surface, policy=policy)
         dispatch_verdict(decision, "GuardRunnable", config)
@@ -78,7 +78,7 @@ class GuardRunnable(RunnableSerializable[Any, Decision]):
         self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
     ) -> Decision:
         text, response = self._texts(value)
-        policy = policy_from_config(config) or self.policy
+        policy = policy_from_config(config) or scoped_policy(self.policy)
         surface = Surface.RESPONSE if response is not None and self.surface.mode == "prompt" else self.surface
         decision = await self.guard.acheck(text, response=response, surface=surface, policy=policy)
         await adispatch_verdict(decision, "GuardRunnable", config)
@@ -119,7 +119,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     # ----------------------------------------------------------------- shared decisions
 
     def _policy(self, config: RunnableConfig | None) -> Any:
-        return policy_from_config(config) or self.policy
+        return policy_from_config(config) or scoped_policy(self.policy)
 
     def _refusal_value(self, decision: Decision, input_value: Any, output: Any = None) -> Any:
         text = format_refusal(self.refusal, decision)
@@ -319,7 +319,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
 
     # ----------------------------------------------------------------- streaming
 
-    def _moderator(self, prompt: str, policy: Any) -> StreamModerator[Any]:
+    def _moderator(self, prompt: str, policy: Any, sample: list[Any]) -> StreamModerator[Any]:
         return StreamModerator(
             self.guard,
             prompt=prompt,
@@ -328,21 +328,23 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             chunk_chars=self.stream_chunk_chars,
             context_chars=self.stream_context_chars,
             stream_first=self.stream_first,
+            redact_item=lambda text: self._text_chunk(text, sample[0] if sample else None),
         )
 
-    def _stop_chunk(self, decision: Decision, sample: Any) -> Any:
-        """The chunk that ends a stream in place of blocked text (same type as the wrapped stream's)."""
-        if decision.action is Action.REDACT and decision.redacted_text is not None:
-            text = decision.redacted_text
-        else:
-            if self.on_block == "raise":
-                raise GuardBlockedError(decision)
-            text = format_refusal(self.refusal, decision)
+    def _text_chunk(self, text: str, sample: Any, decision: Decision | None = None) -> Any:
+        """A chunk of the wrapped stream's type carrying ``text``."""
+        meta = {"flexguard": decision.to_dict()} if decision is not None else {}
         if isinstance(sample, BaseMessageChunk) or (sample is None and isinstance(self.bound, BaseChatModel)):
-            return AIMessageChunk(content=text, response_metadata={"flexguard": decision.to_dict()})
+            return AIMessageChunk(content=text, response_metadata=meta)
         if isinstance(sample, Mapping):
             return {self.output_key or "output": text}
         return text
+
+    def _stop_chunk(self, decision: Decision, sample: Any) -> Any:
+        """The chunk that ends a stream in place of text that did not pass."""
+        if self.on_block == "raise":
+            raise GuardBlockedError(decision)
+        return self._text_chunk(format_refusal(self.refusal, decision), sample, decision)
 
     def _stream(
         self, inputs: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig
@@ -363,18 +365,19 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         if not self.check_output:
             yield from self.bound.stream(run_value, child)
             return
-        moderator = self._moderator(prompt, policy)
-        sample = None
+        sample: list[Any] = []
+        moderator = self._moderator(prompt, policy, sample)
+        moderator.on_decision = lambda d: dispatch_verdict(d, "stream", config)
         for chunk in self.bound.stream(run_value, child):
-            sample = chunk
+            if not sample:
+                sample.append(chunk)
             yield from moderator.push(chunk, _chunk_text(chunk, self.output_key))
             if moderator.stopped is not None:
                 break
         if moderator.stopped is None:
             yield from moderator.flush()
         if moderator.stopped is not None:
-            dispatch_verdict(moderator.stopped, "stream", config)
-            yield self._stop_chunk(moderator.stopped, sample)
+            yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
 
     async def _astream(
         self, inputs: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
@@ -398,27 +401,34 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             async for chunk in self.bound.astream(run_value, child):
                 yield chunk
             return
-        moderator = self._moderator(prompt, policy)
-        sample = None
+        sample: list[Any] = []
+        moderator = self._moderator(prompt, policy, sample)
+        dispatched = 0
         stream = self.bound.astream(run_value, child)
         try:
             async for chunk in stream:
-                sample = chunk
-                for released in await moderator.apush(chunk, _chunk_text(chunk, self.output_key)):
-                    yield released
+                if not sample:
+                    sample.append(chunk)
+                released = await moderator.apush(chunk, _chunk_text(chunk, self.output_key))
+                for decision in moderator.decisions[dispatched:]:
+                    await adispatch_verdict(decision, "stream", config)
+                dispatched = len(moderator.decisions)
+                for item in released:
+                    yield item
                 if moderator.stopped is not None:
                     break
             if moderator.stopped is None:
-                for released in await moderator.aflush():
-                    yield released
+                for item in await moderator.aflush():
+                    yield item
         finally:
             await moderator.aclose()
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+        for decision in moderator.decisions[dispatched:]:
+            await adispatch_verdict(decision, "stream", config)
         if moderator.stopped is not None:
-            await adispatch_verdict(moderator.stopped, "stream", config)
-            yield self._stop_chunk(moderator.stopped, sample)
+            yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         yield from self._transform_stream_with_config(iter([input]), self._stream, config, run_type="chain", **kwargs)

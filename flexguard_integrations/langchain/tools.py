@@ -1,25 +1,28 @@
 """``guard_tool`` / ``guard_tools``: gate a ``BaseTool`` for agents not built with ``create_agent``.
 
-The arguments are checked (surface ``tool_call``, rendered as ``name(arguments)``) before the tool runs;
-a blocked call never runs the tool and comes back as a ToolException, which LangChain turns into the
-error result the agent sees (``ToolMessage(status="error")`` when called with a tool call). The output is
-checked after the run (surface ``tool_result``): REDACT replaces it, BLOCK withholds it.
+The arguments are checked (surface ``tool_call``, rendered as ``name(arguments)``; injected arguments such
+as ``InjectedToolCallId`` are not shown to the guard) before the tool runs: a blocked call never runs the
+tool. Called with a ToolCall the agent gets a ``ToolMessage(status="error")`` carrying the refusal; called
+with plain arguments it gets the refusal text (LangChain's ``handle_tool_error`` behaviour). The output
+is checked after the run (surface ``tool_result``): REDACT replaces it, BLOCK withholds it. The original
+input — a ToolCall included — is passed to the wrapped tool unchanged, so ``content_and_artifact`` tools
+and injected arguments keep working. The policy can be chosen per call through
+``config["configurable"]["flexguard_policy"]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import BaseTool, ToolException
+from langchain_core.tools import BaseTool
 from pydantic import ConfigDict
 
-from ..guard import Guard
+from ..guard import Guard, scoped_policy
 from ..verdict import Action, Decision, Surface
-from ._common import adispatch_verdict, dispatch_verdict, format_refusal, render_tool_call
+from ._common import adispatch_verdict, dispatch_verdict, format_refusal, policy_from_config, render_tool_call
 from .middleware import DEFAULT_TOOL_REFUSAL, DEFAULT_TOOL_RESULT_REFUSAL
 
 
@@ -36,52 +39,86 @@ class GuardedTool(BaseTool):
     output_violation_message: str = DEFAULT_TOOL_RESULT_REFUSAL
     policy: Any = None
 
-    def _args_text(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        payload: Any = kwargs if kwargs else (args[0] if len(args) == 1 else list(args))
-        return render_tool_call(self.tool.name, payload)
+    # ----------------------------------------------------------------- helpers
 
-    def _refuse_call(self, decision: Decision) -> None:
-        if not decision.action.passes:
-            raise ToolException(format_refusal(self.violation_message, decision))
+    def _policy(self, config: RunnableConfig | None) -> Any:
+        return policy_from_config(config) or scoped_policy(self.policy)
 
-    def _output(self, output: Any, decision: Decision) -> Any:
+    def _split_input(self, input: Any) -> tuple[str | None, Any]:
+        """(tool call id or None, the arguments the model chose)."""
+        if isinstance(input, Mapping) and input.get("type") == "tool_call":
+            return str(input.get("id")), input.get("args", {})
+        return None, input
+
+    def _visible_args(self, args: Any) -> Any:
+        if not isinstance(args, Mapping):
+            return args
+        try:
+            visible = set(self.tool.tool_call_schema.model_fields)  # type: ignore[union-attr]
+        except Exception:  # a tool without a pydantic schema: show everything
+            return dict(args)
+        return {k: v for k, v in args.items() if k in visible}
+
+    def _args_text(self, input: Any) -> str:
+        _, args = self._split_input(input)
+        return render_tool_call(self.tool.name, self._visible_args(args))
+
+    def _refused_call(self, input: Any, decision: Decision) -> Any:
+        text = format_refusal(self.violation_message, decision)
+        call_id, _ = self._split_input(input)
+        if call_id is not None:
+            return ToolMessage(content=text, tool_call_id=call_id, name=self.name, status="error")
+        return text
+
+    def _output(self, input: Any, output: Any, decision: Decision) -> Any:
         if decision.action.passes:
             return output
         if decision.action is Action.REDACT and decision.redacted_text is not None:
-            return _with_text(output, decision.redacted_text)
-        raise ToolException(format_refusal(self.output_violation_message, decision))
+            return _with_text(output, decision.redacted_text, error=False)
+        return _with_text(output, format_refusal(self.output_violation_message, decision), error=True)
 
-    def _run(self, *args: Any, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any) -> Any:
+    # ----------------------------------------------------------------- run
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        policy = self._policy(config)
         if self.check_args:
-            decision = self.guard.check(
-                " ", response=self._args_text(args, kwargs), surface=Surface.TOOL_CALL, policy=self.policy
-            )
-            dispatch_verdict(decision, f"tool_call:{self.tool.name}")
-            self._refuse_call(decision)
-        config: RunnableConfig = {"callbacks": run_manager.get_child()} if run_manager else {}
-        output = self.tool.invoke(kwargs if kwargs else (args[0] if args else ""), config)
+            decision = self.guard.check(" ", response=self._args_text(input), surface=Surface.TOOL_CALL, policy=policy)
+            dispatch_verdict(decision, f"tool_call:{self.tool.name}", config)
+            if not decision.action.passes:
+                return self._refused_call(input, decision)
+        output = self.tool.invoke(input, config, **kwargs)
         text = _text_of(output)
         if not self.check_output or not text.strip():
             return output
-        decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self.policy)
-        dispatch_verdict(decision, f"tool_result:{self.tool.name}")
-        return self._output(output, decision)
+        decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=policy)
+        dispatch_verdict(decision, f"tool_result:{self.tool.name}", config)
+        return self._output(input, output, decision)
 
-    async def _arun(self, *args: Any, run_manager: AsyncCallbackManagerForToolRun | None = None, **kwargs: Any) -> Any:
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        policy = self._policy(config)
         if self.check_args:
             decision = await self.guard.acheck(
-                " ", response=self._args_text(args, kwargs), surface=Surface.TOOL_CALL, policy=self.policy
+                " ", response=self._args_text(input), surface=Surface.TOOL_CALL, policy=policy
             )
-            await adispatch_verdict(decision, f"tool_call:{self.tool.name}")
-            self._refuse_call(decision)
-        config: RunnableConfig = {"callbacks": run_manager.get_child()} if run_manager else {}
-        output = await self.tool.ainvoke(kwargs if kwargs else (args[0] if args else ""), config)
+            await adispatch_verdict(decision, f"tool_call:{self.tool.name}", config)
+            if not decision.action.passes:
+                return self._refused_call(input, decision)
+        output = await self.tool.ainvoke(input, config, **kwargs)
         text = _text_of(output)
         if not self.check_output or not text.strip():
             return output
-        decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=self.policy)
-        await adispatch_verdict(decision, f"tool_result:{self.tool.name}")
-        return self._output(output, decision)
+        decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=policy)
+        await adispatch_verdict(decision, f"tool_result:{self.tool.name}", config)
+        return self._output(input, output, decision)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        """Reached only through ``BaseTool.run``; delegates to the guarded :meth:`invoke`."""
+        kwargs.pop("run_manager", None)
+        return self.invoke(kwargs if kwargs else (args[0] if args else ""))
+
+    async def _arun(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("run_manager", None)
+        return await self.ainvoke(kwargs if kwargs else (args[0] if args else ""))
 
 
 def _text_of(output: Any) -> str:
@@ -92,11 +129,15 @@ def _text_of(output: Any) -> str:
     return output if isinstance(output, str) else str(output)
 
 
-def _with_text(output: Any, text: str) -> Any:
+def _with_text(output: Any, text: str, *, error: bool) -> Any:
     if isinstance(output, ToolMessage):
-        return output.model_copy(update={"content": text})
+        update: dict[str, Any] = {"content": text}
+        if error:
+            update["status"] = "error"
+            update["artifact"] = None
+        return output.model_copy(update=update)
     if isinstance(output, tuple) and len(output) == 2:
-        return (text, output[1])
+        return (text, None if error else output[1])
     return text
 
 
@@ -117,7 +158,6 @@ def guard_tool(
         args_schema=tool.args_schema,
         return_direct=tool.return_direct,
         response_format=tool.response_format,
-        handle_tool_error=True,
         tool=tool,
         guard=guard,
         check_args=check_args,

@@ -7,7 +7,7 @@ The only place in the package that imports ``llama_index``.
 from .events import GuardVerdictEvent
 from .postprocessor import GuardNodePostprocessor
 from .query_engine import GuardedQueryEngine
-from .tools import GuardedAgent, GuardedTool, guard_tool, guard_tools
+from .tools import GuardedAgent, GuardedFunctionTool, GuardedTool, guard_tool, guard_tools
 from .workflow import GuardCheckEvent, GuardPassedEvent, GuardStepMixin
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "GuardStepMixin",
     "GuardVerdictEvent",
     "GuardedAgent",
+    "GuardedFunctionTool",
     "GuardedQueryEngine",
     "GuardedTool",
     "guard_tool",

@@ -2,9 +2,12 @@
 
 Retrieved nodes (surface ``retrieved``) are checked concurrently, natively async in
 ``_apostprocess_nodes``. Per the policy a node is dropped (BLOCK, and REROUTE, which has no meaning for a
-node), has its text replaced by the redacted version (REDACT), or is kept with the verdict in
+node; REDACT of a node that is not a TextNode), has its text replaced by the redacted version (REDACT),
+or is kept with the verdict in
 ``node.metadata["flexguard"]`` (FLAG) — that key is excluded from the LLM and embedding views. With
-``on_block="raise"`` a blocked node raises :class:`GuardBlockedError` instead. Kept nodes keep their order
+``on_block="raise"`` a blocked node raises :class:`GuardBlockedError` instead. A node kept because the
+guard could not answer under ``on_error: allow`` carries the fail-open decision in that metadata key.
+The policy can be switched per call with :func:`~flexguard_integrations.policy_scope`. Kept nodes keep their order
 and scores; nodes are copied, never mutated in place (they may be the index's own objects).
 """
 
@@ -18,7 +21,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from ..errors import GuardBlockedError, GuardInputError
-from ..guard import CheckRequest, Guard
+from ..guard import CheckRequest, Guard, scoped_policy
 from ..verdict import Action, Decision, Surface, Verdict
 from .events import emit
 
@@ -49,7 +52,7 @@ class GuardNodePostprocessor(BaseNodePostprocessor):
         return None
 
     def _failed(self, exc: GuardInputError) -> Decision:
-        policy = self.guard._resolve_policy(self.policy)
+        policy = self.guard._resolve_policy(scoped_policy(self.policy))
         return policy.decide(Verdict.failed(str(exc), surface=Surface.RETRIEVED), Surface.RETRIEVED)
 
     def _apply(self, nodes: list[NodeWithScore], decisions: list[Decision | None]) -> list[NodeWithScore]:
@@ -61,11 +64,18 @@ class GuardNodePostprocessor(BaseNodePostprocessor):
                 kept.append(self._annotated(nws, {"unchecked": "node has no text"}))
                 continue
             emit(decision, "node_postprocessor")
-            if decision.action is Action.ALLOW:
+            if decision.action is Action.ALLOW and decision.fail_open:
+                # kept without a verdict (on_error: allow): never indistinguishable from a clean pass
+                kept.append(self._annotated(nws, decision.to_dict()))
+            elif decision.action is Action.ALLOW:
                 kept.append(nws)
             elif decision.action is Action.FLAG:
                 kept.append(self._annotated(nws, decision.to_dict()))
-            elif decision.action is Action.REDACT and decision.redacted_text is not None:
+            elif (
+                decision.action is Action.REDACT
+                and decision.redacted_text is not None
+                and isinstance(nws.node, TextNode)
+            ):
                 kept.append(self._redacted(nws, decision))
             elif self.on_block == "raise":
                 raise GuardBlockedError(decision, f"retrieved node {nws.node.node_id} blocked: {decision.reason}")
@@ -87,10 +97,8 @@ class GuardNodePostprocessor(BaseNodePostprocessor):
 
     def _redacted(self, nws: NodeWithScore, decision: Decision) -> NodeWithScore:
         out = self._annotated(nws, decision.to_dict())
-        if isinstance(out.node, TextNode):
-            out.node.set_content(decision.redacted_text or "")
-            return out
-        raise GuardBlockedError(decision, f"cannot redact a {type(out.node).__name__}")
+        out.node.set_content(decision.redacted_text or "")
+        return out
 
     # ----------------------------------------------------------------- postprocess
 
@@ -101,7 +109,8 @@ class GuardNodePostprocessor(BaseNodePostprocessor):
         texts = [nws.node.get_content() for nws in nodes]
         live = [i for i, t in enumerate(texts) if t.strip()]
         requests = [
-            CheckRequest(texts[i], surface=Surface.RETRIEVED, history=history, policy=self.policy) for i in live
+            CheckRequest(texts[i], surface=Surface.RETRIEVED, history=history, policy=scoped_policy(self.policy))
+            for i in live
         ]
         results = self.guard.batch(requests, return_exceptions=True)
         decisions: list[Decision | None] = [None] * len(nodes)
@@ -124,7 +133,9 @@ class GuardNodePostprocessor(BaseNodePostprocessor):
             if not text.strip():
                 return None
             try:
-                return await self.guard.acheck(text, surface=Surface.RETRIEVED, policy=self.policy, history=history)
+                return await self.guard.acheck(
+                    text, surface=Surface.RETRIEVED, policy=scoped_policy(self.policy), history=history
+                )
             except GuardInputError as exc:
                 return self._failed(exc)
 

@@ -9,6 +9,7 @@ integration does) and end with the refusal when a chunk is blocked.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Generator, Mapping
 from typing import Any, Literal, TypeVar
 
@@ -21,12 +22,12 @@ from llama_index.core.base.response.schema import (
     StreamingResponse,
 )
 from llama_index.core.callbacks import CallbackManager
-from llama_index.core.schema import QueryBundle
+from llama_index.core.schema import QueryBundle, QueryType
 
-from ..errors import GuardBlockedError
-from ..guard import Guard
+from ..errors import GuardBlockedError, GuardInputError
+from ..guard import Guard, policy_scope, scoped_policy
 from ..streaming import StreamModerator
-from ..verdict import Action, Decision, Surface
+from ..verdict import Action, Decision, Surface, Verdict
 from .events import emit
 
 R = TypeVar("R")
@@ -77,6 +78,36 @@ class GuardedQueryEngine(BaseQueryEngine):
     def _get_prompt_modules(self) -> dict[str, Any]:
         return {"query_engine": self.query_engine}
 
+    @property
+    def _policy(self) -> Any:
+        return scoped_policy(self.policy)
+
+    def query(self, str_or_query_bundle: QueryType, policy: Any = None) -> RESPONSE_TYPE:
+        """Query with both checks; ``policy=`` overrides the policy for this call only."""
+        with policy_scope(policy) if policy is not None else contextlib.nullcontext():
+            return super().query(str_or_query_bundle)
+
+    async def aquery(self, str_or_query_bundle: QueryType, policy: Any = None) -> RESPONSE_TYPE:
+        """Async twin of :meth:`query`."""
+        with policy_scope(policy) if policy is not None else contextlib.nullcontext():
+            return await super().aquery(str_or_query_bundle)
+
+    def _check_answer(self, query: str, text: str) -> Decision:
+        try:
+            return self.guard.check(query, response=text, surface=Surface.RESPONSE, policy=self._policy)
+        except GuardInputError as exc:  # an answer too large to check is not released unchecked
+            return self._failed(exc)
+
+    async def _acheck_answer(self, query: str, text: str) -> Decision:
+        try:
+            return await self.guard.acheck(query, response=text, surface=Surface.RESPONSE, policy=self._policy)
+        except GuardInputError as exc:
+            return self._failed(exc)
+
+    def _failed(self, exc: GuardInputError) -> Decision:
+        policy = self.guard._resolve_policy(self._policy)
+        return policy.decide(Verdict.failed(str(exc), surface=Surface.RESPONSE), Surface.RESPONSE)
+
     # ----------------------------------------------------------------- decisions
 
     def _refuse(self, decision: Decision, decisions: dict[str, Any]) -> Response:
@@ -113,20 +144,24 @@ class GuardedQueryEngine(BaseQueryEngine):
             return _with_metadata(response, decisions)
         return self._refuse(decision, decisions)
 
-    def _moderator(self, query: str) -> StreamModerator[str]:
+    def _moderator(self, query: str, decisions: dict[str, Any]) -> StreamModerator[str]:
+        def record(decision: Decision) -> None:
+            emit(decision, "query_engine:stream")
+            decisions["response"] = decision.to_dict()
+            decisions["stream_checks"] = decisions.get("stream_checks", 0) + 1
+
         return StreamModerator(
             self.guard,
             prompt=query,
             surface=Surface.RESPONSE,
-            policy=self.policy,
+            policy=self._policy,
             chunk_chars=self.stream_chunk_chars,
             context_chars=self.stream_context_chars,
+            redact_item=lambda text: text,
+            on_decision=record,
         )
 
     def _stop_text(self, decision: Decision) -> str:
-        emit(decision, "query_engine:stream")
-        if decision.action is Action.REDACT and decision.redacted_text is not None:
-            return decision.redacted_text
         if self.on_block == "raise":
             raise GuardBlockedError(decision)
         return _refusal_text(self.refusal, decision)
@@ -137,7 +172,7 @@ class GuardedQueryEngine(BaseQueryEngine):
         decisions: dict[str, Any] = {}
         engine, bundle = self.query_engine, query_bundle
         if self.check_query:
-            decision = self.guard.check(query_bundle.query_str, surface=Surface.PROMPT, policy=self.policy)
+            decision = self.guard.check(query_bundle.query_str, surface=Surface.PROMPT, policy=self._policy)
             emit(decision, "query_engine:query")
             decisions["query"] = decision.to_dict()
             step, target = self._query_plan(query_bundle, decision)
@@ -155,12 +190,12 @@ class GuardedQueryEngine(BaseQueryEngine):
         text = self._text_of(response)
         if not text or not text.strip():
             return _with_metadata(response, decisions)
-        decision = self.guard.check(query_bundle.query_str, response=text, surface=Surface.RESPONSE, policy=self.policy)
+        decision = self._check_answer(query_bundle.query_str, text)
         emit(decision, "query_engine:response")
         return self._finish(response, decision, decisions)  # type: ignore[no-any-return]
 
     def _guard_stream(self, response: StreamingResponse, query: str, decisions: dict[str, Any]) -> StreamingResponse:
-        moderator = self._moderator(query)
+        moderator = self._moderator(query, decisions)
         source = response.response_gen
 
         def gen() -> Generator[str, None, None]:
@@ -171,7 +206,6 @@ class GuardedQueryEngine(BaseQueryEngine):
             if moderator.stopped is None:
                 yield from moderator.flush()
             if moderator.stopped is not None:
-                decisions["response"] = moderator.stopped.to_dict()
                 yield self._stop_text(moderator.stopped)
 
         return StreamingResponse(
@@ -184,7 +218,7 @@ class GuardedQueryEngine(BaseQueryEngine):
         decisions: dict[str, Any] = {}
         engine, bundle = self.query_engine, query_bundle
         if self.check_query:
-            decision = await self.guard.acheck(query_bundle.query_str, surface=Surface.PROMPT, policy=self.policy)
+            decision = await self.guard.acheck(query_bundle.query_str, surface=Surface.PROMPT, policy=self._policy)
             emit(decision, "query_engine:query")
             decisions["query"] = decision.to_dict()
             step, target = self._query_plan(query_bundle, decision)
@@ -204,16 +238,14 @@ class GuardedQueryEngine(BaseQueryEngine):
         text = self._text_of(response)
         if not text or not text.strip():
             return _with_metadata(response, decisions)
-        decision = await self.guard.acheck(
-            query_bundle.query_str, response=text, surface=Surface.RESPONSE, policy=self.policy
-        )
+        decision = await self._acheck_answer(query_bundle.query_str, text)
         emit(decision, "query_engine:response")
         return self._finish(response, decision, decisions)  # type: ignore[no-any-return]
 
     def _aguard_stream(
         self, response: AsyncStreamingResponse, query: str, decisions: dict[str, Any]
     ) -> AsyncStreamingResponse:
-        moderator = self._moderator(query)
+        moderator = self._moderator(query, decisions)
         source = response.async_response_gen()
 
         async def gen() -> AsyncGenerator[str, None]:
@@ -229,7 +261,6 @@ class GuardedQueryEngine(BaseQueryEngine):
             finally:
                 await moderator.aclose()
             if moderator.stopped is not None:
-                decisions["response"] = moderator.stopped.to_dict()
                 yield self._stop_text(moderator.stopped)
 
         return AsyncStreamingResponse(

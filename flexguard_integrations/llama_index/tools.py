@@ -12,16 +12,17 @@ after it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from llama_index.core.llms import ChatMessage, MessageRole
-from llama_index.core.tools import ToolOutput
+from llama_index.core.tools import FunctionTool, ToolOutput
 from llama_index.core.tools.types import AsyncBaseTool, BaseTool, ToolMetadata
 
 from ..errors import GuardBlockedError
-from ..guard import Guard
+from ..guard import Guard, scoped_policy
 from ..verdict import Action, Decision, Surface
 from .events import emit
 from .query_engine import _refusal_text
@@ -89,23 +90,32 @@ class GuardedTool(AsyncBaseTool):
             )
         return self._blocked_output(decision, kwargs, self.output_violation_message)
 
+    def _visible_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The arguments the model chose (a workflow Context injected by the agent is not shown to the guard)."""
+        ctx_name = getattr(self.tool, "ctx_param_name", None)
+        return {k: v for k, v in kwargs.items() if k != ctx_name}
+
     def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
         if self.check_args:
-            text = render_call(self._name, args, kwargs)
-            decision = self.guard.check(" ", response=text, surface=Surface.TOOL_CALL, policy=self.policy)
+            text = render_call(self._name, args, self._visible_kwargs(kwargs))
+            decision = self.guard.check(
+                " ", response=text, surface=Surface.TOOL_CALL, policy=scoped_policy(self.policy)
+            )
             emit(decision, f"tool_call:{self._name}")
             if not decision.action.passes:
                 return self._blocked_output(decision, kwargs, self.violation_message)
         output = self.tool(*args, **kwargs)
         if not self.check_output or output.is_error or not str(output.content).strip():
             return output
-        decision = self.guard.check(str(output.content), surface=Surface.TOOL_RESULT, policy=self.policy)
+        decision = self.guard.check(str(output.content), surface=Surface.TOOL_RESULT, policy=scoped_policy(self.policy))
         return self._after(output, decision, kwargs)
 
     async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
         if self.check_args:
-            text = render_call(self._name, args, kwargs)
-            decision = await self.guard.acheck(" ", response=text, surface=Surface.TOOL_CALL, policy=self.policy)
+            text = render_call(self._name, args, self._visible_kwargs(kwargs))
+            decision = await self.guard.acheck(
+                " ", response=text, surface=Surface.TOOL_CALL, policy=scoped_policy(self.policy)
+            )
             emit(decision, f"tool_call:{self._name}")
             if not decision.action.passes:
                 return self._blocked_output(decision, kwargs, self.violation_message)
@@ -115,18 +125,44 @@ class GuardedTool(AsyncBaseTool):
             output = await asyncio.to_thread(self.tool, *args, **kwargs)
         if not self.check_output or output.is_error or not str(output.content).strip():
             return output
-        decision = await self.guard.acheck(str(output.content), surface=Surface.TOOL_RESULT, policy=self.policy)
+        decision = await self.guard.acheck(
+            str(output.content), surface=Surface.TOOL_RESULT, policy=scoped_policy(self.policy)
+        )
         return self._after(output, decision, kwargs)
 
 
-def guard_tool(tool: BaseTool, guard: Guard, **options: Any) -> GuardedTool:
-    """Wrap one tool: arguments checked before it runs (a blocked call never runs it), output after."""
-    return GuardedTool(tool, guard, **options)
+class GuardedFunctionTool(FunctionTool):
+    """A guarded ``FunctionTool``: still a FunctionTool, so agents inject a workflow ``Context`` into it."""
+
+    _guarded: GuardedTool
+
+    def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        return self._guarded.call(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        return self._guarded.call(*args, **kwargs)
+
+    async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
+        return await self._guarded.acall(*args, **kwargs)
 
 
-def guard_tools(tools: Sequence[BaseTool], guard: Guard, **options: Any) -> list[GuardedTool]:
+def guard_tool(tool: BaseTool, guard: Guard, **options: Any) -> GuardedTool | GuardedFunctionTool:
+    """Wrap one tool: arguments checked before it runs (a blocked call never runs it), output after.
+
+    A ``FunctionTool`` stays a FunctionTool (so a ``ctx: Context`` parameter is still injected by agents).
+    """
+    guarded = GuardedTool(tool, guard, **options)
+    if isinstance(tool, FunctionTool):
+        wrapper = copy.copy(tool)
+        wrapper.__class__ = GuardedFunctionTool
+        wrapper._guarded = guarded  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+    return guarded
+
+
+def guard_tools(tools: Sequence[BaseTool], guard: Guard, **options: Any) -> list[GuardedTool | GuardedFunctionTool]:
     """:func:`guard_tool` for each tool, order kept."""
-    return [GuardedTool(t, guard, **options) for t in tools]
+    return [guard_tool(t, guard, **options) for t in tools]
 
 
 class GuardedAgent:
@@ -170,7 +206,7 @@ class GuardedAgent:
     async def run(self, user_msg: str, **kwargs: Any) -> Any:
         """Run the agent on ``user_msg`` with both checks; returns the agent's output (or the refusal)."""
         self.last_decisions = {}
-        decision = await self.guard.acheck(user_msg, surface=Surface.PROMPT, policy=self.policy)
+        decision = await self.guard.acheck(user_msg, surface=Surface.PROMPT, policy=scoped_policy(self.policy))
         emit(decision, "agent:input")
         self.last_decisions["input"] = decision
         run_msg = user_msg
@@ -182,7 +218,9 @@ class GuardedAgent:
         answer = str(getattr(getattr(output, "response", None), "content", "") or "")
         if not answer.strip():
             return output
-        decision = await self.guard.acheck(user_msg, response=answer, surface=Surface.RESPONSE, policy=self.policy)
+        decision = await self.guard.acheck(
+            user_msg, response=answer, surface=Surface.RESPONSE, policy=scoped_policy(self.policy)
+        )
         emit(decision, "agent:output")
         self.last_decisions["output"] = decision
         if decision.action is Action.REDACT and decision.redacted_text is not None:

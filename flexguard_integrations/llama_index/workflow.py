@@ -23,7 +23,7 @@ from typing import Any
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.workflow import Event, StopEvent, step
 
-from ..guard import Guard
+from ..guard import Guard, scoped_policy
 from ..verdict import Action, Surface
 from .events import emit
 from .query_engine import DEFAULT_REFUSAL, _refusal_text
@@ -69,9 +69,11 @@ class GuardStepMixin:
         """Check the event's text; pass it on or stop the workflow with the refusal."""
         surface = Surface.parse(ev.surface)
         if ev.response is not None:
-            decision = await self.guard.acheck(ev.text, response=ev.response, surface=surface, policy=self.guard_policy)
+            decision = await self.guard.acheck(
+                ev.text, response=ev.response, surface=surface, policy=scoped_policy(self.guard_policy)
+            )
         else:
-            decision = await self.guard.acheck(ev.text, surface=surface, policy=self.guard_policy)
+            decision = await self.guard.acheck(ev.text, surface=surface, policy=scoped_policy(self.guard_policy))
         emit(decision, "workflow:guard_check")
         if decision.action.passes or (decision.action is Action.REDACT and decision.redacted_text is not None):
             redacted = decision.redacted_text if decision.action is Action.REDACT else None

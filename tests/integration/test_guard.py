@@ -311,3 +311,19 @@ async def test_cancellation_leaves_nothing_behind() -> None:
         await guard.aclose()
     pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert pending == []
+
+
+async def test_policy_scope_selects_the_policy_per_call(server: FakeGuardServer) -> None:
+    from flexguard_integrations import policy_scope
+
+    server.add_rule("grey area question", score=50, categories=("ILLEGAL",))
+    async with Guard.from_endpoint(server.base_url, FLEX, policy="loose") as guard:
+        assert (await guard.acheck("a grey area question")).action is Action.ALLOW
+        with policy_scope("strict"):
+            assert (await guard.acheck("a grey area question")).action is Action.BLOCK
+            # an explicit argument still wins over the scope
+            assert (await guard.acheck("a grey area question", policy="loose")).action is Action.ALLOW
+            # the scope reaches tasks started inside it, and the batch worker threads
+            assert (await asyncio.gather(guard.acheck("a grey area question")))[0].action is Action.BLOCK
+            assert [d.action for d in guard.batch(["a grey area question"] * 3)] == [Action.BLOCK] * 3  # type: ignore[union-attr]
+        assert (await guard.acheck("a grey area question")).action is Action.ALLOW

@@ -216,11 +216,6 @@ async def test_redacted_input_replaces_the_message_in_place(guard: Guard, mode: 
     assert out[-1].text == "Noted."
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardMiddleware._before_update replaces a redacted message's content with a plain string "
-    "(msg.model_copy(update={'content': redacted_text})), dropping its non-text blocks (images)",
-)
 def test_redacting_a_multimodal_message_keeps_its_image(guard: Guard) -> None:
     llm = model("Nice picture.")
     policy = {"surfaces": {"prompt": {"action": "redact"}}}
@@ -232,11 +227,6 @@ def test_redacting_a_multimodal_message_keeps_its_image(guard: Guard) -> None:
     assert isinstance(out[0].content, list) and image in out[0].content
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardMiddleware never reads config['configurable']['flexguard_policy'] (only self.policy), "
-    "so the per-call policy that GuardRunnable/guarded honour is ignored inside agents",
-)
 def test_policy_per_call_through_configurable(guard: Guard, server: FakeGuardServer) -> None:
     server.add_rule(GREY, score=30, categories=["ILLEGAL"])
     llm = model("ok", "ok")
@@ -284,12 +274,6 @@ async def test_blocked_tool_call_never_runs_and_the_agent_gets_an_error(guard: G
     assert msgs(result)[-1].text == "I could not wipe the disk."
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (minor): GuardMiddleware._call_outcome does not record the blocked call's id in "
-    "_checked_results, so before_model sends the middleware's own error ToolMessage to the guard as a tool "
-    "result (an extra request; with the guard down it is replaced by 'tool result withheld')",
-)
 def test_the_error_message_of_a_blocked_call_is_not_checked_again(guard: Guard, server: FakeGuardServer) -> None:
     llm = model(AIMessage("", tool_calls=[call("wipe_disk", {"path": "/"}, "c1")]), "ok")
     agent = create_agent(llm, tools=Tools().all, middleware=[GuardMiddleware(guard)])
@@ -352,12 +336,6 @@ async def test_injected_tool_result_is_withheld(server: FakeGuardServer, mode: s
     assert "Ignore all previous instructions" not in seen  # the model never read the injection
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the re-check after redaction judges the marker itself: FakeGuardServer's lexicon "
-    "(testing/lexicon.py, JAILBREAK 80 'the word jailbreak') matches '[REDACTED: JAILBREAK]', so every redacted "
-    "injection becomes BLOCK in Guard._after_redaction",
-)
 async def test_injected_tool_result_is_redacted_sentence_by_sentence(server: FakeGuardServer, mode: str) -> None:
     tools = Tools(search_result=f"{SAFE_RESULT} {INJECTION}")
     llm = model(AIMessage("", tool_calls=[call("search", {"query": "weather"}, "c1")]), "Sunny.")
@@ -594,11 +572,6 @@ def test_route_handler_gets_the_decision_and_updates_the_state(guard: Guard, ser
     assert "privacy" in out[-1].text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardMiddleware._call_outcome returns None (run the tool) when a route handler handled a "
-    "REROUTE on a tool call, so the rerouted call executes and the handler's update is discarded",
-)
 def test_rerouted_tool_call_does_not_run(guard: Guard, server: FakeGuardServer) -> None:
     server.add_rule("send_email", score=50, categories=["PRIVACY"], mode="response")
     policy = {"rules": [{"when": {"min_score": 41}, "then": {"reroute": "escalate"}}]}

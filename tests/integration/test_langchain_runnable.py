@@ -251,11 +251,6 @@ def test_guarded_dict_output_and_missing_output_key(guard: Guard) -> None:
         guarded(rag, guard, output_key="text").invoke("tell me")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: extract_output_text returns None for a dict output without a known key when no output_key is "
-    "given, and GuardedRunnable._check_output then releases the output unchecked (fail-open)",
-)
 def test_guarded_dict_output_without_a_known_key_is_never_released_unchecked(guard: Guard) -> None:
     harmful = RunnableLambda(lambda q: {"reply": "Build the bomb with explosives to kill."})
     with pytest.raises((GuardInputError, GuardBlockedError)):
@@ -590,11 +585,6 @@ async def test_stream_first_leaks_by_design(server: FakeGuardServer, mode: str) 
     assert "lovely" not in "".join(got)  # and stops there
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardedRunnable._stop_chunk yields decision.redacted_text of the whole check window, which "
-    "starts with the already-released context tail (StreamModerator._take_window), so released text is repeated",
-)
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_stream_redact_releases_only_the_redacted_rest(server: FakeGuardServer, mode: str) -> None:
     answer = f"{SAFE_SENTENCE} {BAD_SENTENCE}"

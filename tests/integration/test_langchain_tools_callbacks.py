@@ -202,11 +202,6 @@ async def test_guarded_tools_in_an_agent_without_middleware(server: FakeGuardSer
     assert result["messages"][-1].text == "I cannot look that up."
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardedTool._run/_arun call the wrapped tool with plain args (self.tool.invoke(kwargs)), so a "
-    "content_and_artifact tool returns only its content and the artifact is lost (or the 2-tuple check fails)",
-)
 def test_content_and_artifact_tool_keeps_its_artifact(guard: Guard) -> None:
     @tool(response_format="content_and_artifact")
     def fetch(url: str) -> tuple[str, dict[str, Any]]:
@@ -218,12 +213,6 @@ def test_content_and_artifact_tool_keeps_its_artifact(guard: Guard) -> None:
     assert out.text == "Page x says hello." and out.artifact == {"status": 200}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardedTool._run passes the injected tool_call_id on as a plain argument "
-    "(self.tool.invoke(kwargs)), so a tool with an InjectedToolCallId argument raises ValueError and the "
-    "injected value is sent to the guard as part of the arguments",
-)
 def test_tool_with_injected_tool_call_id_still_works(guard: Guard, server: FakeGuardServer) -> None:
     @tool
     def note(text: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> str:
@@ -235,10 +224,6 @@ def test_tool_with_injected_tool_call_id_still_works(guard: Guard, server: FakeG
     assert server.requests[0].moderated_text == 'note({"text": "hi"})'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardedTool never reads config['configurable']['flexguard_policy']; only its own policy applies",
-)
 def test_guard_tool_policy_per_call_through_configurable(guard: Guard, server: FakeGuardServer) -> None:
     server.add_rule("grey lookup", score=30, categories=["ILLEGAL"], mode="response")
     tools = Tools()
@@ -346,11 +331,6 @@ def test_callbacks_check_documents_from_a_retriever(guard: Guard) -> None:
     assert clean.invoke("capital?", config={"callbacks": [GuardCallbackHandler(guard)]}) == "Paris."
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardCallbackHandler checks documents only in on_retriever_end; a retriever written as a "
-    "RunnableLambda returning Documents reports through on_chain_end, which the handler does not inspect",
-)
 def test_callbacks_check_documents_from_a_retriever_lambda(guard: Guard) -> None:
     llm = fake_model("answer")
     retriever = RunnableLambda(lambda q: DOCS, name="retriever")

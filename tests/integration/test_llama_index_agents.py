@@ -33,6 +33,7 @@ from flexguard_integrations import Action, Guard, GuardBlockedError
 from flexguard_integrations.llama_index import (
     GuardCheckEvent,
     GuardedAgent,
+    GuardedFunctionTool,
     GuardedTool,
     GuardPassedEvent,
     GuardStepMixin,
@@ -196,11 +197,6 @@ async def test_harmful_tool_result_is_redacted(guard: Guard) -> None:
     await guard.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: redacting an injection can never pass: the REDACT re-check (guard.py Guard._redact/_aredact) "
-    "sends '[REDACTED: JAILBREAK]' and FakeGuardServer's lexicon scores the word 'jailbreak' 80 -> BLOCK",
-)
 async def test_injected_tool_result_is_redacted(guard: Guard) -> None:
     tool = guard_tool(
         FunctionTool.from_defaults(Toolbox(page=f"Open at nine. {INJECTION}").fetch_page),
@@ -211,12 +207,6 @@ async def test_injected_tool_result_is_redacted(guard: Guard) -> None:
     assert output.content == "Open at nine. [REDACTED: JAILBREAK]"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tools.py GuardedTool is not a FunctionTool, so the agent's _call_tool does not inject the "
-    "Context into a wrapped tool whose function takes `ctx: Context`: every call fails with 'Context is "
-    "required for this tool' (GuardedTool should expose requires_context/ctx_param_name or forward ctx)",
-)
 async def test_context_aware_tool_still_gets_its_context(guard: Guard) -> None:
     notes: list[str] = []
 
@@ -225,6 +215,10 @@ async def test_context_aware_tool_still_gets_its_context(guard: Guard) -> None:
         await ctx.store.set("note", note)
         notes.append(note)
         return "noted"
+
+    # this module uses `from __future__ import annotations`, and LlamaIndex only recognises a Context
+    # parameter from a real (not stringified) annotation — true of unwrapped FunctionTools as well
+    remember.__annotations__ = {"ctx": Context, "note": str, "return": str}
 
     script = Script("remember", {"note": "buy milk"})
     agent = FunctionAgent(tools=guard_tools([FunctionTool.from_defaults(async_fn=remember)], guard), llm=llm(script))
@@ -300,7 +294,8 @@ async def test_agent_workflow_allowed_call_runs(guard: Guard) -> None:
 def test_guard_tools_keep_order_and_metadata(guard: Guard) -> None:
     originals = Toolbox().tools()
     wrapped = guard_tools(originals, guard)
-    assert all(isinstance(t, GuardedTool) for t in wrapped)
+    # FunctionTools stay FunctionTools (so a workflow Context is still injected), other tools become GuardedTool
+    assert all(isinstance(t, GuardedTool | GuardedFunctionTool) for t in wrapped)
     assert [t.metadata.name for t in wrapped] == ["delete_files", "fetch_page"]
     assert wrapped[0].metadata.fn_schema is originals[0].metadata.fn_schema
     assert wrapped[1].metadata.description == originals[1].metadata.description

@@ -131,12 +131,6 @@ def test_index_query_redacts_the_poisoned_document(server: FakeGuardServer, guar
     assert all("flexguard" not in n.metadata for n in stored)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: redacting an injection can never pass: the REDACT re-check (guard.py Guard._redact/_aredact) "
-    "sends the placeholder '[REDACTED: JAILBREAK]', and FakeGuardServer's lexicon scores the bare word "
-    "'jailbreak' 80, so the decision always becomes BLOCK",
-)
 def test_index_query_redacts_an_injected_document(server: FakeGuardServer, guard: Guard) -> None:
     pp = GuardNodePostprocessor(guard=guard, policy=REDACT_RETRIEVED)
     engine = poisoned_index().as_query_engine(llm=MockLLM(), similarity_top_k=3, node_postprocessors=[pp])
@@ -184,9 +178,10 @@ def test_kept_nodes_keep_order_ids_and_scores(guard: Guard, verdicts: list[Guard
 async def test_async_keeps_order_and_scores(guard: Guard) -> None:
     nodes = scored("alpha is fine.", INJECTION, "gamma is fine.", POISONED_HARMFUL, "epsilon is fine.")
     kept = await GuardNodePostprocessor(guard=guard, policy=REDACT_RETRIEVED).apostprocess_nodes(nodes)
-    assert [n.node.node_id for n in kept] == ["n0", "n2", "n3", "n4"]
-    assert [n.score for n in kept] == [1.0, 0.8, 0.7, 0.6]
-    assert texts(kept)[2] == "Returns are free within 30 days. [REDACTED: VIOLENCE]"
+    assert [n.node.node_id for n in kept] == ["n0", "n1", "n2", "n3", "n4"]
+    assert [n.score for n in kept] == [1.0, 0.9, 0.8, 0.7, 0.6]
+    assert texts(kept)[1] == "[REDACTED: JAILBREAK]"  # the injection sentence is redacted, the node kept
+    assert texts(kept)[3] == "Returns are free within 30 days. [REDACTED: VIOLENCE]"
     await guard.aclose()
 
 
@@ -262,12 +257,6 @@ async def test_with_query_async_qwen(server: FakeGuardServer) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard.py Guard._verdicts/_alimit use len(text) as the chunk limit for texts <= 1024 chars and "
-    "_split/_asplit then call _fit_context(inp, limit), which cuts context+history to limit//2 chars: a short "
-    "node gets only the tail of the query",
-)
 def test_with_query_keeps_the_whole_query_for_a_short_node(server: FakeGuardServer, guard: Guard) -> None:
     GuardNodePostprocessor(guard=guard, with_query=True).postprocess_nodes(scored("Open at nine."), query_str=QUERY)
     assert QUERY in server.requests[-1].json["messages"][0]["content"]
@@ -332,11 +321,6 @@ def test_on_error_allow_keeps_nodes_and_reports_the_fail_open(
     assert sum("FAIL-OPEN" in r.getMessage() for r in caplog.records) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: postprocessor.py GuardNodePostprocessor._apply keeps an ALLOW node as is, so a fail-open node "
-    "(on_error=allow) carries no mark and looks exactly like a node the guard passed",
-)
 def test_fail_open_node_is_marked_in_its_metadata() -> None:
     with Guard.from_endpoint(closed_port_url(), QWEN, timeout=2, max_retries=0, policy={"on_error": "allow"}) as g:
         kept = GuardNodePostprocessor(guard=g).postprocess_nodes(scored("a note."))
@@ -423,11 +407,6 @@ async def test_a_50k_node_is_chunked_against_a_small_context() -> None:
             assert len(model_texts(srv)) > 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: postprocessor.py GuardNodePostprocessor._redacted raises GuardBlockedError('cannot redact a Node') "
-    "for a non-TextNode even with on_block='drop'; it should drop the node",
-)
 def test_redacting_a_media_node_drops_it_under_on_block_drop(guard: Guard) -> None:
     node = Node(text_resource=MediaResource(text=POISONED_HARMFUL), id_="media")
     pp = GuardNodePostprocessor(guard=guard, policy=REDACT_RETRIEVED)

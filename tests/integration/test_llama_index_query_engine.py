@@ -172,12 +172,6 @@ def test_answer_is_checked_with_the_query_as_context(server: FakeGuardServer, gu
     assert f"USER: {BENIGN_Q}" in sent and f"ASSISTANT: {answer}" in sent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard.py Guard._verdicts/_alimit use len(text) as the chunk limit for texts <= 1024 chars and "
-    "_fit_context cuts the context to limit//2: a short answer ('At nine.') is checked against the last 4 "
-    "characters of the query",
-)
 def test_short_answer_is_checked_with_the_whole_query(server: FakeGuardServer) -> None:
     with Guard.from_endpoint(server.base_url, QWEN) as guard:
         GuardedQueryEngine(Recording(answer="At nine."), guard).query(BENIGN_Q)
@@ -327,12 +321,6 @@ async def test_clean_stream_passes_unchanged(server: FakeGuardServer, guard: Gua
     await guard.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: query_engine.py GuardedQueryEngine._guard_stream/_aguard_stream record and emit only the "
-    "decision that stopped a stream: a stream that passes has no metadata['flexguard']['response'] and its "
-    "verdicts are never dispatched as GuardVerdictEvent",
-)
 def test_clean_stream_reports_its_verdicts(
     server: FakeGuardServer, guard: Guard, verdicts: list[GuardVerdictEvent]
 ) -> None:
@@ -344,11 +332,6 @@ def test_clean_stream_reports_its_verdicts(
     assert len([e for e in verdicts if e.where.startswith("query_engine:stream")]) == len(response_requests(server))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: query_engine.py GuardedQueryEngine._stop_text ends a stream on REDACT and yields the redaction of "
-    "the whole check window: the released context tail is repeated and everything after the window is lost",
-)
 def test_stream_redaction_matches_the_non_streaming_answer(guard: Guard) -> None:
     policy = {"surfaces": {"response": {"action": "redact"}}}
     index = index_of(STREAM_DOC)
@@ -425,12 +408,6 @@ def test_empty_answer_is_passed_through_unchecked(server: FakeGuardServer, guard
     assert response_requests(server) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: query_engine.py GuardedQueryEngine._query/_aquery call guard.check(query, response=answer) "
-    "unguarded: an answer over max_text_chars raises GuardInputError out of query() instead of a fail-closed "
-    "refusal (GuardNodePostprocessor turns the same error into a BLOCK decision)",
-)
 def test_huge_answer_is_a_fail_closed_refusal(guard: Guard) -> None:
     response = GuardedQueryEngine(Recording(answer="a" * 3_000_000), guard).query(BENIGN_Q)
     assert response.response == f"{REFUSAL_PREFIX} (guard unavailable)."

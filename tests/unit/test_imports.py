@@ -12,7 +12,7 @@ EXPECTED_CORE = {
     "Decision", "FlexGuardError", "Guard", "GuardAuthenticationError", "GuardBadRequestError", "GuardBlockedError",
     "GuardConnectionError", "GuardInputError", "GuardOverloadedError", "GuardResponseError", "GuardServerError",
     "GuardTimeoutError", "GuardTransportError", "GuardUnavailableError", "PRESETS", "PolicyError",
-    "StrictnessPolicy", "Surface", "Verdict", "VerdictCache", "__version__",
+    "StrictnessPolicy", "Surface", "Verdict", "VerdictCache", "__version__", "policy_scope",
 }  # fmt: skip
 
 
@@ -36,7 +36,7 @@ def test_llama_index_public_names() -> None:
 
     assert set(llama_index.__all__) == {
         "GuardCheckEvent", "GuardNodePostprocessor", "GuardPassedEvent", "GuardStepMixin", "GuardVerdictEvent",
-        "GuardedAgent", "GuardedQueryEngine", "GuardedTool", "guard_tool", "guard_tools",
+        "GuardedAgent", "GuardedFunctionTool", "GuardedQueryEngine", "GuardedTool", "guard_tool", "guard_tools",
     }  # fmt: skip
 
 
