@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -94,7 +95,7 @@ async def test_half_open_probe_closes_the_circuit_when_the_guard_is_back() -> No
             blocked = await guard.acheck(TEXT)
             assert blocked.action is Action.BLOCK and "circuit breaker open" in (blocked.verdict.error or "")
             assert chat_requests(srv) == n  # nothing was sent
-            time.sleep(0.35)
+            await asyncio.sleep(0.35)
             probe = await guard.acheck(TEXT)
             assert probe.action is Action.ALLOW and breaker.state == "closed"
             assert chat_requests(srv) == n + 1
