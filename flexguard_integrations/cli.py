@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run FakeGuardServer until Ctrl-C. Options: see `flexguard fake-server --help`.",
         add_help=False,
     )
+    from .eval.cli import register
+
+    register(sub)
     return parser
 
 
@@ -137,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command in ("eval", "calibrate", "moderate"):
+            from .eval.cli import run
+
+            return run(args)
         build_parser().print_help()
         return EXIT_ERROR
     except SystemExit as exc:  # argparse: --help / --version (0) and usage errors (2)
