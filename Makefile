@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-local lint typecheck check bench clean
+.PHONY: setup demo test test-local docs lint typecheck check bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test-local: setup
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet "transformers>=4.51"
 	HF_HUB_OFFLINE=1 FLEXGUARD_REQUIRE_LOCAL=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/local
+
+## The documentation site (mkdocs-material + mkdocstrings), built strictly.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d site
 
 lint: setup
 	$(BIN)/ruff check flexguard_integrations tests benchmarks examples
