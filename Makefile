@@ -30,7 +30,7 @@ test-local: setup
 
 ## The documentation site (mkdocs-material + mkdocstrings), built strictly.
 docs: setup
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 lint: setup
 	$(BIN)/ruff check flexguard_integrations tests benchmarks examples
