@@ -8,20 +8,29 @@ from typing import Any
 
 _tracer: Any = None
 _checked = False
+_trace: Any = None
 
 
 def _get_tracer() -> Any:
-    global _tracer, _checked
+    """The package's tracer, or None when OpenTelemetry is absent or no tracer provider is configured."""
+    global _tracer, _checked, _trace
     if not _checked:
         _checked = True
         try:
             from opentelemetry import trace
         except ImportError:
-            _tracer = None
-        else:
-            from . import __version__
+            return None
+        _trace = trace
+    if _tracer is not None:
+        return _tracer
+    if _trace is None:
+        return None
+    provider = _trace.get_tracer_provider()
+    if type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        return None  # nobody collects spans: skip the no-op span machinery (it costs ~10 µs a check)
+    from . import __version__
 
-            _tracer = trace.get_tracer("flexguard_integrations", __version__)
+    _tracer = provider.get_tracer("flexguard_integrations", __version__)
     return _tracer
 
 

@@ -33,6 +33,9 @@ class AiohttpTransport(HTTPTransport):
             ) from exc
         super().__init__(base_url, **kwargs)
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # aiohttp's trust_env re-reads the proxy environment (and ~/.netrc) on every request, which costs
+        # more than the request itself on loopback: resolve the proxy for this server once instead
+        self._proxy = _env_proxy_for(self.base_url) if self._trust_env else None
 
     def __repr__(self) -> str:
         return super().__repr__().replace("HTTPTransport", "AiohttpTransport", 1)
@@ -53,9 +56,7 @@ class AiohttpTransport(HTTPTransport):
             else:
                 ssl_arg = ssl.create_default_context(cafile=str(self._verify))
             connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=ssl_arg, keepalive_timeout=30.0)
-            session = aiohttp.ClientSession(
-                headers=self._headers, connector=connector, trust_env=self._trust_env, skip_auto_headers=()
-            )
+            session = aiohttp.ClientSession(headers=self._headers, connector=connector, trust_env=False)
             self._sessions[loop] = session
         return session
 
@@ -69,7 +70,9 @@ class AiohttpTransport(HTTPTransport):
             raise GuardTimeoutError("guard check deadline passed before the request was sent")
         timeout = aiohttp.ClientTimeout(total=left, connect=min(left, self._connect_timeout))
         try:
-            async with self._session().post(url, data=payload, headers=headers, timeout=timeout) as resp:
+            async with self._session().post(
+                url, data=payload, headers=headers, timeout=timeout, proxy=self._proxy
+            ) as resp:
                 body = await resp.read()
                 status = resp.status
                 resp_headers = {k.lower(): v for k, v in resp.headers.items()}
@@ -109,7 +112,9 @@ class AiohttpTransport(HTTPTransport):
 
         left = max(remaining(deadline), 0.001)
         try:
-            async with self._session().get(self._models_url, timeout=aiohttp.ClientTimeout(total=left)) as resp:
+            async with self._session().get(
+                self._models_url, timeout=aiohttp.ClientTimeout(total=left), proxy=self._proxy
+            ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise error_from_response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
@@ -132,3 +137,16 @@ class AiohttpTransport(HTTPTransport):
                 await session.close()
                 del self._sessions[owner]
         await super().aclose()
+
+
+def _env_proxy_for(url: str) -> str | None:
+    """The proxy the environment (HTTP_PROXY / HTTPS_PROXY / NO_PROXY) gives for ``url``, or None."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host or urllib.request.proxy_bypass(host):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")

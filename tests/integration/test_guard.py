@@ -327,3 +327,16 @@ async def test_policy_scope_selects_the_policy_per_call(server: FakeGuardServer)
             assert (await asyncio.gather(guard.acheck("a grey area question")))[0].action is Action.BLOCK
             assert [d.action for d in guard.batch(["a grey area question"] * 3)] == [Action.BLOCK] * 3  # type: ignore[union-attr]
         assert (await guard.acheck("a grey area question")).action is Action.ALLOW
+
+
+def test_aiohttp_transport_resolves_the_proxy_from_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("aiohttp")
+    from flexguard_integrations.transport.aiohttp import AiohttpTransport
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert AiohttpTransport("http://guard.example:8000/v1")._proxy == "http://proxy.internal:3128"
+    assert AiohttpTransport("http://127.0.0.1:8000/v1")._proxy is None
+    assert AiohttpTransport("http://guard.example:8000/v1", trust_env=False)._proxy is None
