@@ -448,13 +448,17 @@ class Guard:
         return max(256, int(budget * self.chars_per_token))
 
     def _finish(self, verdict: Verdict, surface: Surface, started: float) -> Verdict:
-        return replace(
-            verdict,
-            model=self.model_name,
-            family=self.model.family,
-            surface=surface,
-            latency_ms=(time.perf_counter() - started) * 1000.0,
-        )
+        """Stamp a verdict this Guard just created (and nobody else holds) with model, surface and latency.
+
+        Frozen dataclasses set their own fields this way in ``__init__``; it saves a ``dataclasses.replace``
+        (a few µs) on every check.
+        """
+        stamp = object.__setattr__
+        stamp(verdict, "model", self.model_name)
+        stamp(verdict, "family", self.model.family)
+        stamp(verdict, "surface", surface)
+        stamp(verdict, "latency_ms", (time.perf_counter() - started) * 1000.0)
+        return verdict
 
     def _plan_chunks(self, inp: GuardInput, limit: int | None) -> tuple[list[str], GuardInput]:
         """The pieces to check. ``limit`` None: the text fits as is (nothing is split or trimmed)."""
@@ -534,7 +538,7 @@ class Guard:
         pieces, inp = self._plan_chunks(inp, limit)
 
         async def one(piece: str) -> list[tuple[Verdict, BaseException | None]]:
-            sub = replace(inp, text=piece)
+            sub = inp if piece is inp.text else replace(inp, text=piece)
             try:
                 return [await self._acall(sub, surface, deadline, headers)]
             except ContextLengthExceededError as exc:
@@ -652,7 +656,7 @@ class Guard:
         pieces, inp = self._plan_chunks(inp, limit)
 
         def one(piece: str) -> list[tuple[Verdict, BaseException | None]]:
-            sub = replace(inp, text=piece)
+            sub = inp if piece is inp.text else replace(inp, text=piece)
             try:
                 return [self._call(sub, surface, deadline, headers)]
             except ContextLengthExceededError as exc:

@@ -83,7 +83,10 @@ class GuardModel(ABC):
         finish_reason: str | None = "stop",
         logprobs: Sequence[Mapping[str, Any]] | None = None,
     ) -> Verdict:
-        """Read one generated answer. Anything unreadable yields a verdict with ``error`` set, never a safe one."""
+        """Read one generated answer into a NEW Verdict (the Guard stamps it with model, surface and latency).
+
+        Anything unreadable yields a verdict with ``error`` set, never a safe one.
+        """
 
     def parse_completion(self, completion: Mapping[str, Any]) -> Verdict:
         """Read a chat-completion (or completion) response body already checked to have ``choices[0]``."""
