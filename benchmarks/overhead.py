@@ -1,0 +1,257 @@
+"""Per-check latency at concurrency 1: what Guard adds on top of a raw HTTP client.
+
+Five clients send the same request (the exact JSON body ``Guard.acheck(TEXT)`` sends) to the same emulated
+server, one request at a time: raw ``httpx.AsyncClient.post``, ``Guard.acheck`` on the default httpx transport
+(cache off), raw ``aiohttp.ClientSession.post``, ``Guard.acheck`` with ``transport="aiohttp"`` and the openai SDK's
+``chat.completions.create``. A diagnostic sixth client, Guard on aiohttp with ``trust_env=False``, isolates the
+cost of aiohttp's per-request environment lookups.
+
+The clients take turns: each round measures every client in a rotated order, so slow drifts of the machine hit
+all of them alike. Latencies are per call (``perf_counter_ns``) after a warm-up.
+
+    python -m benchmarks.overhead [--quick] [--requests N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from typing import Any
+
+from ._common import (
+    CLIENTS,
+    LABELS,
+    Call,
+    Section,
+    Settings,
+    Target,
+    measure,
+    median,
+    open_client,
+    summarize_ns,
+    table,
+)
+
+DIAGNOSTIC = ("transport_httpx", "transport_aiohttp", "guard_aiohttp_noenv")
+
+
+def plan(quick: bool) -> dict[str, int]:
+    """Requests per client (total over rounds), rounds and warm-up calls."""
+    return {"requests": 2000, "rounds": 2, "warmup": 100} if quick else {"requests": 10000, "rounds": 5, "warmup": 300}
+
+
+async def _measure_all(
+    base_url: str, kinds: tuple[str, ...], requests: int, rounds: int, warmup: int, settings: Settings
+) -> dict[str, Any]:
+    per_round = max(1, requests // rounds)
+    latencies: dict[str, list[int]] = {k: [] for k in kinds}
+    rounds_out: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    async with contextlib.AsyncExitStack() as stack:
+        calls: dict[str, Call] = {}
+        for kind in kinds:
+            calls[kind] = await stack.enter_async_context(open_client(kind, base_url, 1))
+        for call in calls.values():
+            for _ in range(warmup):
+                await call()
+        for r in range(rounds):
+            order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
+            for kind in order:
+                m = await measure(calls[kind], 1, per_round, settings)
+                latencies[kind].extend(m.latencies_ns)
+                s = summarize_ns(m.latencies_ns)
+                rounds_out[kind].append(
+                    {
+                        "round": r,
+                        "p50_us": s["p50_us"],
+                        "mean_us": s["mean_us"],
+                        "rate": m.rate,
+                        "foreign_load_pct": m.load["foreign"],
+                        "client_cpu_pct": m.load["client"],
+                        "server_cpu_pct": m.load["server"],
+                        "client_cpu_us_per_call": m.load["client"] / 100.0 / m.rate * 1e6,
+                        "attempts": m.attempts,
+                        "errors": m.batch.errors,
+                        "first_error": m.batch.first_error,
+                    }
+                )
+    return {
+        kind: {
+            "label": LABELS[kind],
+            **summarize_ns(latencies[kind]),
+            "client_cpu_us": median([x["client_cpu_us_per_call"] for x in rounds_out[kind]]),
+            "errors": sum(x["errors"] for x in rounds_out[kind]),
+            "rounds": rounds_out[kind],
+        }
+        for kind in kinds
+    }
+
+
+def _round_ratio(results: dict[str, Any], num: str, den: str, key: str = "p50_us") -> list[float]:
+    return [a[key] / b[key] for a, b in zip(results[num]["rounds"], results[den]["rounds"], strict=True)]
+
+
+def run(base_url: str, settings: Settings, requests: int | None = None, rounds: int | None = None) -> Section:
+    """Measure, and return the tables, raw results and targets."""
+    p = plan(settings.quick)
+    requests = requests or p["requests"]
+    rounds = rounds or p["rounds"]
+    kinds = CLIENTS + DIAGNOSTIC
+    results = asyncio.run(_measure_all(base_url, kinds, requests, rounds, p["warmup"], settings))
+    section = Section("Overhead per check (concurrency 1)")
+    rows = []
+    for kind in kinds:
+        r = results[kind]
+        p50s = [x["p50_us"] for x in r["rounds"]]
+        rows.append(
+            (
+                r["label"] + (" [diagnostic]" if kind in DIAGNOSTIC else ""),
+                r["n"],
+                r["p50_us"],
+                r["p99_us"],
+                r["mean_us"],
+                1e6 / r["mean_us"],
+                f"{min(p50s):.0f}–{max(p50s):.0f}",
+                r["client_cpu_us"],
+                r["errors"],
+                max(x["foreign_load_pct"] for x in r["rounds"]),
+            )
+        )
+    section.tables.append(
+        (
+            f"Latency per call, µs ({requests:,} requests per client in {rounds} interleaved rounds, after warm-up; "
+            "client CPU/call = the client process's CPU time per call, median of the rounds)",
+            table(
+                (
+                    "client",
+                    "n",
+                    "p50",
+                    "p99",
+                    "mean",
+                    "calls/s",
+                    "p50 per round",
+                    "client CPU/call",
+                    "errors",
+                    "max foreign %",
+                ),
+                rows,
+            ),
+        )
+    )
+    pairs = [
+        ("Guard httpx / raw httpx", "guard_httpx", "raw_httpx"),
+        ("↳ HTTPTransport / raw httpx", "transport_httpx", "raw_httpx"),
+        ("↳ Guard httpx / HTTPTransport", "guard_httpx", "transport_httpx"),
+        ("Guard aiohttp / raw aiohttp", "guard_aiohttp", "raw_aiohttp"),
+        ("↳ AiohttpTransport / raw aiohttp", "transport_aiohttp", "raw_aiohttp"),
+        ("↳ Guard aiohttp / AiohttpTransport", "guard_aiohttp", "transport_aiohttp"),
+        ("Guard aiohttp (trust_env=False) / raw aiohttp", "guard_aiohttp_noenv", "raw_aiohttp"),
+        ("Guard httpx / openai SDK", "guard_httpx", "openai"),
+        ("Guard aiohttp / openai SDK", "guard_aiohttp", "openai"),
+    ]
+    ratio_rows = []
+    ratios: dict[str, dict[str, float]] = {}
+    for name, num, den in pairs:
+        a, b = results[num], results[den]
+        per_round = _round_ratio(results, num, den)
+        ratios[name] = {
+            "p50": a["p50_us"] / b["p50_us"],
+            "p99": a["p99_us"] / b["p99_us"],
+            "mean": a["mean_us"] / b["mean_us"],
+            "p50_per_round_median": median(per_round),
+            "p50_per_round_min": min(per_round),
+            "p50_per_round_max": max(per_round),
+            "p50_delta_us": a["p50_us"] - b["p50_us"],
+            "mean_delta_us": a["mean_us"] - b["mean_us"],
+            "cpu": a["client_cpu_us"] / b["client_cpu_us"],
+            "cpu_delta_us": a["client_cpu_us"] - b["client_cpu_us"],
+        }
+        q = ratios[name]
+        ratio_rows.append(
+            (
+                name,
+                f"{q['p50']:.2f}×",
+                f"{q['p99']:.2f}×",
+                f"{q['mean']:.2f}×",
+                f"{q['p50_per_round_min']:.2f}–{q['p50_per_round_max']:.2f}",
+                q["p50_delta_us"],
+                q["mean_delta_us"],
+                f"{q['cpu']:.2f}×",
+                q["cpu_delta_us"],
+            )
+        )
+    section.tables.append(
+        (
+            "Ratios (pooled over rounds; the per-round column pairs the rounds)",
+            table(
+                ("ratio", "p50", "p99", "mean", "p50 per round", "Δp50 µs", "Δmean µs", "client CPU", "ΔCPU µs"),
+                ratio_rows,
+            ),
+        )
+    )
+    section.results = {
+        "plan": {"requests": requests, "rounds": rounds, "warmup": p["warmup"]},
+        "clients": results,
+        "ratios": ratios,
+    }
+    httpx_ratio = ratios["Guard httpx / raw httpx"]["p50"]
+    aio_ratio = ratios["Guard aiohttp / raw aiohttp"]["p50"]
+    d_httpx = results["guard_httpx"]["p50_us"] - results["raw_aiohttp"]["p50_us"]
+    d_aio = results["guard_aiohttp"]["p50_us"] - results["raw_aiohttp"]["p50_us"]
+    d_openai = results["guard_httpx"]["p50_us"] - results["openai"]["p50_us"]
+    section.targets = [
+        Target(
+            "Guard httpx p50 ≤ 1.2× raw httpx", f"{httpx_ratio:.2f}×", "≤ 1.20×", httpx_ratio <= 1.2, source="issue 2"
+        ),
+        Target(
+            "Guard httpx p50 ≤ 1.1× raw httpx", f"{httpx_ratio:.2f}×", "≤ 1.10×", httpx_ratio <= 1.1, source="issue 6"
+        ),
+        Target(
+            "Guard aiohttp p50 ≤ 1.3× raw aiohttp", f"{aio_ratio:.2f}×", "≤ 1.30×", aio_ratio <= 1.3, source="issue"
+        ),
+        Target(
+            "Guard httpx p50 ≤ raw aiohttp + 1.0 ms",
+            f"+{d_httpx / 1000:.2f} ms",
+            "≤ +1.00 ms",
+            d_httpx <= 1000,
+            source="reference §6.2.1",
+        ),
+        Target(
+            "Guard aiohttp p50 ≤ raw aiohttp + 0.3 ms",
+            f"+{d_aio / 1000:.2f} ms",
+            "≤ +0.30 ms",
+            d_aio <= 300,
+            source="reference §6.2.1",
+        ),
+        Target(
+            "Guard httpx p50 ≤ openai SDK + 0.2 ms",
+            f"{d_openai / 1000:+.2f} ms",
+            "≤ +0.20 ms",
+            d_openai <= 200,
+            source="reference §6.2.1",
+        ),
+    ]
+    return section
+
+
+def main() -> None:
+    from ._common import ServerProcess, prepare_process
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--requests", type=int, default=None, help="requests per client (total over rounds)")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    prepare_process(0)
+    with ServerProcess(core=1) as server:
+        section = run(
+            server.base_url,
+            Settings(quick=args.quick, server_pid=server.pid, attempts=1 if args.quick else 3),
+            args.requests,
+            args.rounds,
+        )
+    print(section.render())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Checks per second on one client core at concurrency 1, 16, 64 and 256.
+
+At each level ``N`` workers share a fixed number of requests (one request in flight per worker), and every
+client gets a pool (or Guard ``concurrency``) of ``N``: raw httpx, Guard on httpx (default), raw aiohttp,
+Guard on aiohttp, the openai SDK, plus a raw-socket client that shows the emulated server's ceiling. Two
+diagnostic Guard configurations isolate costs found while profiling: ``concurrency=16`` whatever the load
+(the semaphore queues the callers, the httpx pool stays small) and aiohttp with ``trust_env=False``.
+
+    python -m benchmarks.throughput [--quick] [--requests N] [--rounds R] [--levels 1,16,64,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from typing import Any
+
+from ._common import (
+    CLIENTS,
+    LABELS,
+    Call,
+    Section,
+    Settings,
+    Target,
+    measure,
+    median,
+    open_client,
+    run_workers,
+    summarize_ns,
+    table,
+)
+
+LEVELS: tuple[int, ...] = (1, 16, 64, 256)
+CEILING = ("raw_socket",)
+DIAGNOSTIC = ("guard_httpx_c16", "guard_aiohttp_noenv")
+
+
+def plan(quick: bool) -> dict[str, int]:
+    """Requests per measurement, rounds per level, and the time cap of one measurement (seconds)."""
+    return (
+        {"requests": 300, "rounds": 1, "max_seconds": 15}
+        if quick
+        else {"requests": 3000, "rounds": 2, "max_seconds": 60}
+    )
+
+
+def _kinds(level: int, quick: bool) -> tuple[str, ...]:
+    if quick:
+        return CEILING + CLIENTS
+    diagnostic = DIAGNOSTIC if level > 16 else ("guard_aiohttp_noenv",)
+    return CEILING + CLIENTS + diagnostic
+
+
+async def _level(
+    base_url: str, level: int, requests: int, rounds: int, max_seconds: float, settings: Settings
+) -> dict[str, Any]:
+    kinds = _kinds(level, settings.quick)
+    out: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        calls: dict[str, Call] = {}
+        for kind in kinds:
+            calls[kind] = await stack.enter_async_context(open_client(kind, base_url, level))
+            await run_workers(calls[kind], level, max(level, 20), max_seconds)  # open the pool's connections
+        measured: dict[str, list[Any]] = {k: [] for k in kinds}
+        for r in range(rounds):
+            order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
+            for kind in order:
+                measured[kind].append(await measure(calls[kind], level, requests, settings, max_seconds))
+        for kind in kinds:
+            ms = measured[kind]
+            rates = [m.rate for m in ms]
+            lat = summarize_ns(x for m in ms for x in m.latencies_ns)
+            out[kind] = {
+                "label": LABELS[kind],
+                "rate": median(rates),
+                "rates": rates,
+                "p50_us": lat["p50_us"],
+                "p99_us": lat["p99_us"],
+                "foreign_load_pct": [m.load["foreign"] for m in ms],
+                "client_cpu_pct": [m.load["client"] for m in ms],
+                "server_cpu_pct": [m.load["server"] for m in ms],
+                "attempts": [m.attempts for m in ms],
+                "completed": [m.batch.completed for m in ms],
+                "capped": any(m.batch.capped for m in ms),
+                "errors": sum(m.batch.errors for m in ms),
+                "first_error": next((m.batch.first_error for m in ms if m.batch.first_error), None),
+            }
+    return out
+
+
+def run(
+    base_url: str,
+    settings: Settings,
+    requests: int | None = None,
+    rounds: int | None = None,
+    levels: tuple[int, ...] = LEVELS,
+) -> Section:
+    """Measure every level, and return the tables, raw results and targets."""
+    p = plan(settings.quick)
+    requests = requests or p["requests"]
+    rounds = rounds or p["rounds"]
+    results: dict[int, dict[str, Any]] = {}
+    for level in levels:
+        results[level] = asyncio.run(_level(base_url, level, requests, rounds, p["max_seconds"], settings))
+    section = Section("Throughput (one client core)")
+    all_kinds = [k for k in CEILING + CLIENTS + DIAGNOSTIC if any(k in results[lv] for lv in levels)]
+
+    def cell(level: int, kind: str, key: str) -> Any:
+        r = results[level].get(kind)
+        return r[key] if r else "—"
+
+    def rate_cell(level: int, kind: str) -> Any:
+        r = results[level].get(kind)
+        if not r:
+            return "—"
+        marks = ("†" if r["capped"] else "") + (f" ({r['errors']:,} failed)" if r["errors"] else "")
+        return f"{r['rate']:,.0f}{marks}" if marks else r["rate"]
+
+    rows = []
+    for kind in all_kinds:
+        label = LABELS[kind] + (" [diagnostic]" if kind in DIAGNOSTIC else "")
+        rows.append((label, *(rate_cell(level, kind) for level in levels)))
+    section.tables.append(
+        (
+            f"Successful checks/s (median of {rounds} round(s) of {requests:,} requests per level; pool = concurrency; "
+            f"† = stopped by the {p['max_seconds']} s cap before all requests were made; failed = checks that "
+            "raised or that Guard decided without a verdict)",
+            table(("client", *(f"c={lv}" for lv in levels)), rows),
+        )
+    )
+    lat_rows = []
+    for kind in all_kinds:
+        label = LABELS[kind] + (" [diagnostic]" if kind in DIAGNOSTIC else "")
+        lat_rows.append(
+            (
+                label,
+                *(
+                    f"{cell(lv, kind, 'p50_us') / 1000:.1f} / {cell(lv, kind, 'p99_us') / 1000:.1f}"
+                    if kind in results[lv]
+                    else "—"
+                    for lv in levels
+                ),
+            )
+        )
+    section.tables.append(
+        ("Latency p50 / p99 per call, ms", table(("client", *(f"c={lv}" for lv in levels)), lat_rows))
+    )
+    ratio_rows = []
+    for level in levels:
+        r = results[level]
+        ratio_rows.append(
+            (
+                level,
+                f"{r['guard_httpx']['rate'] / r['raw_httpx']['rate']:.2f}×",
+                f"{r['guard_aiohttp']['rate'] / r['raw_aiohttp']['rate']:.2f}×",
+                f"{r['guard_aiohttp']['rate'] / r['guard_httpx']['rate']:.2f}×",
+                f"{r['raw_httpx']['rate'] / r['raw_socket']['rate']:.2f}",
+                f"{r['raw_aiohttp']['rate'] / r['raw_socket']['rate']:.2f}",
+                max(max(x["foreign_load_pct"]) for x in r.values()),
+            )
+        )
+    section.tables.append(
+        (
+            "Ratios",
+            table(
+                (
+                    "concurrency",
+                    "Guard httpx / raw httpx",
+                    "Guard aiohttp / raw aiohttp",
+                    "Guard aiohttp / Guard httpx",
+                    "raw httpx / server ceiling",
+                    "raw aiohttp / server ceiling",
+                    "max foreign load %",
+                ),
+                ratio_rows,
+            ),
+        )
+    )
+    section.results = {
+        "plan": {"requests": requests, "rounds": rounds, "levels": list(levels), "max_seconds": p["max_seconds"]},
+        "levels": {str(k): v for k, v in results.items()},
+    }
+    section.targets = _targets(results, levels)
+    return section
+
+
+def _targets(results: dict[int, dict[str, Any]], levels: tuple[int, ...]) -> list[Target]:
+    targets: list[Target] = []
+    rate = {lv: results[lv]["guard_httpx"]["rate"] for lv in levels}
+    if 64 in levels:
+        targets.append(
+            Target(
+                "Guard default ≥ 600 checks/s on one core (c=64)",
+                f"{rate[64]:,.0f}/s",
+                "≥ 600/s",
+                rate[64] >= 600,
+                note="per level: " + ", ".join(f"c={lv} {rate[lv]:,.0f}" for lv in levels),
+                source="issue; reference §6.2.2",
+            )
+        )
+    ratios = {lv: results[lv]["guard_httpx"]["rate"] / results[lv]["raw_httpx"]["rate"] for lv in levels}
+    worst = min(ratios, key=lambda lv: ratios[lv])
+    targets.append(
+        Target(
+            "Guard default ≥ 0.9× raw httpx at every concurrency",
+            f"worst {ratios[worst]:.2f}× (c={worst})",
+            "≥ 0.90× at each level",
+            all(v >= 0.9 for v in ratios.values()),
+            note=", ".join(f"c={lv} {v:.2f}×" for lv, v in ratios.items()),
+            source="issue",
+        )
+    )
+    if 64 in levels and 256 in levels:
+        fall = rate[256] / rate[64]
+        targets.append(
+            Target(
+                "Guard default does not fall from c=64 to c=256",
+                f"c=256 / c=64 = {fall:.2f}×",
+                "≥ 0.95× (5% noise allowance)",
+                fall >= 0.95,
+                source="issue; reference §6.2.2",
+            )
+        )
+    if 64 in levels:
+        r64 = results[64]
+        speedup = r64["guard_aiohttp"]["rate"] / r64["guard_httpx"]["rate"]
+        targets.append(
+            Target(
+                "Guard aiohttp ≥ 3× Guard default at c=64",
+                f"{speedup:.2f}× ({r64['guard_aiohttp']['rate']:,.0f}/s)",
+                "≥ 3.0×",
+                speedup >= 3.0,
+                source="issue",
+            )
+        )
+        targets.append(
+            Target(
+                "Guard aiohttp ≥ 3,000 checks/s at c=64",
+                f"{r64['guard_aiohttp']['rate']:,.0f}/s",
+                "≥ 3,000/s",
+                r64["guard_aiohttp"]["rate"] >= 3000,
+                note=f"server ceiling here {r64['raw_socket']['rate']:,.0f}/s",
+                source="reference §6.2.2",
+            )
+        )
+    return targets
+
+
+def main() -> None:
+    from ._common import ServerProcess, prepare_process
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--requests", type=int, default=None, help="requests per measurement")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    args = parser.parse_args()
+    levels = tuple(int(x) for x in args.levels.split(","))
+    prepare_process(0)
+    with ServerProcess(core=1) as server:
+        section = run(
+            server.base_url,
+            Settings(quick=args.quick, server_pid=server.pid, attempts=1 if args.quick else 3),
+            args.requests,
+            args.rounds,
+            levels,
+        )
+    print(section.render())
+
+
+if __name__ == "__main__":
+    main()
