@@ -150,7 +150,8 @@ class Guard:
         self.model_name = model_name
         self.policy = StrictnessPolicy.load(policy)
         self.timeout = float(timeout)
-        self.concurrency = int(concurrency)
+        # never keep more checks in flight than the transport can usefully carry (httpx: 16)
+        self.concurrency = min(int(concurrency), int(getattr(transport, "concurrency", concurrency)))
         if cache is True:
             self.cache: VerdictCache | None = VerdictCache()
         elif cache is False or cache is None:

@@ -39,6 +39,8 @@ def neutralize(text: str) -> str:
     """
     if _SURROGATES.search(text):
         text = fix_surrogates(text)
+    if "<" not in text and "[" not in text:  # every control-token shape starts with one of these
+        return text
     for _ in range(_MAX_PASSES):
         new = _TAGS.sub(_space_after_opener, _SPECIAL.sub(_space_after_opener, text))
         if new == text:

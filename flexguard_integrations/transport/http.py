@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import threading
 import time
@@ -24,6 +25,12 @@ from ..errors import GuardConnectionError, GuardTimeoutError, GuardTransportErro
 from .base import RetryPolicy, decode_completion, error_from_response, normalise_base_url, remaining
 
 T = TypeVar("T")
+logger = logging.getLogger("flexguard_integrations")
+
+HTTPX_MAX_USEFUL_CONCURRENCY = 16
+"""httpx's connection pool scans every connection on each request start and end: past about 16
+connections in flight throughput falls (benchmarks/httpx_pool.py). The httpx transport caps its pool and
+the Guard's in-flight checks there; the aiohttp transport has no such cap."""
 _JSON = {"content-type": "application/json", "accept": "application/json"}
 
 
@@ -58,6 +65,14 @@ class HTTPTransport:
         self.base_url, self.root_url = normalise_base_url(base_url)
         self.retry = retry or RetryPolicy()
         self.concurrency = max(1, int(concurrency))
+        if type(self) is HTTPTransport and self.concurrency > HTTPX_MAX_USEFUL_CONCURRENCY:
+            logger.info(
+                "httpx transport: %d connections asked, %d used (httpx's pool slows down beyond that); "
+                "use transport='aiohttp' for more checks in flight",
+                self.concurrency,
+                HTTPX_MAX_USEFUL_CONCURRENCY,
+            )
+            self.concurrency = HTTPX_MAX_USEFUL_CONCURRENCY
         self._headers = {"user-agent": f"flexguard-integrations/{__version__}", **_JSON, **(headers or {})}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
