@@ -78,16 +78,35 @@ _MAX_SPLIT_DEPTH = 8
 
 if sys.version_info >= (3, 11):
     _timeout_cm = asyncio.timeout
-else:  # pragma: no cover - Python 3.10
+else:  # pragma: no cover - Python 3.10 has no asyncio.timeout
 
     def _timeout_cm(delay: float | None) -> Any:
-        import contextlib
+        return _deadline_cm(delay)
 
-        @contextlib.asynccontextmanager
-        async def _noop() -> Any:
-            yield
 
-        return _noop()
+@contextlib.asynccontextmanager
+async def _deadline_cm(delay: float | None) -> Any:
+    """``asyncio.timeout`` for Python 3.10: cancel the current task after ``delay`` s, raise TimeoutError."""
+    task = asyncio.current_task()
+    if delay is None or task is None:
+        yield
+        return
+    fired = False
+
+    def expire() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(max(delay, 0.0), expire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if fired:
+            raise TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
 
 
 @dataclass(frozen=True, slots=True)
