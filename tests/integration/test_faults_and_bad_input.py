@@ -106,10 +106,15 @@ async def test_fault_mix_every_check_decided_within_deadline_and_nothing_unsafe_
     with FakeGuardServer(faults=plan, seed=7) as srv:
         async with Guard.from_endpoint(srv.base_url, QWEN, timeout=1.5, concurrency=64, cache=False) as guard:
 
+            # a client with as many checks in flight as the transport carries (httpx: 16): the deadline covers
+            # queueing too, so an unbounded burst would time out in the queue, fail-closed but uninformative
+            slots = asyncio.Semaphore(guard.concurrency)
+
             async def timed(text: str) -> tuple[float, object]:
-                t0 = time.monotonic()
-                d = await guard.acheck(text)
-                return time.monotonic() - t0, d
+                async with slots:
+                    t0 = time.monotonic()
+                    d = await guard.acheck(text)
+                    return time.monotonic() - t0, d
 
             results = await asyncio.gather(*(timed(t) for t in texts))
         injected = srv.stats

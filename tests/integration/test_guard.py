@@ -340,3 +340,14 @@ def test_aiohttp_transport_resolves_the_proxy_from_the_environment_once(monkeypa
     assert AiohttpTransport("http://guard.example:8000/v1")._proxy == "http://proxy.internal:3128"
     assert AiohttpTransport("http://127.0.0.1:8000/v1")._proxy is None
     assert AiohttpTransport("http://guard.example:8000/v1", trust_env=False)._proxy is None
+
+
+def test_httpx_transport_caps_checks_in_flight(server: FakeGuardServer) -> None:
+    from flexguard_integrations.transport.http import HTTPX_MAX_USEFUL_CONCURRENCY
+
+    with Guard.from_endpoint(server.base_url, QWEN, concurrency=64) as guard:
+        assert guard.concurrency == HTTPX_MAX_USEFUL_CONCURRENCY
+    with Guard.from_endpoint(server.base_url, QWEN, concurrency=8) as guard:
+        assert guard.concurrency == 8
+    with Guard.from_endpoint(server.base_url, QWEN, concurrency=64, transport="aiohttp") as guard:
+        assert guard.concurrency == 64
