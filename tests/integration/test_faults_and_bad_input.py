@@ -105,7 +105,6 @@ async def test_fault_mix_every_check_decided_within_deadline_and_nothing_unsafe_
     texts = [HARMFUL if i % 2 else f"Tell me a fun fact about the number {i}." for i in range(200)]
     with FakeGuardServer(faults=plan, seed=7) as srv:
         async with Guard.from_endpoint(srv.base_url, QWEN, timeout=1.5, concurrency=64, cache=False) as guard:
-
             # a client with as many checks in flight as the transport carries (httpx: 16): the deadline covers
             # queueing too, so an unbounded burst would time out in the queue, fail-closed but uninformative
             slots = asyncio.Semaphore(guard.concurrency)
