@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-local docs lint typecheck check bench clean
+.PHONY: setup demo test test-local docs lint typecheck check bench bench-nemo clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,16 @@ check: lint typecheck test
 ## Benchmarks run on demand, never in the test suite.
 bench: setup
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.agent_step
+	$(BIN)/python -m benchmarks.streaming
+	@echo "NeMo Guardrails comparison (in its own venv, never the project's): make bench-nemo"
+
+## The peer comparison with NeMo Guardrails 0.24.1, installed in a separate venv.
+NEMO_VENV ?= /tmp/nemo-venv
+bench-nemo: setup
+	test -x $(NEMO_VENV)/bin/python || $(PYTHON) -m venv $(NEMO_VENV)
+	$(NEMO_VENV)/bin/python -m pip install --quiet "nemoguardrails==0.24.1" httpx
+	$(BIN)/python -m benchmarks.nemo_peer --nemo-python $(NEMO_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
