@@ -14,10 +14,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception
-
-from ..errors import ConfigurationError, GuardConnectionError, GuardTimeoutError, GuardTransportError
-from .base import RetryPolicy, decode_completion, error_from_response, remaining
+from ..errors import ConfigurationError, GuardConnectionError, GuardTimeoutError
+from .base import decode_completion, error_from_response, remaining
 from .http import HTTPTransport
 
 
@@ -87,25 +85,6 @@ class AiohttpTransport(HTTPTransport):
         if status != 200:
             raise error_from_response(status, resp_headers, body)
         return decode_completion(body, resp_headers.get("content-type"))
-
-    async def acomplete(
-        self, body: Mapping[str, Any], *, deadline: float, headers: Mapping[str, str] | None = None
-    ) -> dict[str, Any]:
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        try:
-            return await self._apost(self._chat_url, payload, deadline, headers)
-        except GuardTransportError as exc:
-            delay = self._first_wait_fits(exc, deadline)
-            if delay is None:
-                raise
-        await asyncio.sleep(delay)
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(RetryPolicy.retryable),
-            wait=self._wait,
-            stop=self._stop(deadline),
-            reraise=True,
-        )
-        return await retrying(self._apost, self._chat_url, payload, deadline, headers)
 
     async def amodels(self, *, deadline: float) -> list[dict[str, Any]]:
         import aiohttp
