@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the pinned server process, the five clients, statistics and tables.
+"""Shared pieces of the benchmarks: the pinned server process, the six clients, statistics and tables.
 
 The emulated guard server (``python -m flexguard_integrations.testing``) runs in its own process pinned to one
 core (``taskset -c 1``) and the benchmark client pins itself to another (``sched_setaffinity``, the call behind
@@ -44,13 +44,14 @@ TEXT = (
 )
 """A ~500-character prompt the emulated guard judges Unsafe / Violent (Guard decides BLOCK, one request)."""
 
-CLIENTS: tuple[str, ...] = ("raw_httpx", "guard_httpx", "raw_aiohttp", "guard_aiohttp", "openai")
+CLIENTS: tuple[str, ...] = ("raw_httpx", "guard_httpx", "raw_aiohttp", "guard_aiohttp", "openai", "langchain_openai")
 LABELS: dict[str, str] = {
     "raw_httpx": "raw httpx.AsyncClient.post",
     "guard_httpx": "Guard.acheck (httpx, default)",
     "raw_aiohttp": "raw aiohttp.ClientSession.post",
     "guard_aiohttp": "Guard.acheck (transport=aiohttp)",
     "openai": "openai AsyncOpenAI chat.completions.create",
+    "langchain_openai": "LangChain ChatOpenAI.ainvoke",
     "raw_socket": "raw asyncio socket (server ceiling)",
     "guard_aiohttp_noenv": "Guard.acheck (aiohttp, trust_env=False)",
     "guard_httpx_c16": "Guard.acheck (httpx, concurrency=16 whatever the load)",
@@ -381,6 +382,9 @@ async def open_client(kind: str, base_url: str, concurrency: int) -> AsyncIterat
             yield call_openai
         finally:
             await oai.close()
+    elif kind == "langchain_openai":
+        async with _langchain_client(base_url, payload, concurrency) as call:
+            yield call
     elif kind in ("transport_httpx", "transport_aiohttp"):
         transport_name = "aiohttp" if kind == "transport_aiohttp" else "httpx"
         holder = Guard.from_endpoint(base_url, MODEL, cache=False, concurrency=concurrency, transport=transport_name)
@@ -400,6 +404,80 @@ async def open_client(kind: str, base_url: str, concurrency: int) -> AsyncIterat
             yield call
     else:
         raise ValueError(f"unknown client {kind!r}")
+
+
+def _comparable(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat request body with the spellings that mean the same thing to the server made equal:
+    ``"stream": false`` is the default, ``max_completion_tokens`` is the newer name of ``max_tokens``."""
+    out = {k: v for k, v in body.items() if not (k == "stream" and v is False)}
+    if "max_completion_tokens" in out and "max_tokens" not in out:
+        out["max_tokens"] = out.pop("max_completion_tokens")
+    return out
+
+
+async def _reference_answer(url: str, payload: bytes) -> str:
+    """``choices[0].message.content`` of one raw POST of ``payload``: the answer every client must get."""
+    import httpx
+
+    async with httpx.AsyncClient(headers=HEADERS, timeout=30.0) as client:
+        resp = await client.post(url, content=payload)
+    if resp.status_code != 200:
+        raise BenchmarkError(f"reference request: HTTP {resp.status_code}")
+    return str(resp.json()["choices"][0]["message"]["content"])
+
+
+@contextlib.asynccontextmanager
+async def _langchain_client(base_url: str, payload: bytes, concurrency: int) -> AsyncIterator[Call]:
+    """LangChain's ``ChatOpenAI.ainvoke`` with the openai row's settings (same pool, ``temperature=0``,
+    ``max_tokens=64``, no logprobs, no retries), on the same messages.
+
+    At start-up it checks that the request ChatOpenAI builds is the one Guard sends (up to ``"stream": false``
+    and the ``max_completion_tokens`` spelling of ``max_tokens``), and that its first answer, fetched from the
+    server, is the answer a raw POST of Guard's body gets.
+    """
+    import httpx2
+    import openai
+
+    try:
+        from langchain_core.messages import convert_to_messages
+        from langchain_openai import ChatOpenAI
+    except ImportError as exc:
+        raise BenchmarkError("the ChatOpenAI client needs langchain-openai (dev dependency group: make setup)") from exc
+
+    pool = max(concurrency, 100)
+    http_client = openai.DefaultAsyncHttpxClient(
+        limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool)
+    )
+    llm = ChatOpenAI(
+        base_url=base_url,
+        api_key="benchmark",
+        model=MODEL,
+        temperature=0,
+        max_tokens=64,
+        max_retries=0,
+        timeout=30.0,
+        http_async_client=http_client,
+    )
+    messages = convert_to_messages(request_body()["messages"])
+    try:
+        build = getattr(llm, "_get_request_payload", None)  # private: skip the request check if it goes away
+        if build is not None:
+            sent, expected = _comparable(build(messages)), _comparable(request_body())
+            if sent != expected:
+                raise BenchmarkError(f"ChatOpenAI builds a different request: {sent!r} != {expected!r}")
+        first = await llm.ainvoke(messages)
+        reference = await _reference_answer(base_url + "/chat/completions", payload)
+        if first.content != reference:
+            raise BenchmarkError(f"ChatOpenAI got {first.content!r}, a raw POST got {reference!r}")
+
+        async def call_langchain() -> None:
+            message = await llm.ainvoke(messages)
+            if not message.content:
+                raise BenchmarkError("ChatOpenAI: empty answer")
+
+        yield call_langchain
+    finally:
+        await llm.root_async_client.close()
 
 
 @contextlib.asynccontextmanager
@@ -716,6 +794,16 @@ def machine_info() -> dict[str, Any]:
         "git_commit": commit,
         "versions": {
             d: _version(d)
-            for d in ("flexguard-integrations", "httpx", "httpcore", "aiohttp", "openai", "httpx2", "opentelemetry-api")
+            for d in (
+                "flexguard-integrations",
+                "httpx",
+                "httpcore",
+                "aiohttp",
+                "openai",
+                "httpx2",
+                "langchain-core",
+                "langchain-openai",
+                "opentelemetry-api",
+            )
         },
     }

@@ -1,10 +1,12 @@
 """Per-check latency at concurrency 1: what Guard adds on top of a raw HTTP client.
 
-Five clients send the same request (the exact JSON body ``Guard.acheck(TEXT)`` sends) to the same emulated
+Six clients send the same request (the exact JSON body ``Guard.acheck(TEXT)`` sends) to the same emulated
 server, one request at a time: raw ``httpx.AsyncClient.post``, ``Guard.acheck`` on the default httpx transport
-(cache off), raw ``aiohttp.ClientSession.post``, ``Guard.acheck`` with ``transport="aiohttp"`` and the openai SDK's
-``chat.completions.create``. A diagnostic sixth client, Guard on aiohttp with ``trust_env=False``, isolates the
-cost of aiohttp's per-request environment lookups.
+(cache off), raw ``aiohttp.ClientSession.post``, ``Guard.acheck`` with ``transport="aiohttp"``, the openai SDK's
+``chat.completions.create`` and LangChain's ``ChatOpenAI.ainvoke`` (langchain-openai, same settings as the openai
+row). Diagnostic clients isolate costs: Guard's transports alone (``HTTPTransport`` / ``AiohttpTransport``
+``acomplete``, without the Guard layer) and Guard on aiohttp with ``trust_env=False`` (aiohttp's per-request
+environment lookups).
 
 The clients take turns: each round measures every client in a rotated order, so slow drifts of the machine hit
 all of them alike. Latencies are per call (``perf_counter_ns``) after a warm-up.
@@ -148,6 +150,8 @@ def run(base_url: str, settings: Settings, requests: int | None = None, rounds: 
         ("Guard aiohttp (trust_env=False) / raw aiohttp", "guard_aiohttp_noenv", "raw_aiohttp"),
         ("Guard httpx / openai SDK", "guard_httpx", "openai"),
         ("Guard aiohttp / openai SDK", "guard_aiohttp", "openai"),
+        ("Guard httpx / LangChain ChatOpenAI", "guard_httpx", "langchain_openai"),
+        ("LangChain ChatOpenAI / openai SDK", "langchain_openai", "openai"),
     ]
     ratio_rows = []
     ratios: dict[str, dict[str, float]] = {}

@@ -1,6 +1,6 @@
 """Run every benchmark against one emulated guard server and write the results as JSON.
 
-    python -m benchmarks.run [--quick] [--json OUT] [--only overhead,throughput,cache,profile]
+    python -m benchmarks.run [--quick] [--json OUT] [--only overhead,throughput,cache,profile] [--plot-dir DIR]
 
 The client pins itself to one core (``--client-core``, default 0; the call behind ``taskset -c 0``) and starts
 ``python -m flexguard_integrations.testing --port 0`` under ``taskset -c 1`` (``--server-core``), waits for
@@ -8,6 +8,8 @@ The client pins itself to one core (``--client-core``, default 0; the call behin
 processes (more than ``--max-foreign`` % of a core) are repeated after the machine calms down.
 
 The full run takes about 10 minutes on a 2-core VM; ``--quick`` about 1–2 minutes (fewer requests, one round).
+A full (not ``--quick``) run ends by plotting its throughput and overhead results (``benchmarks.plot``) into
+``--plot-dir`` (default ``docs/img``); ``--no-plot`` skips that.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import cache, overhead, profile_guard, throughput
+from . import cache, overhead, plot, profile_guard, throughput
 from ._common import (
     Section,
     ServerProcess,
@@ -69,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         "--attempts", type=int, default=None, help="tries per disturbed measurement (3; 1 with --quick)"
     )
     parser.add_argument("--quiet-wait", type=float, default=60.0, help="seconds to wait for quiet before a retry")
+    parser.add_argument(
+        "--plot-dir",
+        type=Path,
+        default=plot.DEFAULT_OUT,
+        help=f"where a full run writes its SVG plots (default {plot.DEFAULT_OUT})",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not plot (a --quick run never plots)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     for s in sections:
@@ -136,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text("\n".join(rendered))
         print(f"tables written to {args.markdown}")
+    if not args.quick and not args.no_plot:
+        try:
+            written = plot.plot(json.loads(args.json.read_text()), args.plot_dir)
+        except ImportError as exc:
+            print(f"no plots: {exc} (matplotlib is in the dev dependency group: make setup)")
+        else:
+            for path in written:
+                print(f"plot written to {path}")
     return 0
 
 

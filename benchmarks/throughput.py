@@ -1,9 +1,10 @@
 """Checks per second on one client core at concurrency 1, 16, 64 and 256.
 
 At each level ``N`` workers share a fixed number of requests (one request in flight per worker), and every
-client gets a pool (or Guard ``concurrency``) of ``N``: raw httpx, Guard on httpx (default), raw aiohttp,
-Guard on aiohttp, the openai SDK, plus a raw-socket client that shows the emulated server's ceiling. Two
-diagnostic Guard configurations isolate costs found while profiling: ``concurrency=16`` whatever the load
+client gets a pool (or Guard ``concurrency``) of ``N`` (the openai SDK and ChatOpenAI: ``max(N, 100)``, 100
+being the SDK's default keep-alive pool): raw httpx, Guard on httpx (default), raw aiohttp, Guard on aiohttp,
+the openai SDK, LangChain's ``ChatOpenAI``, plus a raw-socket client that shows the emulated server's ceiling.
+Two diagnostic Guard configurations isolate costs found while profiling: ``concurrency=16`` whatever the load
 (the semaphore queues the callers, the httpx pool stays small) and aiohttp with ``trust_env=False``.
 
     python -m benchmarks.throughput [--quick] [--requests N] [--rounds R] [--levels 1,16,64,256]
