@@ -10,7 +10,7 @@ check has passed it (see :mod:`flexguard_integrations.streaming`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_origin
 
@@ -331,6 +331,16 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             redact_item=lambda text: self._text_chunk(text, sample[0] if sample else None),
         )
 
+    def _sampler(self, sample: list[Any]) -> Callable[[Any], str]:
+        """The text of a streamed chunk; the first chunk is kept as the model for refusal/redaction chunks."""
+
+        def text_of(chunk: Any) -> str:
+            if not sample:
+                sample.append(chunk)
+            return _chunk_text(chunk, self.output_key)
+
+        return text_of
+
     def _text_chunk(self, text: str, sample: Any, decision: Decision | None = None) -> Any:
         """A chunk of the wrapped stream's type carrying ``text``."""
         meta = {"flexguard": decision.to_dict()} if decision is not None else {}
@@ -368,14 +378,11 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         sample: list[Any] = []
         moderator = self._moderator(prompt, policy, sample)
         moderator.on_decision = lambda d: dispatch_verdict(d, "stream", config)
-        for chunk in self.bound.stream(run_value, child):
-            if not sample:
-                sample.append(chunk)
-            yield from moderator.push(chunk, _chunk_text(chunk, self.output_key))
-            if moderator.stopped is not None:
-                break
-        if moderator.stopped is None:
-            yield from moderator.flush()
+        released = moderator.moderate(self.bound.stream(run_value, child), self._sampler(sample))
+        try:
+            yield from released
+        finally:
+            released.close()  # closes the wrapped stream too
         if moderator.stopped is not None:
             yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
 
@@ -404,27 +411,15 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         sample: list[Any] = []
         moderator = self._moderator(prompt, policy, sample)
         dispatched = 0
-        stream = self.bound.astream(run_value, child)
+        released = moderator.amoderate(self.bound.astream(run_value, child), self._sampler(sample))
         try:
-            async for chunk in stream:
-                if not sample:
-                    sample.append(chunk)
-                released = await moderator.apush(chunk, _chunk_text(chunk, self.output_key))
+            async for item in released:
                 for decision in moderator.decisions[dispatched:]:
                     await adispatch_verdict(decision, "stream", config)
                 dispatched = len(moderator.decisions)
-                for item in released:
-                    yield item
-                if moderator.stopped is not None:
-                    break
-            if moderator.stopped is None:
-                for item in await moderator.aflush():
-                    yield item
+                yield item
         finally:
-            await moderator.aclose()
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await released.aclose()  # cancels running checks and closes the wrapped stream
         for decision in moderator.decisions[dispatched:]:
             await adispatch_verdict(decision, "stream", config)
         if moderator.stopped is not None:

@@ -199,12 +199,11 @@ class GuardedQueryEngine(BaseQueryEngine):
         source = response.response_gen
 
         def gen() -> Generator[str, None, None]:
-            for token in source:
-                yield from moderator.push(token, token)
-                if moderator.stopped is not None:
-                    break
-            if moderator.stopped is None:
-                yield from moderator.flush()
+            released = moderator.moderate(source, str)
+            try:
+                yield from released
+            finally:
+                released.close()
             if moderator.stopped is not None:
                 yield self._stop_text(moderator.stopped)
 
@@ -249,17 +248,12 @@ class GuardedQueryEngine(BaseQueryEngine):
         source = response.async_response_gen()
 
         async def gen() -> AsyncGenerator[str, None]:
+            released = moderator.amoderate(source, str)
             try:
-                async for token in source:
-                    for released in await moderator.apush(token, token):
-                        yield released
-                    if moderator.stopped is not None:
-                        break
-                if moderator.stopped is None:
-                    for released in await moderator.aflush():
-                        yield released
+                async for token in released:
+                    yield token
             finally:
-                await moderator.aclose()
+                await released.aclose()
             if moderator.stopped is not None:
                 yield self._stop_text(moderator.stopped)
 

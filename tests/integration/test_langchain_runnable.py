@@ -7,6 +7,7 @@ speculative (parallel) input guarding with a slow model, stream/astream moderati
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -440,21 +441,37 @@ def test_speculative_sync_discards_the_result_of_a_blocked_run(server: FakeGuard
 # ---------------------------------------------------------------- streaming
 
 
-def _recording_chain(text: str, produced: list[str]) -> Any:
-    """prompt | streaming fake model | parser | a pass-through that records each chunk as it is produced."""
+def _recording_chain(text: str, produced: list[str], gate: tuple[int, threading.Event] | None = None) -> Any:
+    """prompt | streaming fake model | parser | a pass-through that records each chunk as it is produced.
+
+    ``gate=(n, event)``: after producing ``n`` chunks the stream stalls until ``event`` is set (at most 10 s),
+    like a model pausing between tokens.
+    """
 
     def record(chunks: Iterator[str]) -> Iterator[str]:
         for c in chunks:
+            if gate is not None and len(produced) == gate[0]:
+                gate[1].wait(10)
             produced.append(c)
             yield c
 
     async def arecord(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         async for c in chunks:
+            if gate is not None and len(produced) == gate[0]:
+                for _ in range(10_000):
+                    if gate[1].is_set():
+                        break
+                    await asyncio.sleep(0.001)
             produced.append(c)
             yield c
 
     prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
     return prompt | fake_model(text) | StrOutputParser() | RunnableGenerator(record, arecord)
+
+
+def produced_chunks(text: str) -> list[str]:
+    """The chunks GenericFakeChatModel streams for ``text`` (words and the spaces between them)."""
+    return [c.text for c in fake_model(text).stream("x")]
 
 
 def _assert_checked_before_release(yielded: list[tuple[str, int]], server: FakeGuardServer) -> None:
@@ -471,9 +488,14 @@ async def test_stream_never_yields_blocked_text(server: FakeGuardServer, mode: s
     produced: list[str] = []
     yielded: list[tuple[str, int]] = []
     produced_at_first_yield = -1
+    # the source stalls two chunks after the safe sentence until the consumer has received something: the
+    # sentence's check runs while the source is pulled, and what passed goes out while the source waits
+    first_words = SAFE_SENTENCE.split()
+    first_received = threading.Event()
+    gate = (2 * len(first_words) + 2, first_received)
     async with Guard.from_endpoint(server.base_url, FLEX) as g:
         chain = guarded(
-            _recording_chain(STREAM_TEXT, produced),
+            _recording_chain(STREAM_TEXT, produced, gate),
             g,
             input_key="question",
             on_block="refuse",
@@ -488,11 +510,13 @@ async def test_stream_never_yields_blocked_text(server: FakeGuardServer, mode: s
             for chunk in stream:
                 if produced_at_first_yield < 0:
                     produced_at_first_yield = len(produced)
+                    first_received.set()
                 yielded.append((chunk, len(server.requests)))
         else:
             async for chunk in stream:
                 if produced_at_first_yield < 0:
                     produced_at_first_yield = len(produced)
+                    first_received.set()
                 yielded.append((chunk, len(server.requests)))
     texts = [t for t, _ in yielded]
     assert all(isinstance(t, str) for t in texts)  # the wrapped chain's chunk type
@@ -503,9 +527,9 @@ async def test_stream_never_yields_blocked_text(server: FakeGuardServer, mode: s
     assert "".join(texts[:-1]).strip() == SAFE_SENTENCE
     assert len(texts) > 3
     assert "violence" in texts[-1]  # the stream ended with the refusal
-    # held back until checked: the first release came after the sentence end, before the model was done
-    first_words = SAFE_SENTENCE.split()
-    assert produced_at_first_yield >= 2 * len(first_words) - 1
+    # held back until checked: the first release came after the sentence end, and while the source was
+    # stalled at the gate (before the model was done): the check did not wait for more of the stream
+    assert 2 * len(first_words) - 1 <= produced_at_first_yield <= gate[0]
     assert produced_at_first_yield < len(produced)
     _assert_checked_before_release(yielded[:-1], server)
 
@@ -573,16 +597,36 @@ async def test_stream_blocked_input_yields_only_the_refusal(server: FakeGuardSer
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_stream_first_leaks_by_design(server: FakeGuardServer, mode: str) -> None:
     """stream_first releases text before its check: lower latency, but blocked text can escape (documented)."""
+    produced: list[str] = []
+    blocked = threading.Event()
+
+    class StopSeen(BaseCallbackHandler):
+        def on_custom_event(self, name: str, data: Any, *, run_id: UUID, **kw: Any) -> None:
+            if name == VERDICT_EVENT and data["where"] == "stream" and data["action"] != "allow":
+                blocked.set()
+
+    # the source stalls before "Have a lovely trip." until the block has been decided (at most 10 s)
+    gate = (len(produced_chunks(f"{SAFE_SENTENCE} {BAD_SENTENCE} ")), blocked)
+    config: Any = {"callbacks": [StopSeen()]}
     async with Guard.from_endpoint(server.base_url, FLEX) as g:
-        chain = guarded(fake_model(STREAM_TEXT), g, on_block="refuse", stream_first=True, stream_chunk_chars=20)
+        chain = guarded(
+            _recording_chain(STREAM_TEXT, produced, gate),
+            g,
+            input_key="question",
+            on_block="refuse",
+            stream_first=True,
+            stream_chunk_chars=20,
+        )
+        q = {"question": "hi"}
         if mode == "sync":
-            got = [c.text for c in chain.stream("hi")]
+            got = list(chain.stream(q, config))
         else:
-            got = [c.text async for c in chain.astream("hi")]
+            got = [c async for c in chain.astream(q, config)]
     leaked = "".join(got[:-1])
     assert "bomb" in leaked  # released before the check that blocked it
     assert "violence" in got[-1]  # ...but the stream still ends with the refusal
     assert "lovely" not in "".join(got)  # and stops there
+    assert "lovely" not in "".join(produced)  # the source was not pulled past the block
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
