@@ -10,7 +10,8 @@ per configuration, over ``--runs`` streams in interleaved rounds, verdict cache 
   ``max_held_items``, read from the moderator the wrapper builds: a benchmark-only subclass of
   ``GuardedRunnable`` records it), and from outside, the most tokens the model had produced but the
   consumer had not yet received;
-- the number of chunk checks per stream.
+- the number of chunk checks per stream, and the most of them in flight at once (checks are pipelined:
+  the stream keeps being pulled while they run).
 
 Configurations: ``guarded(model)`` (input check, then the output held until checked) for a few
 ``stream_chunk_chars``, ``stream_first=True``, and ``check_input=False`` (output moderation only).
@@ -112,6 +113,7 @@ async def one_stream(runnable: Any, model: StreamingFakeModel, i: int) -> dict[s
         "held_chars": mod.stats.max_held_chars if mod else 0,
         "held_items": mod.stats.max_held_items if mod else 0,
         "checks": mod.stats.checks if mod else 0,
+        "in_flight": mod.stats.max_in_flight if mod else 0,
     }
 
 
@@ -159,6 +161,7 @@ async def measure(base_url: str, n_tokens: int, ttft: float, delay: float, runs:
             "held_chars": max(x["held_chars"] for x in xs),
             "held_items": max(x["held_items"] for x in xs),
             "checks": statistics.median(x["checks"] for x in xs),
+            "in_flight": max(x["in_flight"] for x in xs),
             "chars": xs[0]["chars"],
         }
     return summary
@@ -174,6 +177,7 @@ HEADERS = (
     "total p50 ms",
     "added total p50",
     "checks/stream",
+    "max checks in flight",
     "max held chars (stats)",
     "max held items (stats)",
     "max tokens behind (consumer)",
@@ -212,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r["total_p50"],
                 "—" if name == "unguarded" else r["total_p50"] - ref["total_p50"],
                 r["checks"],
+                r["in_flight"],
                 r["held_chars"],
                 r["held_items"],
                 r["max_behind_tokens"],

@@ -374,12 +374,13 @@ class StreamModerator(Generic[T]):
         return list(self.drain())
 
     def close(self) -> None:
-        """Blocking twin of :meth:`aclose`: cancel queued checks and let the worker threads go (a check
-        already running finishes within its deadline; its result is dropped)."""
+        """Blocking twin of :meth:`aclose`: cancel queued checks and wait for the ones already running (a
+        thread cannot be interrupted; each ends within its check's deadline, and its result is dropped), so
+        no worker thread outlives the stream."""
         self._cancel_windows()
         self._cancelled.clear()
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
     def moderate(self, source: Iterable[T], text_of: Callable[[T], str]) -> Generator[T, None, None]:

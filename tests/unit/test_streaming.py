@@ -353,6 +353,8 @@ def test_sync_block_stops_and_releases_nothing_after_it() -> None:
         out.append(item)
     assert out == ITEMS[:2]
     assert mod.stopped is not None and mod.stopped.action is Action.BLOCK
+    # no check thread outlives the stream (the executor names its workers flexguard-stream_N)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("flexguard-stream_")] == []
     src.go_on()  # the producer thread wakes, sees the stop and closes the source
     for _ in range(1000):
         if src.closed:

@@ -1,0 +1,41 @@
+"""The core examples run against FakeGuardServer, finish cleanly and show what they promise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def run_example(name: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXGUARD_")}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_quickstart_example() -> None:
+    out = run_example("quickstart.py").stdout.splitlines()
+    assert out[0].startswith("allow ") and "capital of France" in out[0]
+    assert out[1].startswith("block ") and "bomb" in out[1]
+    assert out[2].startswith("allow ") and "response moderation" in out[2]
+    assert out[3].startswith("redact") and "Paris is the capital of France." in out[3] and "bomb" not in out[3]
+
+
+def test_stream_moderation_example() -> None:
+    proc = run_example("stream_moderation.py")
+    out = proc.stdout
+    assert "safe: released 'Paris is the capital of France. It is known for the Eiffel Tower." in out
+    # the unsafe stream: the first sentence passed, nothing of the blocked one or after it came out
+    assert "unsafe: released 'Paris is lovely in spring. '" in out
+    assert "unsafe: stopped (block:" in out and "VIOLENCE" in out
+    assert "sync unsafe: released 'Paris is lovely in spring. ', stopped=True" in out
+    for line in out.splitlines():
+        if "released" in line:
+            assert "bomb" not in line and "Enjoy" not in line
+    assert "guard unavailable" not in proc.stderr  # no check outlived its stream
