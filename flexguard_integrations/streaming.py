@@ -263,7 +263,8 @@ class StreamModerator(Generic[T]):
             if self._stopped is not None or not self._windows:
                 break
             head = self._windows[0].check
-            await asyncio.wait([head])  # type: ignore[list-item]
+            assert isinstance(head, asyncio.Future)
+            await asyncio.wait([head])
             for item in self._release_done():
                 yield item
         await self._reap()
@@ -366,7 +367,9 @@ class StreamModerator(Generic[T]):
             self._start(ended=True)
             if self._stopped is not None or not self._windows:
                 return
-            concurrent.futures.wait([self._windows[0].check])  # type: ignore[list-item]
+            head = self._windows[0].check
+            assert isinstance(head, concurrent.futures.Future)
+            concurrent.futures.wait([head])
             yield from self._release_done()
 
     def flush(self) -> list[T]:

@@ -10,7 +10,7 @@ check has passed it (see :mod:`flexguard_integrations.streaming`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_origin
 
@@ -32,6 +32,7 @@ from ._common import (
     extract_input_text,
     extract_output_text,
     format_refusal,
+    logger,
     policy_from_config,
     replace_input_text,
     replace_output_text,
@@ -365,6 +366,9 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         prompt = extract_input_text(value, self.input_key)
         run_value = value
         if self.check_input:
+            if self.parallel_input:
+                yield from self._stream_parallel(value, prompt, policy, child, config)
+                return
             decision = self.guard.check(prompt, surface=Surface.PROMPT, policy=policy)
             dispatch_verdict(decision, "input", config)
             step, result = self._input_outcome(decision, value, config)
@@ -372,19 +376,85 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
                 yield self._resolve(result, value, child)
                 return
             run_value = result
-        if not self.check_output:
-            yield from self.bound.stream(run_value, child)
-            return
+        yield from self._moderated(run_value, prompt, policy, child, config)
+
+    def _moderated(
+        self,
+        run_value: Any,
+        prompt: str,
+        policy: Any,
+        child: RunnableConfig,
+        config: RunnableConfig,
+        gate: Callable[[], bool] | None = None,
+    ) -> Iterator[Any]:
+        """The wrapped stream, output-moderated when ``check_output``.
+
+        ``gate`` (speculative input) is asked once, before anything is released or raised; when it says no,
+        the stream ends there, silently: the caller carries out the input decision.
+        """
         sample: list[Any] = []
-        moderator = self._moderator(prompt, policy, sample)
-        moderator.on_decision = lambda d: dispatch_verdict(d, "stream", config)
-        released = moderator.moderate(self.bound.stream(run_value, child), self._sampler(sample))
+        moderator = self._moderator(prompt, policy, sample) if self.check_output else None
+        stream = self.bound.stream(run_value, child)
+        released = moderator.moderate(stream, self._sampler(sample)) if moderator is not None else stream
+        dispatched = 0
         try:
-            yield from released
+            for item in released:
+                if gate is not None:
+                    open_, gate = gate, None
+                    if not open_():
+                        return
+                if moderator is not None:
+                    for decision in moderator.decisions[dispatched:]:
+                        dispatch_verdict(decision, "stream", config)
+                    dispatched = len(moderator.decisions)
+                yield item
+        except Exception as exc:
+            if gate is not None:
+                open_, gate = gate, None
+                if not open_():
+                    logger.info("speculative run failed after its input was refused: %r", exc)
+                    return
+            raise
         finally:
-            released.close()  # closes the wrapped stream too
-        if moderator.stopped is not None:
-            yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
+            close = getattr(released, "close", None)
+            if close is not None:
+                close()  # for a moderated stream, closes the wrapped stream too
+        if gate is not None and not gate():
+            return
+        if moderator is not None:
+            for decision in moderator.decisions[dispatched:]:
+                dispatch_verdict(decision, "stream", config)
+            if moderator.stopped is not None:
+                yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
+
+    def _stream_parallel(
+        self, value: Any, prompt: str, policy: Any, child: RunnableConfig, config: RunnableConfig
+    ) -> Iterator[Any]:
+        """Speculative input guarding for streams: the wrapped stream starts while the input is checked (in a
+        worker thread); nothing is released before the input has passed."""
+        pool = ContextThreadPoolExecutor(max_workers=1)
+        future = pool.submit(self.guard.check, prompt, surface=Surface.PROMPT, policy=policy)
+        outcome: list[tuple[Literal["run", "done"], Any]] = []
+
+        def gate() -> bool:
+            decision = future.result()
+            dispatch_verdict(decision, "input", config)
+            step, result = self._input_outcome(decision, value, config)
+            if step == "run" and result is value:
+                return True
+            outcome.append((step, result))
+            return False
+
+        try:
+            yield from self._moderated(value, prompt, policy, child, config, gate)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if outcome:
+            step, result = outcome[0]
+            if step == "done":
+                yield self._resolve(result, value, child)
+            else:  # redacted input: the speculative run was stale
+                yield from self._moderated(result, prompt, policy, child, config)
 
     async def _astream(
         self, inputs: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
@@ -397,6 +467,10 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         prompt = extract_input_text(value, self.input_key)
         run_value = value
         if self.check_input:
+            if self.parallel_input:
+                async for chunk in self._astream_parallel(value, prompt, policy, child, config):
+                    yield chunk
+                return
             decision = await self.guard.acheck(prompt, surface=Surface.PROMPT, policy=policy)
             await adispatch_verdict(decision, "input", config)
             step, result = self._input_outcome(decision, value, config)
@@ -404,26 +478,87 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
                 yield await self._aresolve(result, value, child)
                 return
             run_value = result
-        if not self.check_output:
-            async for chunk in self.bound.astream(run_value, child):
-                yield chunk
-            return
+        async for chunk in self._amoderated(run_value, prompt, policy, child, config):
+            yield chunk
+
+    async def _amoderated(
+        self,
+        run_value: Any,
+        prompt: str,
+        policy: Any,
+        child: RunnableConfig,
+        config: RunnableConfig,
+        gate: Callable[[], Awaitable[bool]] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Async twin of :meth:`_moderated`."""
         sample: list[Any] = []
-        moderator = self._moderator(prompt, policy, sample)
+        moderator = self._moderator(prompt, policy, sample) if self.check_output else None
+        stream = self.bound.astream(run_value, child)
+        released = moderator.amoderate(stream, self._sampler(sample)) if moderator is not None else stream
         dispatched = 0
-        released = moderator.amoderate(self.bound.astream(run_value, child), self._sampler(sample))
         try:
             async for item in released:
-                for decision in moderator.decisions[dispatched:]:
-                    await adispatch_verdict(decision, "stream", config)
-                dispatched = len(moderator.decisions)
+                if gate is not None:
+                    open_, gate = gate, None
+                    if not await open_():
+                        return
+                if moderator is not None:
+                    for decision in moderator.decisions[dispatched:]:
+                        await adispatch_verdict(decision, "stream", config)
+                    dispatched = len(moderator.decisions)
                 yield item
+        except Exception as exc:
+            if gate is not None:
+                open_, gate = gate, None
+                if not await open_():
+                    logger.info("speculative run failed after its input was refused: %r", exc)
+                    return
+            raise
         finally:
-            await released.aclose()  # cancels running checks and closes the wrapped stream
-        for decision in moderator.decisions[dispatched:]:
-            await adispatch_verdict(decision, "stream", config)
-        if moderator.stopped is not None:
-            yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
+            aclose = getattr(released, "aclose", None)
+            if aclose is not None:
+                await aclose()  # cancels running checks and closes the wrapped stream
+        if gate is not None and not await gate():
+            return
+        if moderator is not None:
+            for decision in moderator.decisions[dispatched:]:
+                await adispatch_verdict(decision, "stream", config)
+            if moderator.stopped is not None:
+                yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
+
+    async def _astream_parallel(
+        self, value: Any, prompt: str, policy: Any, child: RunnableConfig, config: RunnableConfig
+    ) -> AsyncIterator[Any]:
+        """Speculative input guarding for streams: the wrapped stream starts with the input check; nothing is
+        released before the input has passed, and on a refusal the wrapped stream is closed (cancelled)."""
+        check: asyncio.Task[Decision] = asyncio.ensure_future(
+            self.guard.acheck(prompt, surface=Surface.PROMPT, policy=policy)
+        )
+        outcome: list[tuple[Literal["run", "done"], Any]] = []
+
+        async def gate() -> bool:
+            decision = await check
+            await adispatch_verdict(decision, "input", config)
+            step, result = self._input_outcome(decision, value, config)
+            if step == "run" and result is value:
+                return True
+            outcome.append((step, result))
+            return False
+
+        try:
+            async for chunk in self._amoderated(value, prompt, policy, child, config, gate):
+                yield chunk
+        finally:
+            if not check.done():
+                check.cancel()
+                await asyncio.gather(check, return_exceptions=True)
+        if outcome:
+            step, result = outcome[0]
+            if step == "done":
+                yield await self._aresolve(result, value, child)
+            else:  # redacted input: the speculative run was stale
+                async for chunk in self._amoderated(result, prompt, policy, child, config):
+                    yield chunk
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         yield from self._transform_stream_with_config(iter([input]), self._stream, config, run_type="chain", **kwargs)
@@ -496,7 +631,8 @@ def guarded(
       runnable deals in messages, a dict with ``output_key`` for dict chains, else a str.
     - ``routes`` maps REROUTE names to Runnables run with the original input.
     - ``parallel_input=True`` checks the input while the wrapped run starts (speculative); on a block the
-      run is cancelled (async) or its result discarded (sync) and nothing it produced is released.
+      run is cancelled (async) or its result discarded (sync) and nothing it produced is released; streams
+      start with the check too and yield nothing before the input has passed.
     - Streams hold text back until a check at a sentence or ``stream_chunk_chars`` boundary passed it;
       ``stream_first=True`` releases text before its check (lower latency, leaky: documented as such).
     """

@@ -650,3 +650,132 @@ def test_qwen_family_through_guarded(server: FakeGuardServer) -> None:
         chain = guarded(lcel_chain("Paris."), g, input_key="question", on_block="refuse")
         assert chain.invoke({"question": BENIGN}) == "Paris."
         assert "violence" in chain.invoke({"question": HARMFUL})
+
+
+# ---------------------------------------------------------------- speculative input guarding of streams
+
+
+def _slow_stream(
+    flags: dict[str, Any], delay: float, text: str = f"SECRET {SAFE_SENTENCE}", word_delay: float = 0.0
+) -> Any:
+    """A streaming runnable that waits ``delay`` before its first word (and ``word_delay`` between words);
+    records what it received, when it started, how many words it produced, and whether it was closed."""
+    words = [w + " " for w in text.split(" ")]
+
+    def gen(inputs: Iterator[Any]) -> Iterator[str]:
+        flags["inputs"].append(next(iter(inputs)))
+        flags["started"] = time.perf_counter()
+        try:
+            time.sleep(delay)
+            for w in words:
+                flags["produced"] += 1
+                yield w
+                time.sleep(word_delay)
+            flags["finished"] = True
+        finally:
+            flags["closed"] = True
+
+    async def agen(inputs: AsyncIterator[Any]) -> AsyncIterator[str]:
+        async for x in inputs:
+            flags["inputs"].append(x)
+        flags["started"] = time.perf_counter()
+        try:
+            await asyncio.sleep(delay)
+            for w in words:
+                flags["produced"] += 1
+                yield w
+                await asyncio.sleep(word_delay)
+            flags["finished"] = True
+        finally:
+            flags["closed"] = True
+
+    return RunnableGenerator(gen, agen, name="slow_stream")
+
+
+def _flags() -> dict[str, Any]:
+    return {"inputs": [], "started": None, "produced": 0, "finished": False, "closed": False}
+
+
+async def _collect(chain: Any, value: Any, mode: str, config: Any = None) -> list[Any]:
+    if mode == "sync":
+        return await asyncio.to_thread(lambda: list(chain.stream(value, config)))
+    return [c async for c in chain.astream(value, config)]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_speculative_stream_refuses_and_releases_nothing_of_the_run(server: FakeGuardServer, mode: str) -> None:
+    server.faults = FaultPlan(latency=0.3)
+    flags = _flags()
+    rec = Recorder()
+    async with Guard.from_endpoint(server.base_url, FLEX, cache=False) as g:
+        model = _slow_stream(flags, 0.05, word_delay=0.1)  # about 0.9 s of stream
+        chain = guarded(model, g, parallel_input=True, on_block="refuse", stream_chunk_chars=10)
+        t_call = time.perf_counter()
+        got = await _collect(chain, HARMFUL, mode, {"callbacks": [rec]})
+    assert len(got) == 1 and "violence" in got[0] and "SECRET" not in got[0]
+    # the run had started speculatively, before the 0.3 s input check could answer, and was then closed
+    assert flags["started"] is not None and flags["started"] - t_call < 0.25
+    for _ in range(100):  # sync: the producer thread closes the stream at its next word
+        if flags["closed"]:
+            break
+        await asyncio.sleep(0.02)
+    assert flags["closed"] and not flags["finished"]
+    # only the input decision was reported: the stale run's stream checks are not
+    assert [(e["where"], e["action"]) for e in rec.events] == [("input", "block")]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_speculative_stream_hides_the_input_check(server: FakeGuardServer, mode: str) -> None:
+    server.faults = FaultPlan(latency=0.25)
+    model_delay = 0.4
+    outs: dict[bool, list[Any]] = {}
+    times: dict[bool, float] = {}
+    async with Guard.from_endpoint(server.base_url, FLEX, cache=False) as g:
+        for parallel in (False, True):
+            flags = _flags()
+            chain = guarded(_slow_stream(flags, model_delay), g, parallel_input=parallel, stream_chunk_chars=500)
+            t0 = time.perf_counter()
+            outs[parallel] = await _collect(chain, BENIGN, mode)
+            times[parallel] = time.perf_counter() - t0
+            assert flags["finished"] and flags["inputs"] == [BENIGN]
+    assert outs[True] == outs[False] and "".join(outs[True]).strip() == f"SECRET {SAFE_SENTENCE}"
+    # serial: input check + model + one output check (~0.9 s); speculative: model + output check (~0.65 s)
+    assert times[False] > 0.85, times
+    assert times[True] < times[False] - 0.15, times
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_speculative_stream_output_is_still_moderated(server: FakeGuardServer, mode: str) -> None:
+    flags = _flags()
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        chain = guarded(
+            _slow_stream(flags, 0.0, STREAM_TEXT), g, parallel_input=True, on_block="refuse", stream_chunk_chars=20
+        )
+        got = await _collect(chain, BENIGN, mode)
+    text = "".join(got[:-1])
+    assert text.strip() == SAFE_SENTENCE and "violence" in got[-1]
+    assert not any(w in text for w in BAD_WORDS)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_speculative_stream_redacted_input_reruns_with_the_redacted_text(
+    server: FakeGuardServer, mode: str
+) -> None:
+    flags = _flags()
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        chain = guarded(_slow_stream(flags, 0.0), g, parallel_input=True, policy={"action": "redact"})
+        got = await _collect(chain, f"{SAFE_SENTENCE} {BAD_SENTENCE}", mode)
+    assert "".join(got).strip() == f"SECRET {SAFE_SENTENCE}"  # the rerun's stream, whole
+    assert len(flags["inputs"]) == 2  # the speculative run (stale) and the rerun
+    assert flags["inputs"][-1].startswith(SAFE_SENTENCE) and "bomb" not in flags["inputs"][-1]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_speculative_stream_raises_the_input_decision(server: FakeGuardServer, mode: str) -> None:
+    flags = _flags()
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        # the stream itself would be blocked too: the input decision is the one raised
+        chain = guarded(_slow_stream(flags, 0.0, BAD_SENTENCE), g, parallel_input=True, stream_chunk_chars=10)
+        with pytest.raises(GuardBlockedError) as err:
+            await _collect(chain, HARMFUL, mode)
+    assert err.value.decision.surface is Surface.PROMPT
