@@ -34,13 +34,32 @@ def _get_tracer() -> Any:
     return _tracer
 
 
-@contextlib.contextmanager
-def span(name: str, **attributes: Any) -> Iterator[Any]:
-    """A span named ``name`` with ``flexguard.*`` attributes, or nothing when OpenTelemetry is absent."""
+class _NoSpan:
+    """The context manager ``span`` returns when nobody collects spans: enter and exit cost nothing."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
+def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
+    """A span named ``name`` with ``flexguard.*`` attributes, or a no-op when OpenTelemetry is absent or no
+    tracer provider is configured (then the ``with`` target is None)."""
     tracer = _get_tracer()
     if tracer is None:
-        yield None
-        return
+        return _NO_SPAN
+    return _span(tracer, name, attributes)
+
+
+@contextlib.contextmanager
+def _span(tracer: Any, name: str, attributes: dict[str, Any]) -> Iterator[Any]:
     with tracer.start_as_current_span(name) as current:
         for key, value in attributes.items():
             if value is not None:
