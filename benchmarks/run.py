@@ -1,6 +1,6 @@
 """Run every benchmark against one emulated guard server and write the results as JSON.
 
-    python -m benchmarks.run [--quick] [--json OUT] [--only overhead,throughput,cache,profile] [--plot-dir DIR]
+    python -m benchmarks.run [--quick] [--json OUT] [--only overhead,throughput,latency,cache,profile] [--plot-dir DIR]
 
 The client pins itself to one core (``--client-core``, default 0; the call behind ``taskset -c 0``) and starts
 ``python -m flexguard_integrations.testing --port 0`` under ``taskset -c 1`` (``--server-core``), waits for
@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,15 +36,18 @@ from ._common import (
     wait_quiet,
 )
 
-SECTIONS: tuple[str, ...] = ("overhead", "throughput", "cache", "profile")
+SECTIONS: tuple[str, ...] = ("overhead", "throughput", "latency", "cache", "profile")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
-def _run_section(name: str, base_url: str, settings: Settings) -> Section:
+def _run_section(name: str, base_url: str, settings: Settings, server_core: int | None = 1) -> Section:
     if name == "overhead":
         return overhead.run(base_url, settings)
     if name == "throughput":
         return throughput.run(base_url, settings)
+    if name == "latency":  # its own server, answering in 50 ms like a guard model on a GPU
+        with ServerProcess(core=server_core, extra_args=["--latency", str(throughput.GUARD_LATENCY_S)]) as slow:
+            return throughput.run_latency(slow.base_url, replace(settings, server_pid=slow.pid))
     if name == "cache":
         return cache.run(base_url, settings)
     if name == "profile":
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in sections:
             t0 = time.time()
             print(f"\n… {name}", flush=True)
-            section = _run_section(name, server.base_url, settings)
+            section = _run_section(name, server.base_url, settings, args.server_core)
             text = section.render()
             print(text, flush=True)
             rendered.append(text)

@@ -54,9 +54,15 @@ def _kinds(level: int, quick: bool) -> tuple[str, ...]:
 
 
 async def _level(
-    base_url: str, level: int, requests: int, rounds: int, max_seconds: float, settings: Settings
+    base_url: str,
+    level: int,
+    requests: int,
+    rounds: int,
+    max_seconds: float,
+    settings: Settings,
+    kinds: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    kinds = _kinds(level, settings.quick)
+    kinds = kinds or _kinds(level, settings.quick)
     out: dict[str, Any] = {}
     async with contextlib.AsyncExitStack() as stack:
         calls: dict[str, Call] = {}
@@ -246,6 +252,78 @@ def _targets(results: dict[int, dict[str, Any]], levels: tuple[int, ...]) -> lis
             )
         )
     return targets
+
+
+LATENCY_KINDS: tuple[str, ...] = ("raw_httpx", "guard_httpx", "raw_aiohttp", "guard_aiohttp")
+LATENCY_LEVELS: tuple[int, ...] = (16, 64, 256)
+GUARD_LATENCY_S = 0.05
+
+
+def run_latency(base_url: str, settings: Settings, latency: float = GUARD_LATENCY_S) -> Section:
+    """Throughput against a server that takes ``latency`` per answer, like a guard model on a GPU: the client
+    is no longer the only bottleneck, and what counts is how many checks each client keeps in flight."""
+    requests, rounds = (300, 1) if settings.quick else (1500, 2)
+    max_seconds = 30 if settings.quick else 60
+    results = {
+        level: asyncio.run(_level(base_url, level, requests, rounds, max_seconds, settings, LATENCY_KINDS))
+        for level in LATENCY_LEVELS
+    }
+    ms = f"{latency * 1e3:g} ms"
+    section = Section(f"Throughput against a guard that answers in {ms}")
+    rows = []
+    for kind in LATENCY_KINDS:
+        cells = []
+        for level in LATENCY_LEVELS:
+            r = results[level][kind]
+            marks = ("†" if r["capped"] else "") + (f" ({r['errors']:,} failed)" if r["errors"] else "")
+            cells.append(f"{r['rate']:,.0f}{marks} ({r['p50_us'] / 1000:.0f} / {r['p99_us'] / 1000:.0f} ms)")
+        rows.append((LABELS[kind], *cells))
+    ideal = ("ideal: c / latency", *(f"{level / latency:,.0f}" for level in LATENCY_LEVELS))
+    section.tables.append(
+        (
+            f"Successful checks/s (p50 / p99 latency) with a {ms} server latency (median of {rounds} round(s) of "
+            f"{requests:,} requests; pool = concurrency, the httpx transport keeps at most 16 in flight)",
+            table(("client", *(f"c={lv}" for lv in LATENCY_LEVELS)), [*rows, ideal]),
+        )
+    )
+    section.results = {
+        "latency_s": latency,
+        "plan": {"requests": requests, "rounds": rounds, "levels": list(LATENCY_LEVELS)},
+        "levels": {str(k): v for k, v in results.items()},
+    }
+    ratios = {lv: results[lv]["guard_httpx"]["rate"] / results[lv]["raw_httpx"]["rate"] for lv in LATENCY_LEVELS}
+    worst = min(ratios, key=lambda lv: ratios[lv])
+    section.targets.append(
+        Target(
+            f"Guard default ≥ 0.9× raw httpx at every concurrency, {ms} guard",
+            f"worst {ratios[worst]:.2f}× (c={worst})",
+            "≥ 0.90× at each level",
+            all(v >= 0.9 for v in ratios.values()),
+            note=", ".join(f"c={lv} {v:.2f}×" for lv, v in ratios.items()),
+            source="issue (with a realistic server latency)",
+        )
+    )
+    fall = results[256]["guard_httpx"]["rate"] / results[64]["guard_httpx"]["rate"]
+    section.targets.append(
+        Target(
+            f"Guard default does not fall from c=64 to c=256, {ms} guard",
+            f"c=256 / c=64 = {fall:.2f}×",
+            "≥ 0.95× (5% noise allowance)",
+            fall >= 0.95,
+            source="issue",
+        )
+    )
+    fall_aio = results[256]["guard_aiohttp"]["rate"] / results[64]["guard_aiohttp"]["rate"]
+    section.targets.append(
+        Target(
+            f"Guard aiohttp does not fall from c=64 to c=256, {ms} guard",
+            f"c=256 / c=64 = {fall_aio:.2f}×",
+            "≥ 0.95× (5% noise allowance)",
+            fall_aio >= 0.95,
+            source="issue",
+        )
+    )
+    return section
 
 
 def main() -> None:
