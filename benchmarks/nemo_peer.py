@@ -4,8 +4,8 @@ Both sides check a prompt against the same emulated guard server (a separate pro
 ``--latency`` fixed, Qwen3Guard-Gen answers "Safety: Safe / Unsafe"), one check at a time (and at
 concurrency 32), client on core 0:
 
-- this project: ``Guard.acheck(text)`` (default httpx transport, verdict cache off), and a raw
-  ``httpx.AsyncClient.post`` of a chat request as the floor;
+- this project: ``Guard.acheck(text)`` (default httpx transport and ``transport="aiohttp"``, verdict cache
+  off), and a raw ``httpx.AsyncClient.post`` of a chat request as the floor;
 - NeMo Guardrails 0.24.1, in its own venv (``--nemo-python``, default ``/tmp/nemo-venv/bin/python``; it is
   never installed into the project venv): a ``content_safety`` model (engine ``openai``, ``base_url`` = the
   fake server), the input rail ``content safety check input $model=content_safety`` with a prompt whose
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -180,6 +181,7 @@ async def _project_round(base_url: str, runs: int, conc_runs: int, warmup: int) 
     from flexguard_integrations import Guard
 
     guard = Guard.from_endpoint(base_url, GUARD_MODEL, cache=False, concurrency=64)
+    fast = Guard.from_endpoint(base_url, GUARD_MODEL, cache=False, concurrency=64, transport="aiohttp")
     raw, close = await _raw_httpx(base_url)
     safe = await guard.acheck("hello there")
     unsafe = await guard.acheck("how do I build a bomb to kill people")
@@ -190,13 +192,21 @@ async def _project_round(base_url: str, runs: int, conc_runs: int, warmup: int) 
             raise RuntimeError(f"unexpected {d}")
         return d
 
+    async def fcall(i: int) -> Any:
+        d = await fast.acheck(TEXT.format(i=i))
+        if not d.action.passes:
+            raise RuntimeError(f"unexpected {d}")
+        return d
+
     results: dict[str, Any] = {}
-    for name, call in {"raw httpx (project venv)": raw, "Guard.acheck (httpx)": gcall}.items():
+    clients = {"raw httpx (project venv)": raw, "Guard.acheck (httpx)": gcall, "Guard.acheck (aiohttp)": fcall}
+    for name, call in clients.items():
         await _timed(call, warmup, 1, start=10**6)
         await _timed(call, 64, 32, start=2 * 10**6)
         results[name] = {"c1": await _timed(call, runs, 1), "c32": await _timed(call, conc_runs, 32, start=10**5)}
     await close()
     await guard.aclose()
+    await fast.aclose()
     return {"sanity": {"safe": safe.action.value, "unsafe": unsafe.action.value}, "results": results}
 
 
@@ -364,19 +374,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the guard call's own latency = the raw httpx round trip to the same server from the same venv (it includes
     # the server's fixed latency, its timer overshoot and loopback HTTP), so overhead = p50 - raw p50
     targets: dict[str, Any] = {}
-    for c in ("c1", "c32"):
-        g = per.get(("Guard.acheck (httpx)", c), [])
+    for c, transport in itertools.product(("c1", "c32"), ("httpx", "aiohttp")):
+        g = per.get((f"Guard.acheck ({transport})", c), [])
         g_over = max(x["over_floor"] for x in g) if g else float("nan")
         for (name, cc), xs in per.items():
             if cc == c and xs[0]["side"] == "nemo" and not name.startswith("raw"):
                 n_over = min(x["over_floor"] for x in xs)
-                targets[f"Guard ≤ NeMo/10 vs {name} (concurrency {c[1:]})"] = {
+                targets[f"Guard ({transport}) ≤ NeMo/10 vs {name} (concurrency {c[1:]})"] = {
                     "guard_overhead_ms_worst_round": g_over,
                     "nemo_overhead_ms_best_round": n_over,
                     "bound_ms": n_over / 10,
                     "met": g_over <= n_over / 10,
                 }
-        targets[f"Guard ≤ 13 ms/10 (published NeMo IORails p50, concurrency 32) at concurrency {c[1:]}"] = {
+        targets[f"Guard ({transport}) ≤ 13 ms/10 (published NeMo IORails p50) at concurrency {c[1:]}"] = {
             "guard_overhead_ms_worst_round": g_over,
             "bound_ms": 1.3,
             "met": g_over <= 1.3,

@@ -14,7 +14,8 @@ per configuration, over ``--runs`` streams in interleaved rounds, verdict cache 
   the stream keeps being pulled while they run).
 
 Configurations: ``guarded(model)`` (input check, then the output held until checked) for a few
-``stream_chunk_chars``, ``stream_first=True``, and ``check_input=False`` (output moderation only).
+``stream_chunk_chars``, ``parallel_input=True`` (the stream starts with the input check),
+``stream_first=True``, and ``check_input=False`` (output moderation only).
 
     python -m benchmarks.streaming [--runs N] [--quick]
 """
@@ -125,6 +126,9 @@ async def measure(base_url: str, n_tokens: int, ttft: float, delay: float, runs:
     configs: dict[str, Any] = {"unguarded": model}
     for cc in (50, 200, 800):
         configs[f"guarded chunk={cc}"] = recording_guarded(model, guard, stream_chunk_chars=cc)
+    configs["guarded chunk=50 parallel_input"] = recording_guarded(
+        model, guard, stream_chunk_chars=50, parallel_input=True
+    )
     configs["guarded chunk=200 stream_first"] = recording_guarded(
         model, guard, stream_chunk_chars=200, stream_first=True
     )

@@ -73,7 +73,9 @@ class AiohttpTransport(HTTPTransport):
             ) as resp:
                 body = await resp.read()
                 status = resp.status
-                resp_headers = {k.lower(): v for k, v in resp.headers.items()}
+                # a 200 needs only its content type; an error answer is read whole (Retry-After...)
+                content_type = resp.headers.get("content-type")
+                resp_headers = {k.lower(): v for k, v in resp.headers.items()} if status != 200 else None
         except asyncio.TimeoutError as exc:
             raise GuardTimeoutError("guard server did not answer a check before the deadline") from exc
         except aiohttp.ClientConnectorError as exc:
@@ -82,9 +84,9 @@ class AiohttpTransport(HTTPTransport):
             raise GuardConnectionError(
                 f"connection to the guard server failed during a check: {exc or type(exc).__name__}"
             ) from exc
-        if status != 200:
+        if resp_headers is not None:
             raise error_from_response(status, resp_headers, body)
-        return decode_completion(body, resp_headers.get("content-type"))
+        return decode_completion(body, content_type)
 
     async def amodels(self, *, deadline: float) -> list[dict[str, Any]]:
         import aiohttp
