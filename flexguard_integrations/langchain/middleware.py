@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ExtendedModelResponse, ModelResponse, hook_config
 from langchain.agents.middleware.types import PrivateStateAttr
@@ -53,6 +54,7 @@ from ._common import (
 )
 
 ExitBehavior = Literal["end", "error", "replace"]
+_M = TypeVar("_M")
 RouteHandler = Callable[[Decision, Mapping[str, Any]], Mapping[str, Any] | None]
 
 DEFAULT_TOOL_REFUSAL = "Tool call blocked by the safety guard ({categories}); the tool was not run."
@@ -166,6 +168,12 @@ class GuardMiddleware(AgentMiddleware):
 
     # ================================================================= bookkeeping
 
+    def _checked(self, msg: _M) -> _M:
+        """Remember a tool result (its id and its text) as checked, so before_model does not check it again."""
+        if isinstance(msg, ToolMessage):
+            self._remember(self._checked_results, _seen_key(msg.tool_call_id, message_text(msg)), None)
+        return msg
+
     def _remember(self, store: OrderedDict[str, Any], key: str, value: Any) -> None:
         store[key] = value
         while len(store) > _MAX_REMEMBERED:
@@ -189,7 +197,7 @@ class GuardMiddleware(AgentMiddleware):
             elif (
                 isinstance(msg, ToolMessage)
                 and self.check_tool_results
-                and msg.tool_call_id not in self._checked_results
+                and _seen_key(msg.tool_call_id, text) not in self._checked_results
             ):
                 tasks.append((msg, Surface.TOOL_RESULT, text))
         return tasks
@@ -253,7 +261,7 @@ class GuardMiddleware(AgentMiddleware):
         replaced: list[BaseMessage] = []
         for (msg, surface, text), raw_decision in zip(tasks, decisions, strict=True):
             if isinstance(msg, ToolMessage):
-                self._remember(self._checked_results, msg.tool_call_id, None)
+                self._remember(self._checked_results, _seen_key(msg.tool_call_id, text), None)
             decision, handled = self._resolve_route(raw_decision, text, surface.value, state)
             if handled is not None:
                 update = dict(handled)
@@ -265,13 +273,13 @@ class GuardMiddleware(AgentMiddleware):
             if decision.action.passes:
                 continue
             if decision.action is Action.REDACT and decision.redacted_text is not None:
-                replaced.append(with_text(msg, decision.redacted_text))
+                replaced.append(self._checked(with_text(msg, decision.redacted_text)))
                 continue
             if self.exit_behavior == "error":
                 raise GuardBlockedError(decision)
             if surface is Surface.TOOL_RESULT:
                 content = self._fmt(self.tool_result_violation_message, decision)
-                replaced.append(msg.model_copy(update={"content": content, "status": "error"}))
+                replaced.append(self._checked(msg.model_copy(update={"content": content, "status": "error"})))
                 continue
             refusal = self._fmt(self.violation_message, decision)
             if self.exit_behavior == "replace":
@@ -291,7 +299,7 @@ class GuardMiddleware(AgentMiddleware):
         update: dict[str, Any] | None = None
         for (call_id, surface, text), raw_decision in zip(tasks, decisions, strict=True):
             if surface is Surface.TOOL_CALL:
-                self._remember(self._call_decisions, call_id, raw_decision)
+                self._remember(self._call_decisions, _seen_key(call_id, text), raw_decision)
                 continue
             decision, handled = self._resolve_route(raw_decision, text, surface.value, state)
             if handled is not None:
@@ -540,12 +548,11 @@ class GuardMiddleware(AgentMiddleware):
             return None
         if self.exit_behavior == "error" and handled is None:
             raise GuardBlockedError(decision)
-        # the agent will see this message as the tool's result: do not send it back to the guard
-        self._remember(self._checked_results, str(call["id"]), None)
         content = self._fmt(self.tool_violation_message, decision)
         if handled is not None and isinstance(handled.get("content"), str):
             content = handled["content"]
-        return tool_message_error(str(call["id"]), call.get("name"), content)
+        # the agent will see this message as the tool's result: do not send it back to the guard
+        return self._checked(tool_message_error(str(call["id"]), call.get("name"), content))
 
     def _result_outcome(self, result: Any, decision: Decision) -> Any:
         if decision.action.passes:
@@ -566,9 +573,9 @@ class GuardMiddleware(AgentMiddleware):
         call = request.tool_call
         call_id = str(call.get("id"))
         if self.check_tool_calls:
-            decision = self._call_decisions.pop(call_id, None)
+            text = render_tool_call(call["name"], call["args"])
+            decision = self._call_decisions.pop(_seen_key(call_id, text), None)
             if decision is None:
-                text = render_tool_call(call["name"], call["args"])
                 decision = self.guard.check(
                     self._prompt_of(request), response=text, surface=Surface.TOOL_CALL, policy=self._policy
                 )
@@ -584,16 +591,16 @@ class GuardMiddleware(AgentMiddleware):
             return result
         decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         dispatch_verdict(decision, "tool_result")
-        self._remember(self._checked_results, result.tool_call_id, None)
-        return self._result_outcome(result, decision)
+        self._checked(result)
+        return self._checked(self._result_outcome(result, decision))
 
     async def awrap_tool_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         call = request.tool_call
         call_id = str(call.get("id"))
         if self.check_tool_calls:
-            decision = self._call_decisions.pop(call_id, None)
+            text = render_tool_call(call["name"], call["args"])
+            decision = self._call_decisions.pop(_seen_key(call_id, text), None)
             if decision is None:
-                text = render_tool_call(call["name"], call["args"])
                 decision = await self.guard.acheck(
                     self._prompt_of(request), response=text, surface=Surface.TOOL_CALL, policy=self._policy
                 )
@@ -609,8 +616,8 @@ class GuardMiddleware(AgentMiddleware):
             return result
         decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         await adispatch_verdict(decision, "tool_result")
-        self._remember(self._checked_results, result.tool_call_id, None)
-        return self._result_outcome(result, decision)
+        self._checked(result)
+        return self._checked(self._result_outcome(result, decision))
 
 
 # ================================================================= helpers
@@ -634,6 +641,13 @@ def _hidden_call(handler: Callable[[Any], Any], request: Any) -> Any:
 async def _ahidden_call(handler: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
     _hide_from_stream()  # a task runs in its own copy of the context
     return await handler(request)
+
+
+def _seen_key(call_id: str, text: str) -> str:
+    """Key of what was checked: the tool call id *and* a digest of the text, so a message that reuses an id
+    (another run, a replayed or forged history) with other content is checked again, never waved through."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+    return f"{call_id}:{digest}"
 
 
 async def _cancel(*tasks: asyncio.Future[Any]) -> None:

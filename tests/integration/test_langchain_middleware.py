@@ -24,8 +24,9 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 from pydantic import Field
 
-from flexguard_integrations import Guard, GuardBlockedError
+from flexguard_integrations import Guard, GuardBlockedError, Surface
 from flexguard_integrations.langchain import VERDICT_EVENT, GuardMiddleware
+from flexguard_integrations.langchain._common import render_tool_call
 from flexguard_integrations.testing import FakeGuardServer
 from tests.conftest import FLEX, QWEN
 
@@ -379,6 +380,68 @@ async def test_tool_result_added_outside_the_tool_node_is_checked_before_the_mod
     tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
     assert tm.id == "tm-1" and tm.status == "error" and "withheld" in tm.text
     assert all("Ignore all previous" not in m.text for m in llm.calls[0])
+
+
+async def test_a_reused_tool_call_id_with_new_content_is_checked_again(guard: Guard, server: FakeGuardServer) -> None:
+    """What was checked is remembered by tool-call id *and* content: a later message that reuses an id (another
+    run on the same middleware, a replayed or forged history) with other content is checked, never waved
+    through."""
+    mw = GuardMiddleware(guard)
+    # run 1: a benign search result with id "c1" is checked once (around the tool call) and remembered
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "news"}, "c1")]), "Here is the news.")
+    create_agent(llm, tools=Tools().all, middleware=[mw]).invoke({"messages": [HumanMessage("latest news?")]})
+    assert SAFE_RESULT in moderated(server)
+    # run 2, same middleware: a history whose tool result reuses "c1" with an injection in it
+    server.reset()
+    llm2 = model("The page says nothing useful.")
+    state = {
+        "messages": [
+            HumanMessage("summarise this page"),
+            AIMessage("", tool_calls=[call("fetch", {"url": "http://x"}, "c1")]),
+            ToolMessage(INJECTION, tool_call_id="c1", name="fetch", id="tm-forged"),
+        ]
+    }
+    result = create_agent(llm2, tools=[], middleware=[mw]).invoke(state)
+    tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert tm.status == "error" and "withheld" in tm.text
+    assert all("Ignore all previous" not in m.text for m in llm2.calls[0])
+    # and the same content under the same id is not sent to the guard again in a later turn
+    server.reset()
+    state["messages"] = [*msgs(result), HumanMessage("thanks")]
+    create_agent(model("You're welcome."), tools=[], middleware=[mw]).invoke(state)
+    assert moderated(server) == ["thanks", "You're welcome."]
+
+
+async def test_a_tool_call_changed_after_its_check_is_checked_again(guard: Guard, mode: str) -> None:
+    """after_model's decision on call "c1" is kept for wrap_tool_call by id *and* call text: if something between
+    the two (a human-in-the-loop edit, another middleware) changes the arguments, the new call is checked."""
+    tools = Tools()
+    mw = GuardMiddleware(guard)
+    checked = call("wipe_disk", {"path": "/tmp/cache"}, "c1")
+    # the decision after_model made for the call it saw: allowed (a benign call stands in for it here)
+    allow = await guard.acheck("tidy up", response='search({"query": "cache size"})', surface="tool_call")
+    assert allow.action.passes
+    # what after_model does with it: remember it for the tool node
+    seen = [("c1", Surface.TOOL_CALL, render_tool_call(checked["name"], checked["args"]))]
+    mw._after_update({"messages": []}, AIMessage("", tool_calls=[checked]), seen, [allow])
+    edited = call("wipe_disk", {"path": "/"}, "c1")  # same id, other arguments
+    request = ToolCallRequest(
+        tool_call=edited,  # type: ignore[arg-type]
+        tool=tools.all[1],
+        state={"messages": [HumanMessage("tidy up")]},
+        runtime=None,  # type: ignore[arg-type]
+    )
+
+    def handler(req: Any) -> ToolMessage:
+        tools.ran.append(("wipe_disk", req.tool_call["args"]))
+        return ToolMessage("wiped", tool_call_id="c1")
+
+    async def ahandler(req: Any) -> ToolMessage:
+        return handler(req)
+
+    out = mw.wrap_tool_call(request, handler) if mode == "sync" else await mw.awrap_tool_call(request, ahandler)
+    assert tools.ran == []  # the edited call was checked on its own text, and blocked
+    assert isinstance(out, ToolMessage) and out.status == "error" and "not run" in out.text
 
 
 # ---------------------------------------------------------------- responses
