@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-local docs lint typecheck check bench bench-nemo clean
+.PHONY: setup demo test test-local docs lint typecheck check bench bench-core bench-nemo clean
 
 setup: $(VENV)/.installed
 
@@ -41,14 +41,15 @@ typecheck: setup
 
 check: lint typecheck test
 
-## Benchmarks run on demand, never in the test suite.
-bench: setup
+## Benchmarks run on demand, never in the test suite: everything, NeMo Guardrails peer included (~30 min).
+bench: setup bench-core bench-nemo
+
+bench-core: setup
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.agent_step
 	$(BIN)/python -m benchmarks.streaming
-	@echo "NeMo Guardrails comparison (in its own venv, never the project's): make bench-nemo"
 
-## The peer comparison with NeMo Guardrails 0.24.1, installed in a separate venv.
+## The peer comparison with NeMo Guardrails 0.24.1, installed in a separate venv (never the project's).
 NEMO_VENV ?= /tmp/nemo-venv
 bench-nemo: setup
 	test -x $(NEMO_VENV)/bin/python || $(PYTHON) -m venv $(NEMO_VENV)
