@@ -20,9 +20,6 @@ from llama_index.core.agent.workflow import (
     ToolCallResult,
 )
 from llama_index.core.base.llms.types import ToolCallBlock
-from llama_index.core.bridge.pydantic import Field
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.llms import ChatMessage, MessageRole
 from llama_index.core.llms.mock import MockFunctionCallingLLM
 from llama_index.core.tools import FunctionTool, ToolMetadata, ToolOutput
@@ -52,31 +49,6 @@ AGENT_REFUSAL_PREFIX = "I can't help with that: it was blocked by the safety gua
 
 
 # ---------------------------------------------------------------- helpers
-
-
-class VerdictRecorder(BaseEventHandler):
-    """Collects every GuardVerdictEvent seen by the root dispatcher."""
-
-    events: list[GuardVerdictEvent] = Field(default_factory=list)
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "VerdictRecorder"
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        if isinstance(event, GuardVerdictEvent):
-            self.events.append(event)
-
-
-@pytest.fixture
-def verdicts() -> Iterator[list[GuardVerdictEvent]]:
-    recorder = VerdictRecorder()
-    root = get_dispatcher()
-    root.add_event_handler(recorder)
-    try:
-        yield recorder.events
-    finally:
-        root.event_handlers.remove(recorder)
 
 
 @pytest.fixture

@@ -12,15 +12,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
 from unittest.mock import patch
 
 import pytest
 from llama_index.core import Document, VectorStoreIndex
-from llama_index.core.bridge.pydantic import Field
 from llama_index.core.embeddings import MockEmbedding
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.llms import MockLLM
 from llama_index.core.schema import ImageNode, MediaResource, MetadataMode, Node, NodeWithScore, TextNode
 
@@ -40,31 +36,6 @@ FLAG_RETRIEVED = {"surfaces": {"retrieved": {"action": "flag"}}}
 
 
 # ---------------------------------------------------------------- helpers
-
-
-class VerdictRecorder(BaseEventHandler):
-    """Collects every GuardVerdictEvent seen by the root dispatcher."""
-
-    events: list[GuardVerdictEvent] = Field(default_factory=list)
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "VerdictRecorder"
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        if isinstance(event, GuardVerdictEvent):
-            self.events.append(event)
-
-
-@pytest.fixture
-def verdicts() -> Iterator[list[GuardVerdictEvent]]:
-    recorder = VerdictRecorder()
-    root = get_dispatcher()
-    root.add_event_handler(recorder)
-    try:
-        yield recorder.events
-    finally:
-        root.event_handlers.remove(recorder)
 
 
 @pytest.fixture

@@ -17,8 +17,6 @@ from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.embeddings import MockEmbedding
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.llms import MockLLM
 from llama_index.core.query_engine import CustomQueryEngine
 
@@ -38,31 +36,6 @@ REFUSAL_PREFIX = "I can't answer that: it was blocked by the safety guard"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-class VerdictRecorder(BaseEventHandler):
-    """Collects every GuardVerdictEvent seen by the root dispatcher."""
-
-    events: list[GuardVerdictEvent] = Field(default_factory=list)
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "VerdictRecorder"
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        if isinstance(event, GuardVerdictEvent):
-            self.events.append(event)
-
-
-@pytest.fixture
-def verdicts() -> Iterator[list[GuardVerdictEvent]]:
-    recorder = VerdictRecorder()
-    root = get_dispatcher()
-    root.add_event_handler(recorder)
-    try:
-        yield recorder.events
-    finally:
-        root.event_handlers.remove(recorder)
 
 
 @pytest.fixture
