@@ -591,8 +591,10 @@ class GuardMiddleware(AgentMiddleware):
             return result
         decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         dispatch_verdict(decision, "tool_result")
-        self._checked(result)
-        return self._checked(self._result_outcome(result, decision))
+        outcome = self._checked(self._result_outcome(result, decision))
+        if outcome is not result:  # the original text was checked too (it may come back in a replay)
+            self._checked(result)
+        return outcome
 
     async def awrap_tool_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         call = request.tool_call
@@ -616,8 +618,10 @@ class GuardMiddleware(AgentMiddleware):
             return result
         decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         await adispatch_verdict(decision, "tool_result")
-        self._checked(result)
-        return self._checked(self._result_outcome(result, decision))
+        outcome = self._checked(self._result_outcome(result, decision))
+        if outcome is not result:  # the original text was checked too (it may come back in a replay)
+            self._checked(result)
+        return outcome
 
 
 # ================================================================= helpers
