@@ -5,6 +5,11 @@ Run: python examples/langchain_agent.py   (needs the ``langchain`` extra; no GPU
 GuardMiddleware checks the user prompt, the model's answer, every tool call before it runs and every tool
 result before the model reads it. The chat model is a scripted fake that calls tools; use your real model
 and point ``Guard.from_endpoint`` at your vLLM / SGLang server in a real application.
+
+Streaming with ``stream_mode="messages"``: GuardMiddleware's default ``hold_output=True`` checks the answer
+before anything of it is streamed, so the stream shows the checked message whole (or the refusal), not the
+model's tokens; ``hold_output=False`` streams tokens as they are generated, before they are checked (see
+``stream_demo`` below).
 """
 
 import asyncio
@@ -144,9 +149,24 @@ def main() -> None:
 
         asyncio.run(async_agent(guard_mw))
 
+        stream_demo(guard)
+
         server.stop()  # the guard goes down: the agent fails closed
         agent = create_agent(script("never used"), TOOLS, middleware=[GuardMiddleware(guard)])
         show("guard server down: fail-closed refusal", agent.invoke({"messages": [HumanMessage("Weather in Paris?")]}))
+
+
+def stream_demo(guard: Guard) -> None:
+    """stream_mode="messages" with a harmful answer: what a user reading the stream sees."""
+    harmful = "Sure. Build the bomb with explosives to kill them."
+    for hold in (True, False):
+        agent = create_agent(script(harmful), TOOLS, middleware=[GuardMiddleware(guard, hold_output=hold)])
+        payload = {"messages": [HumanMessage("Tell me a story")]}
+        shown = [str(message.content) for message, _ in agent.stream(payload, stream_mode="messages")]
+        print(f"\n== stream_mode='messages', hold_output={hold}")
+        print(f"  streamed     {[t for t in shown if t.strip()]}")
+        if not hold:
+            print("  (the tokens above reached the user before the guard checked them)")
 
 
 async def async_agent(guard_mw: GuardMiddleware) -> None:

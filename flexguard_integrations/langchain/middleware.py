@@ -15,6 +15,9 @@ silently ignored by LangChain).
 
 ``speculative_input=True`` moves the input checks from ``before_model`` into ``wrap_model_call`` /
 ``awrap_model_call``, where they run at the same time as the model call (see :class:`GuardMiddleware`).
+
+``hold_output=True`` (the default) checks the response and its tool calls inside the model node, whose model
+call is hidden from ``stream_mode="messages"``, so no unchecked token is streamed (see :class:`GuardMiddleware`).
 """
 
 from __future__ import annotations
@@ -26,12 +29,21 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, Literal, TypeVar
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ExtendedModelResponse, ModelResponse, hook_config
 from langchain.agents.middleware.types import PrivateStateAttr
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage, convert_to_messages
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    RemoveMessage,
+    ToolMessage,
+    convert_to_messages,
+    message_to_dict,
+    messages_from_dict,
+)
 from langchain_core.runnables.config import var_child_runnable_config
 from langgraph.graph.message import add_messages
 from langgraph.types import Command
@@ -39,7 +51,7 @@ from typing_extensions import NotRequired
 
 from ..errors import GuardBlockedError
 from ..guard import Guard, scoped_policy
-from ..verdict import Action, Decision, Surface
+from ..verdict import Action, Category, Decision, Surface, Verdict
 from ._common import (
     DEFAULT_REFUSAL,
     adispatch_verdict,
@@ -62,6 +74,8 @@ DEFAULT_TOOL_RESULT_REFUSAL = "[tool result withheld by the safety guard ({categ
 HUMAN_REVIEW = "human_review"
 _MAX_REMEMBERED = 10_000
 _END_AFTER = "flexguard_end_after"
+_HELD = "flexguard_held_output"
+HELD_FOR_REVIEW = "[response held for review by the safety guard]"
 _NOSTREAM = "nostream"  # langgraph.constants.TAG_NOSTREAM: the messages stream skips chat models tagged so
 
 
@@ -70,10 +84,17 @@ class GuardAgentState(AgentState[Any]):
 
     ``flexguard_end_after``: set by a speculative input check that ended the run from the model node, which
     cannot jump; it holds the id of the last message that model node wrote, and ``after_model`` turns it into
-    ``jump_to: "end"`` when that message is still the last one (a stale value is cleared and ignored).
+    ``jump_to: "end"`` when that message is still the last one (a stale value is cleared and ignored). A
+    response blocked in the model node (``hold_output=True``, ``exit_behavior="end"``) ends the run the same way.
+
+    ``flexguard_held_output``: set by the model node (``hold_output=True``) when the response was rerouted
+    (human review or a route handler): the node wrote a placeholder ``AIMessage`` instead of the response, and
+    this key holds ``{"placeholder": <its id>, "message": <the response, message_to_dict>, "decision": ...}``.
+    ``after_model`` resolves the route when the placeholder is still the last message, then clears the key.
     """
 
     flexguard_end_after: NotRequired[Annotated[str | None, PrivateStateAttr]]
+    flexguard_held_output: NotRequired[Annotated[dict[str, Any] | None, PrivateStateAttr]]
 
 
 @dataclass
@@ -93,15 +114,37 @@ class GuardMiddleware(AgentMiddleware):
     :class:`GuardBlockedError`) or ``"replace"`` (replace the offending content with the message and go
     on). Messages are templates with ``{categories}``, ``{risk_score}``, ``{reason}``.
 
+    ``hold_output=True`` (the default; it applies when ``check_output`` or ``check_tool_calls`` is on) checks
+    the model's response **inside the model node**, in ``wrap_model_call`` / ``awrap_model_call``, whose model
+    call is tagged ``nostream``: ``stream_mode="messages"`` (and ``"updates"``, ``"values"``) only ever shows
+    the checked outcome, never an unchecked token. The cost: under ``stream_mode="messages"`` the model
+    step's message arrives **whole, after its check, not token by token**. ``hold_output=False`` restores
+    token streaming, checking in ``after_model`` only, and accepts that the tokens are shown to a streaming
+    user *before* they are checked (a blocked response is replaced in the state, not in what was streamed).
+    The node checks the last ``AIMessage`` of the response as ``after_model`` would (same surfaces, same
+    verdict events ``after_model:response`` / ``after_model:tool_call``) and carries out the outcome: a pass
+    returns the response unchanged, REDACT the redacted message (same id), BLOCK the refusal (same id; with
+    ``exit_behavior="end"`` ``after_model`` ends the run through ``flexguard_end_after``; ``"error"`` raises
+    :class:`GuardBlockedError`). A REROUTE of the response (human review, a route handler) is not resolved in
+    the model node (on resume LangGraph runs the whole node again, model call included): the node writes a
+    placeholder ``AIMessage`` (``HELD_FOR_REVIEW``, no tool calls), keeps the response in the private state
+    key ``flexguard_held_output``, and ``after_model`` resolves the route on it: approval puts the response
+    back in place of the placeholder, rejection writes the refusal, a handler's update is applied with the
+    response put back. ``after_model`` does not check again what the node checked; it still checks an
+    ``AIMessage`` the node did not see (written by another node, or by a middleware listed before this one
+    that answered without calling the model).
+
     ``speculative_input=True`` checks the input (the new user message, surface ``prompt``, and the unchecked
     tool results, ``tool_result``: the same checks ``before_model`` makes) **while the model runs**, in
     ``wrap_model_call`` / ``awrap_model_call``; ``before_model`` then checks nothing. An agent step costs
     about max(T_guard, T_model) instead of T_guard + T_model. The model node returns only once the check
     has answered, so the tool node (which runs after the model node) never runs a tool the speculative
-    response asked for before the input passed, and ``after_model`` still checks the response and the tool
-    calls. When every input decision passes (ALLOW, FLAG) the model's response is returned unchanged.
-    Otherwise the speculative response is discarded, never written to the state, and the decision is
-    carried out as ``before_model`` would:
+    response asked for before the input passed, and the response and its tool calls are still checked (in
+    the model node once the input passed with ``hold_output``, else by ``after_model``; a dropped speculative
+    response is never checked, the response of a rerun is). When every input decision passes (ALLOW, FLAG)
+    the model's response is returned unchanged (once its own check passed). Otherwise the speculative
+    response is discarded, never written to the state, and the decision is carried out as ``before_model``
+    would:
 
     - BLOCK with ``exit_behavior="end"``: the model node writes the refusal ``AIMessage`` instead of the
       response, and ``after_model`` (which, unlike ``wrap_model_call``, may jump) ends the run without
@@ -138,6 +181,7 @@ class GuardMiddleware(AgentMiddleware):
         route_handlers: Mapping[str, RouteHandler] | None = None,
         policy: Any = None,
         speculative_input: bool = False,
+        hold_output: bool = True,
     ) -> None:
         super().__init__()
         if exit_behavior not in ("end", "error", "replace"):
@@ -154,6 +198,8 @@ class GuardMiddleware(AgentMiddleware):
         self.route_handlers = dict(route_handlers or {})
         self.policy = policy
         self.speculative_input = speculative_input
+        self.hold_output = hold_output
+        self._held_checked: OrderedDict[str, None] = OrderedDict()
         self._call_decisions: OrderedDict[str, Decision] = OrderedDict()
         self._checked_results: OrderedDict[str, None] = OrderedDict()
 
@@ -373,14 +419,62 @@ class GuardMiddleware(AgentMiddleware):
             return update
         return {**(update or {}), **extra}
 
+    @staticmethod
+    def _held_of(state: Mapping[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the held response to release at this model call, the update clearing a stale key)."""
+        held = state.get(_HELD)
+        if not held:
+            return None, None
+        messages = state["messages"]
+        if isinstance(held, Mapping) and messages and messages[-1].id == held.get("placeholder"):
+            return dict(held), None
+        return None, {_HELD: None}  # stale (the placeholder is no longer the last message): it stays, fail closed
+
+    def _release(self, state: Mapping[str, Any], held: Mapping[str, Any]) -> dict[str, Any]:
+        """Resolve the route of a response the model node held (hold_output) and put the outcome in its place.
+
+        Approved: the response replaces the placeholder. Rejected: the refusal does (as ``_after_update`` builds
+        it). A route handler: its update, with the response put back before the handler's messages.
+        """
+        original = messages_from_dict([held["message"]])[0]
+        if not isinstance(original, AIMessage):  # pragma: no cover - the node only holds AI messages
+            raise TypeError(f"held message is not an AIMessage: {type(original).__name__}")
+        decision = _decision_from_dict(held["decision"])
+        text = message_text(original)
+        restored = {**state, "messages": [*state["messages"][:-1], original]}
+        remove = RemoveMessage(id=str(held["placeholder"]))
+        decision, handled = self._resolve_route(decision, text, Surface.RESPONSE.value, restored)
+        if handled is not None:
+            update = dict(handled)
+            extra = update.get("messages")
+            more = [] if extra is None else list(extra) if isinstance(extra, list | tuple) else [extra]
+            update["messages"] = [remove, original, *more]
+        elif decision.action.passes:
+            update = {"messages": [remove, original]}
+        else:
+            blocked = self._after_update(restored, original, [("", Surface.RESPONSE, text)], [decision]) or {}
+            update = {**blocked, "messages": [remove, *blocked.get("messages", [])]}
+        update[_HELD] = None
+        return update
+
+    def _after_model_pending(self, state: Mapping[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+        """What the model node left for after_model: (the update so far, whether that is all there is to do)."""
+        ended = self._speculative_end(state)
+        held, stale = self._held_of(state)
+        if ended is not None and "jump_to" in ended:
+            return self._merge(ended, stale), True  # the model node wrote a refusal: nothing more to check
+        if held is not None:
+            return self._merge(self._release(state, held), ended), True
+        return self._merge(ended, stale), False
+
     @hook_config(can_jump_to=["end"])
     def after_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-        ended = self._speculative_end(state)
-        if ended is not None and "jump_to" in ended:
-            return ended  # the model node wrote the input's refusal: nothing of the model's to check
-        last, tasks = self._output_tasks(state["messages"])
-        if last is None or not tasks:
+        ended, done = self._after_model_pending(state)
+        if done:
             return ended
+        last, tasks = self._output_tasks(state["messages"])
+        if last is None or not tasks or self._held_seen(last):
+            return ended  # nothing to check, or the model node checked it already (hold_output)
         prompt = last_human_text(state["messages"]) or " "
         decisions = [self.guard.check(prompt, response=text, surface=s, policy=self._policy) for _, s, text in tasks]
         for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
@@ -389,11 +483,11 @@ class GuardMiddleware(AgentMiddleware):
 
     @hook_config(can_jump_to=["end"])
     async def aafter_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-        ended = self._speculative_end(state)
-        if ended is not None and "jump_to" in ended:
+        ended, done = self._after_model_pending(state)
+        if done:
             return ended
         last, tasks = self._output_tasks(state["messages"])
-        if last is None or not tasks:
+        if last is None or not tasks or self._held_seen(last):
             return ended
         prompt = last_human_text(state["messages"]) or " "
         decisions = list(
@@ -462,19 +556,126 @@ class GuardMiddleware(AgentMiddleware):
         return _Plan(rerun=rerun, added=added, update=rest)
 
     @staticmethod
-    def _respond(plan: _Plan, response: Any = None) -> Any:
-        """The model node's result: the plan's messages, then the response's, then the Command."""
-        if plan.end:
+    def _respond(plan: _Plan | None, response: Any = None, extra: Mapping[str, Any] | None = None) -> Any:
+        """The model node's result: the plan's messages, then the response's, then the Command (the plan's
+        update and ``extra``, the held output's keys)."""
+        if plan is not None and plan.end:
             result: Any = ModelResponse(result=list(plan.added))
-        elif plan.added:
+        elif plan is not None and plan.added:
             result = ModelResponse(
                 result=[*plan.added, *response.result], structured_response=response.structured_response
             )
         else:
             result = response
-        if not plan.update:
+        update = {**(plan.update if plan is not None else {}), **(extra or {})}
+        if not update:
             return result
-        return ExtendedModelResponse(model_response=result, command=Command(update=plan.update))
+        return ExtendedModelResponse(model_response=result, command=Command(update=update))
+
+    # ================================================================= held output (wrap_model_call)
+
+    @property
+    def _holds(self) -> bool:
+        return self.hold_output and (self.check_output or self.check_tool_calls)
+
+    def _remember_held(self, msg: BaseMessage) -> None:
+        """Remember a message the model node wrote after checking the response, so after_model skips it."""
+        self._remember(self._held_checked, _seen_key(str(msg.id), _response_text(msg)), None)
+
+    def _held_seen(self, msg: BaseMessage) -> bool:
+        return msg.id is not None and _seen_key(msg.id, _response_text(msg)) in self._held_checked
+
+    def _deferred(self, decision: Decision) -> bool:
+        """A REROUTE that the model node must not resolve: human review (an interrupt) or a route handler."""
+        if decision.action is not Action.REROUTE:
+            return False
+        return decision.route == HUMAN_REVIEW or (decision.route or "") in self.route_handlers
+
+    def _hold_tasks(
+        self, request: Any, response: Any
+    ) -> tuple[Any, AIMessage | None, list[tuple[str, Surface, str]], str]:
+        """(the response as a ModelResponse, its last AIMessage with an id, what to check, the prompt)."""
+        if isinstance(response, AIMessage):
+            response = ModelResponse(result=[response])
+        result = list(response.result)
+        last = result[-1] if result else None
+        if not isinstance(last, AIMessage):
+            return response, None, [], ""
+        if last.id is None:  # the marker and the memory of what was checked go by id
+            last = last.model_copy(update={"id": str(uuid.uuid4())})
+            response = ModelResponse(result=[*result[:-1], last], structured_response=response.structured_response)
+        _, tasks = self._output_tasks([last])
+        state = request.state or {}
+        history = list(state.get("messages", [])) if isinstance(state, Mapping) else []
+        return response, last, tasks, last_human_text([*history, *result]) or " "
+
+    def _hold_outcome(
+        self,
+        request: Any,
+        response: Any,
+        last: AIMessage,
+        tasks: list[tuple[str, Surface, str]],
+        decisions: list[Decision],
+    ) -> tuple[Any, dict[str, Any]]:
+        """Carry out the response's decisions in the model node: (the response to return, the state keys)."""
+        said = next((d for (_, s, _), d in zip(tasks, decisions, strict=True) if s is Surface.RESPONSE), None)
+        if said is not None and self._deferred(said):
+            for (call_id, surface, text), decision in zip(tasks, decisions, strict=True):
+                if surface is Surface.TOOL_CALL:
+                    self._remember(self._call_decisions, _seen_key(call_id, text), decision)
+            meta = {"flexguard": {"held": True, "action": said.action.value, "route": said.route}}
+            placeholder = AIMessage(content=HELD_FOR_REVIEW, id=str(uuid.uuid4()), response_metadata=meta)
+            self._remember_held(placeholder)
+            held = {"placeholder": placeholder.id, "message": message_to_dict(last), "decision": said.to_dict()}
+            return _with_last(response, placeholder), {_HELD: held}
+        update = self._after_update(request.state or {}, last, tasks, decisions)  # may raise GuardBlockedError
+        if update is None:
+            self._remember_held(last)
+            return response, {}
+        written = update["messages"][0]
+        self._remember_held(written)
+        extra = {_END_AFTER: written.id} if update.get("jump_to") == "end" else {}
+        return _with_last(response, written), extra
+
+    def _hold(self, request: Any, response: Any) -> tuple[Any, dict[str, Any]]:
+        """Check the response of a hidden model call (hold_output); a pass is returned as it came."""
+        if not self._holds:
+            return response, {}
+        response, last, tasks, prompt = self._hold_tasks(request, response)
+        if last is None or not tasks:
+            return response, {}
+        policy = self._policy
+        decisions = [self.guard.check(prompt, response=text, surface=s, policy=policy) for _, s, text in tasks]
+        for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
+            dispatch_verdict(decision, f"after_model:{surface.value}")
+        return self._hold_outcome(request, response, last, tasks, decisions)
+
+    async def _ahold(self, request: Any, response: Any) -> tuple[Any, dict[str, Any]]:
+        if not self._holds:
+            return response, {}
+        response, last, tasks, prompt = self._hold_tasks(request, response)
+        if last is None or not tasks:
+            return response, {}
+        policy = self._policy
+        decisions = list(
+            await asyncio.gather(
+                *(self.guard.acheck(prompt, response=text, surface=s, policy=policy) for _, s, text in tasks)
+            )
+        )
+        for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
+            await adispatch_verdict(decision, f"after_model:{surface.value}")
+        return self._hold_outcome(request, response, last, tasks, decisions)
+
+    def _call(self, handler: Callable[[Any], Any], request: Any) -> Any:
+        """Call the model; hidden from stream_mode="messages" when its response is held for its check."""
+        if not self._holds:
+            return handler(request)
+        return contextvars.copy_context().run(_hidden_call, handler, request)
+
+    async def _acall(self, handler: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
+        if not self._holds:
+            return await handler(request)
+        return await _ahidden_inline(handler, request)
 
     def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
         """With ``speculative_input``: the model runs in this thread while a worker thread checks the input.
@@ -484,7 +685,9 @@ class GuardMiddleware(AgentMiddleware):
         """
         tasks = self._speculative_tasks(request)
         if not tasks:
-            return handler(request)
+            if not self._holds:
+                return handler(request)
+            return self._respond(None, *self._hold(request, self._call(handler, request)))
         policy = self._policy
         response: Any = None
         model_error: Exception | None = None
@@ -502,10 +705,10 @@ class GuardMiddleware(AgentMiddleware):
         if plan is None or (not plan.end and plan.rerun is None):
             if model_error is not None:
                 raise model_error
-            return response if plan is None else self._respond(plan, response)
+            return self._respond(plan, *self._hold(request, response))
         if plan.end:
             return self._respond(plan)
-        return self._respond(plan, handler(plan.rerun))
+        return self._respond(plan, *self._hold(plan.rerun, self._call(handler, plan.rerun)))
 
     async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         """With ``speculative_input``: the model call runs as a task while the input is checked.
@@ -514,7 +717,9 @@ class GuardMiddleware(AgentMiddleware):
         """
         tasks = self._speculative_tasks(request)
         if not tasks:
-            return await handler(request)
+            if not self._holds:
+                return await handler(request)
+            return self._respond(None, *await self._ahold(request, await self._acall(handler, request)))
         policy = self._policy
         model = asyncio.ensure_future(_ahidden_call(handler, request))
         try:
@@ -525,14 +730,15 @@ class GuardMiddleware(AgentMiddleware):
             plan = None if update is None else self._plan(request, update)
             if plan is None or (not plan.end and plan.rerun is None):
                 response = await model
-                return response if plan is None else self._respond(plan, response)
         except BaseException:
             await _cancel(model)
             raise
+        if plan is None or (not plan.end and plan.rerun is None):
+            return self._respond(plan, *await self._ahold(request, response))
         await _cancel(model)
         if plan.end:
             return self._respond(plan)
-        return self._respond(plan, await handler(plan.rerun))
+        return self._respond(plan, *await self._ahold(plan.rerun, await self._acall(handler, plan.rerun)))
 
     # ================================================================= tool hooks
 
@@ -645,6 +851,51 @@ def _hidden_call(handler: Callable[[Any], Any], request: Any) -> Any:
 async def _ahidden_call(handler: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
     _hide_from_stream()  # a task runs in its own copy of the context
     return await handler(request)
+
+
+async def _ahidden_inline(handler: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
+    """``_ahidden_call`` in the current task: the tag is set for the call and taken off after it."""
+    config = var_child_runnable_config.get()
+    if config is None or _NOSTREAM in (config.get("tags") or []):
+        return await handler(request)
+    token = var_child_runnable_config.set({**config, "tags": [*(config.get("tags") or []), _NOSTREAM]})
+    try:
+        return await handler(request)
+    finally:
+        var_child_runnable_config.reset(token)
+
+
+def _response_text(msg: BaseMessage) -> str:
+    """A message's text and its tool calls: what the model node checked of a response."""
+    calls = msg.tool_calls if isinstance(msg, AIMessage) else []
+    return "\n".join([message_text(msg), *(f"{c.get('id')}:{render_tool_call(c['name'], c['args'])}" for c in calls)])
+
+
+def _with_last(response: Any, message: BaseMessage) -> Any:
+    """The ModelResponse with its last message replaced."""
+    return ModelResponse(result=[*response.result[:-1], message], structured_response=response.structured_response)
+
+
+def _decision_from_dict(data: Mapping[str, Any]) -> Decision:
+    """The inverse of ``Decision.to_dict`` (a held response keeps its decision in the checkpointed state)."""
+    raw = dict(data.get("verdict") or {})
+    known = {f.name for f in fields(Verdict)}
+    values = {k: v for k, v in raw.items() if k in known}
+    values["categories"] = tuple(Category(c) for c in raw.get("categories") or ())
+    values["native_categories"] = tuple(raw.get("native_categories") or ())
+    values["surface"] = Surface(raw["surface"]) if raw.get("surface") else None
+    return Decision(
+        action=Action(data["action"]),
+        verdict=Verdict(**values),
+        reason=str(data.get("reason") or ""),
+        rule=data.get("rule"),
+        route=data.get("route"),
+        redacted_text=data.get("redacted_text"),
+        fail_open=bool(data.get("fail_open")),
+        threshold=data.get("threshold"),
+        surface=Surface(data["surface"]) if data.get("surface") else None,
+        policy=data.get("policy"),
+    )
 
 
 def _seen_key(call_id: str, text: str) -> str:

@@ -413,7 +413,11 @@ async def test_human_review_interrupts_without_the_speculative_answer(
     server.faults = FaultPlan(latency=0.1)
     llm = slow(0.3, echo=True)
     async with Guard.from_endpoint(server.base_url, FLEX) as g:
-        agent = create_agent(llm, tools=[], middleware=[spec(g, policy=REVIEW_POLICY)], checkpointer=InMemorySaver())
+        # hold_output=False: the echoed answer contains GREY too, so its own review follows the prompt's; with
+        # the old after_model-only check the answer sits in the state while that second review waits, which is
+        # what this test reads (hold_output=True puts a placeholder there: test_langchain_middleware_hold.py)
+        mw = spec(g, policy=REVIEW_POLICY, hold_output=False)
+        agent = create_agent(llm, tools=[], middleware=[mw], checkpointer=InMemorySaver())
         cfg = {"configurable": {"thread_id": f"review-{mode}-{approve}"}}
         first = await run(agent, {"messages": [HumanMessage(GREY)]}, mode, cfg)
         payload = first["__interrupt__"][0].value
