@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from typing import Any
 
 from flexguard_integrations import Guard
 from flexguard_integrations.models import GuardInput
+from flexguard_integrations.transport.base import encode_body
 
 MODEL = "Qwen/Qwen3Guard-Gen-8B"
 """The served model every benchmark asks (the cheaper family: a ~40-byte answer, like a real Qwen3Guard verdict)."""
@@ -78,7 +78,7 @@ def request_body() -> dict[str, Any]:
 
 def request_payload() -> bytes:
     """:func:`request_body` serialised the way the Guard transports serialise it."""
-    return json.dumps(request_body(), ensure_ascii=False).encode("utf-8")
+    return encode_body(request_body())
 
 
 # ---------------------------------------------------------------------------------------------- pinning

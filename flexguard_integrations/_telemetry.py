@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
 _tracer: Any = None
 _checked = False
 _trace: Any = None
+_env_provider = False  # OTEL_PYTHON_TRACER_PROVIDER was set (OpenTelemetry then loads a provider on demand)
+_UNKNOWN = object()
 
 
 def _get_tracer() -> Any:
     """The package's tracer, or None when OpenTelemetry is absent or no tracer provider is configured."""
-    global _tracer, _checked, _trace
+    global _tracer, _checked, _trace, _env_provider
     if not _checked:
         _checked = True
         try:
@@ -21,10 +24,13 @@ def _get_tracer() -> Any:
         except ImportError:
             return None
         _trace = trace
+        _env_provider = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
     if _tracer is not None:
         return _tracer
     if _trace is None:
         return None
+    if getattr(_trace, "_TRACER_PROVIDER", _UNKNOWN) is None and not _env_provider:
+        return None  # no provider set yet: skip get_tracer_provider's environment lookup on every check
     provider = _trace.get_tracer_provider()
     if type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
         return None  # nobody collects spans: skip the no-op span machinery (it costs ~10 µs a check)

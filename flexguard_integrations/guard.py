@@ -527,9 +527,16 @@ class Guard:
         if self.breaker is not None and (why := self.breaker.before_request()) is not None:
             return self._finish(Verdict.failed(why), surface, started), None
         body = self.model.request_body(inp, self.model_name)
+        sem = self._sem()
         try:
-            async with _timeout_cm(remaining(deadline) + 0.05), self._sem():  # queueing counts too
-                completion = await self.transport.acomplete(body, deadline=deadline, headers=headers)
+            if getattr(self.transport, "bounds_deadline", False) is True and not sem.locked():
+                # no queueing (acquiring cannot wait) and the transport bounds the whole request, retries
+                # included, by the deadline itself: asyncio.timeout's timer would only cost time
+                async with sem:
+                    completion = await self.transport.acomplete(body, deadline=deadline, headers=headers)
+            else:
+                async with _timeout_cm(remaining(deadline) + 0.05), sem:  # queueing counts too
+                    completion = await self.transport.acomplete(body, deadline=deadline, headers=headers)
         except ContextLengthExceededError as exc:
             self._breaker_failure(exc)
             raise
@@ -556,20 +563,28 @@ class Guard:
         depth: int = 0,
     ) -> list[tuple[Verdict, BaseException | None]]:
         pieces, inp = self._plan_chunks(inp, limit)
-
-        async def one(piece: str) -> list[tuple[Verdict, BaseException | None]]:
-            sub = inp if piece is inp.text else replace(inp, text=piece)
-            try:
-                return [await self._acall(sub, surface, deadline, headers)]
-            except ContextLengthExceededError as exc:
-                if depth >= _MAX_SPLIT_DEPTH or len(piece) < 64:
-                    return [(Verdict.failed(str(exc), surface=surface), exc)]
-                return await self._asplit(sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1)
-
         if len(pieces) == 1:
-            return await one(pieces[0])
-        groups = await asyncio.gather(*(one(p) for p in pieces))
+            return await self._aone(inp, pieces[0], surface, deadline, headers, depth)
+        groups = await asyncio.gather(*(self._aone(inp, p, surface, deadline, headers, depth) for p in pieces))
         return [item for group in groups for item in group]
+
+    async def _aone(
+        self,
+        inp: GuardInput,
+        piece: str,
+        surface: Surface,
+        deadline: float,
+        headers: Mapping[str, str] | None,
+        depth: int,
+    ) -> list[tuple[Verdict, BaseException | None]]:
+        """Check one piece of ``inp``; a piece the server finds too long is split in two and checked again."""
+        sub = inp if piece is inp.text else replace(inp, text=piece)
+        try:
+            return [await self._acall(sub, surface, deadline, headers)]
+        except ContextLengthExceededError as exc:
+            if depth >= _MAX_SPLIT_DEPTH or len(piece) < 64:
+                return [(Verdict.failed(str(exc), surface=surface), exc)]
+            return await self._asplit(sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1)
 
     async def _alimit(self, inp: GuardInput, deadline: float) -> int | None:
         """The chunk size for this text, or None when it is short enough to send whole."""
@@ -598,6 +613,8 @@ class Guard:
         self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None
     ) -> list[tuple[Verdict, BaseException | None]]:
         deadline = time.monotonic() + self.timeout
+        if _total_chars(inp) <= _DISCOVERY_MIN_CHARS:  # the common case: one request, nothing to plan
+            return await self._aone(inp, inp.text, surface, deadline, headers, 0)
         limit = await self._alimit(inp, deadline)
         return await self._asplit(inp, surface, deadline, headers, limit)
 

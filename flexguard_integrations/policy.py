@@ -218,7 +218,9 @@ class StrictnessPolicy(_Frozen):
 
     def base_threshold(self, surface: Surface | str = Surface.PROMPT) -> float:
         """The threshold for categories without their own, on ``surface``."""
-        sp = self.surfaces.get(Surface.parse(surface))
+        return self._base(self.surfaces.get(Surface.parse(surface)))
+
+    def _base(self, sp: SurfacePolicy | None) -> float:
         if sp is not None:
             if sp.threshold is not None:
                 return sp.threshold
@@ -238,9 +240,15 @@ class StrictnessPolicy(_Frozen):
 
     def threshold_for(self, verdict: Verdict, surface: Surface | str = Surface.PROMPT) -> float:
         """The applicable threshold: the lowest among the verdict's categories (base when it has none)."""
+        return self._threshold(verdict, self.surfaces.get(Surface.parse(surface)))
+
+    def _threshold(self, verdict: Verdict, sp: SurfacePolicy | None) -> float:
+        """:meth:`threshold_for` with the surface's overrides already looked up (on every check: kept lean)."""
+        base = self._base(sp)
         if not verdict.categories:
-            return self.base_threshold(surface)
-        return min(self.category_threshold(c, surface) for c in verdict.categories)
+            return base
+        own = sp.thresholds if sp is not None else {}
+        return min(own[c] if c in own else self.thresholds.get(c, base) for c in verdict.categories)
 
     def is_over(self, verdict: Verdict, surface: Surface | str = Surface.PROMPT) -> bool:
         """True when the verdict is over its applicable threshold; a failed verdict always counts as over."""
@@ -284,8 +292,8 @@ class StrictnessPolicy(_Frozen):
                 raise GuardUnavailableError(f"guard unavailable: {verdict.error}", decision=blocked)
             return blocked
 
-        threshold = self.threshold_for(verdict, surface)
-        cats = ", ".join(c.value for c in verdict.categories) or "no category"
+        threshold = self._threshold(verdict, sp)
+        cats = ", ".join(verdict.categories) or "no category"  # str-valued enums: join reads their values
         if verdict.risk_score < threshold:
             return Decision(
                 action=Action.ALLOW,

@@ -20,7 +20,15 @@ from .http import HTTPTransport
 
 
 class AiohttpTransport(HTTPTransport):
-    """HTTPTransport whose async requests go through ``aiohttp.ClientSession``."""
+    """HTTPTransport whose async requests go through ``aiohttp.ClientSession``.
+
+    ``bounds_deadline`` is True: every attempt runs under aiohttp's *total* timeout (what is left of the
+    check's deadline) and retries stop at the deadline, so :class:`~flexguard_integrations.Guard` skips its
+    own ``asyncio.timeout`` around an async request that does not queue (httpx's timeouts are per
+    operation: a server that trickles its answer could outlast the deadline, so HTTPTransport is not).
+    """
+
+    bounds_deadline = True
 
     def __init__(self, base_url: str, **kwargs: Any) -> None:
         try:

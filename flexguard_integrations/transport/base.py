@@ -27,6 +27,12 @@ from ..errors import (
     GuardTransportError,
 )
 
+_orjson: Any
+try:  # the 'fast' extra: orjson encodes a request body ~10x and decodes an answer ~4x faster than json
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
 _CONTEXT_PATTERNS = re.compile(
     r"maximum context length|longer than the model'?s context length|context length|too many tokens"
     r"|max_model_len|exceeds? (?:the )?(?:model'?s )?(?:maximum )?(?:context|limit)",
@@ -160,12 +166,28 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes) ->
     return GuardServerError(f"guard server error (HTTP {status}): {detail}", **kw)
 
 
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """A request body as compact UTF-8 JSON (with orjson when it is installed, else the json module)."""
+    if _orjson is not None:
+        try:
+            return bytes(_orjson.dumps(body))
+        except TypeError:  # orjson is stricter (non-str keys, huge ints...): json says what is wrong
+            pass
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _loads(body: bytes) -> Any:
+    if _orjson is not None:
+        return _orjson.loads(body)  # JSONDecodeError is a ValueError
+    return json.loads(body)
+
+
 def decode_completion(body: bytes, content_type: str | None = None) -> dict[str, Any]:
     """Parse a 2xx body and check it is a (chat) completion with ``choices[0]``; GuardResponseError if not."""
     if not body.strip():
         raise GuardResponseError("guard server answered 200 with an empty body")
     try:
-        data = json.loads(body)
+        data = _loads(body)
     except ValueError:
         kind = content_type.split(";")[0] if content_type else "unknown content type"
         snippet = re.sub(r"\s+", " ", body[:80].decode("utf-8", "replace"))

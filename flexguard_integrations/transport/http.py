@@ -8,7 +8,6 @@ one total deadline per check that covers every attempt and every backoff.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import threading
@@ -22,7 +21,7 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 
 from .. import __version__
 from ..errors import GuardConnectionError, GuardTimeoutError, GuardTransportError
-from .base import RetryPolicy, decode_completion, error_from_response, normalise_base_url, remaining
+from .base import RetryPolicy, decode_completion, encode_body, error_from_response, normalise_base_url, remaining
 
 T = TypeVar("T")
 logger = logging.getLogger("flexguard_integrations")
@@ -165,7 +164,7 @@ class HTTPTransport:
     async def acomplete(
         self, body: Mapping[str, Any], *, deadline: float, headers: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        payload = encode_body(body)
         try:  # fast path: most checks succeed on the first attempt, without retry machinery
             return await self._apost(self._chat_url, payload, deadline, headers)
         except GuardTransportError as exc:
@@ -222,7 +221,7 @@ class HTTPTransport:
     def complete(
         self, body: Mapping[str, Any], *, deadline: float, headers: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        payload = encode_body(body)
         try:
             return self._post(self._chat_url, payload, deadline, headers)
         except GuardTransportError as exc:

@@ -14,6 +14,7 @@ from flexguard_integrations import (
     GuardInputError,
     GuardUnavailableError,
 )
+from flexguard_integrations import guard as guard_module
 from flexguard_integrations.testing import FakeGuardServer, FaultPlan
 from tests.conftest import FLEX, QWEN, closed_port_url
 
@@ -98,6 +99,44 @@ def test_hang_is_bounded_by_the_deadline(model: str) -> None:
             elapsed = time.monotonic() - started
     assert d.action is Action.BLOCK and "guard unavailable" in d.reason
     assert elapsed < 0.8 + 0.5
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_a_hung_server_costs_each_check_its_deadline_queued_or_not(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guard bounds a request with asyncio.timeout unless the transport bounds it itself (aiohttp's total
+    timeout) and nothing queues; either way every check ends, fail-closed, within its deadline."""
+    pytest.importorskip("aiohttp")
+    timers: list[float | None] = []
+    real = guard_module._timeout_cm
+
+    def counting(delay: float | None) -> object:
+        timers.append(delay)
+        return real(delay)
+
+    monkeypatch.setattr(guard_module, "_timeout_cm", counting)
+    timeout = 0.6
+    with FakeGuardServer(faults=FaultPlan(p_hang=1.0, hang_seconds=5.0)) as srv:
+        async with Guard.from_endpoint(
+            srv.base_url, QWEN, timeout=timeout, concurrency=1, cache=False, transport=transport
+        ) as guard:
+
+            async def timed(text: str) -> tuple[float, Action]:
+                t0 = time.monotonic()
+                d = await guard.acheck(text)
+                assert d.verdict.error is not None and not d.fail_open
+                return time.monotonic() - t0, d.action
+
+            alone = await timed(BENIGN)
+            uncontended_timers = len(timers)
+            queued = await asyncio.gather(*(timed(f"{BENIGN} {i}") for i in range(3)))  # 2 of 3 wait for the slot
+    for elapsed, action in [alone, *queued]:
+        assert action is Action.BLOCK
+        assert elapsed < timeout + 0.4
+    # the aiohttp transport's own total timeout bounds an uncontended request: no asyncio.timeout for it
+    assert uncontended_timers == (0 if transport == "aiohttp" else 1)
+    assert len(timers) - uncontended_timers >= 2  # checks that had to queue are bounded by Guard's timer
 
 
 async def test_fault_mix_every_check_decided_within_deadline_and_nothing_unsafe_allowed() -> None:

@@ -1,0 +1,61 @@
+"""Request bodies and answers as JSON: orjson when installed (the 'fast' extra), the json module otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flexguard_integrations.errors import GuardResponseError
+from flexguard_integrations.transport import base
+
+BODY = {
+    "model": "Qwen/Qwen3Guard-Gen-8B",
+    "messages": [{"role": "user", "content": 'Grüße, "quoted" \\ back\nslash — 你好 \u2028 emoji 🙂'}],
+    "temperature": 0,
+    "max_tokens": 128,
+    "logprobs": True,
+}
+ANSWER = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"Safety: Safe\\nCategories: None"}}]}'
+
+
+@pytest.fixture(params=["orjson", "json"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "orjson":
+        pytest.importorskip("orjson")
+    else:
+        monkeypatch.setattr(base, "_orjson", None)
+    return str(request.param)
+
+
+def test_the_body_is_compact_utf8_json_that_reads_back_the_same(codec: str) -> None:
+    payload = base.encode_body(BODY)
+    assert json.loads(payload) == BODY
+    assert "你好".encode() in payload and b"\\u" not in payload  # UTF-8 as is, not \u escapes
+    compact = json.dumps(BODY, ensure_ascii=False, separators=(",", ":")).encode()
+    assert payload == compact  # no padding between items
+
+
+def test_both_codecs_send_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("orjson")
+    fast = base.encode_body(BODY)
+    monkeypatch.setattr(base, "_orjson", None)
+    assert base.encode_body(BODY) == fast
+
+
+def test_a_body_orjson_refuses_falls_back_to_json(codec: str) -> None:
+    body = {"model": "m", "max_tokens": 2**70, "messages": []}  # orjson has no integers past 64 bits
+    assert json.loads(base.encode_body(body)) == body
+
+
+def test_a_lone_surrogate_is_an_encoding_error_with_either_codec(codec: str) -> None:
+    with pytest.raises(UnicodeEncodeError):
+        base.encode_body({"messages": [{"role": "user", "content": "a\ud800b"}]})
+
+
+def test_answers_decode_and_non_json_is_a_clear_error(codec: str) -> None:
+    assert base.decode_completion(ANSWER, "application/json")["choices"][0]["message"]["role"] == "assistant"
+    with pytest.raises(GuardResponseError, match=r"non-JSON \(text/html\): '<html> oops'"):
+        base.decode_completion(b"<html> oops", "text/html; charset=utf-8")
+    with pytest.raises(GuardResponseError, match="no choices"):
+        base.decode_completion(b'{"object": "list"}', "application/json")
