@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -36,6 +38,42 @@ def open_sockets() -> int:
     return count
 
 
+class GcPauses:
+    """The garbage collector's pauses (start, end in ``time.monotonic``) while it is recording.
+
+    A collection stops every thread of the process, the event loop's timers included, so no client can answer
+    on time during one; a check's lateness is judged on the time the interpreter was running.
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.monotonic()
+        else:
+            self.spans.append((self._started, time.monotonic()))
+
+    def within(self, start: float, end: float) -> float:
+        """Seconds of collection inside [start, end]."""
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.spans)
+
+
+@contextlib.contextmanager
+def gc_pauses() -> Iterator[GcPauses]:
+    """Record GC pauses; the heap earlier tests left is frozen first, so collections scan only this test's."""
+    gc.collect()
+    gc.freeze()
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(pauses)
+        gc.unfreeze()
+
+
 def text_for(i: int) -> str:
     return f"{HARMFUL} (request {i})" if i % 2 else f"What is a nice name for a goldfish? (request {i})"
 
@@ -54,7 +92,7 @@ async def test_soak_mixed_faults_fail_closed(transport: str, n: int, concurrency
     timeout = 2.0
     gc.collect()
     sockets_before = open_sockets()
-    with FakeGuardServer(faults=MIXED, seed=11) as srv:
+    with gc_pauses() as pauses, FakeGuardServer(faults=MIXED, seed=11) as srv:
         async with Guard.from_endpoint(
             srv.base_url, QWEN, timeout=timeout, concurrency=concurrency, cache=False, transport=transport
         ) as guard:
@@ -64,7 +102,10 @@ async def test_soak_mixed_faults_fail_closed(transport: str, n: int, concurrency
                 async with slots:
                     started = time.monotonic()
                     decision = await guard.acheck(text_for(i))
-                    return i, time.monotonic() - started, decision
+                    ended = time.monotonic()
+                    # the time a garbage collection held the whole process (the loop's timers too) is not the
+                    # guard's to answer for: judge the check on the rest
+                    return i, ended - started - pauses.within(started, ended), decision
 
             results = await asyncio.gather(*(timed(i) for i in range(n)))
             guard_stats = guard.stats
