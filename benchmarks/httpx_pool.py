@@ -44,7 +44,7 @@ async def time_series(base_url: str, concurrency: int, seconds: float) -> list[t
         done += 1
 
     await run_workers(call, concurrency, concurrency)  # the burst: opens `concurrency` connections
-    pool: Any = guard.transport._async_client()._transport._pool  # type: ignore[attr-defined]
+    pool: Any = guard.transport._async_pool()._pool  # type: ignore[attr-defined]
     samples: list[tuple[int, int, int]] = []
     running = True
 

@@ -67,7 +67,8 @@ hang, reset, malformed, truncated, 400_overflow, 401, html, empty, bad_shape, sl
 
 The server is a raw ``asyncio.Protocol`` HTTP/1.1 implementation (keep-alive, pipelining, ``Content-Length`` and
 chunked request bodies) running its event loop in a daemon thread: several thousand requests per second on one
-core. ``stop()`` closes the listener, aborts every open connection (ending hung requests) and joins the thread.
+core. ``ssl_context=`` (a server-side ``ssl.SSLContext``) serves HTTPS instead, to test TLS verification and CA
+bundles. ``stop()`` closes the listener, aborts every open connection (ending hung requests) and joins the thread.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ import json
 import random
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -459,6 +461,7 @@ class FakeGuardServer:
         seed: int = 0,
         max_recorded: int = 100_000,
         tokenizer: str = "auto",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if isinstance(models, str):
             models = (models,)
@@ -497,6 +500,7 @@ class FakeGuardServer:
         self.reasoning_parser = reasoning_parser
         self.flexguard_style = style
         self.seed = seed
+        self.ssl_context = ssl_context
         self._faults = faults if faults is not None else FaultPlan()
         if not isinstance(self._faults, FaultPlan):
             raise TypeError("faults must be a FaultPlan")
@@ -586,7 +590,13 @@ class FakeGuardServer:
         try:
             try:
                 listener = loop.run_until_complete(
-                    loop.create_server(lambda: _Connection(self), self.host, self._configured_port, backlog=2048)
+                    loop.create_server(
+                        lambda: _Connection(self),
+                        self.host,
+                        self._configured_port,
+                        backlog=2048,
+                        ssl=self.ssl_context,
+                    )
                 )
             except BaseException as exc:
                 self._start_error = exc
@@ -632,11 +642,12 @@ class FakeGuardServer:
 
     @property
     def url(self) -> str:
-        """``http://HOST:PORT`` (the server root)."""
+        """``http://HOST:PORT`` (the server root; ``https://`` when serving TLS)."""
         if not self.port:
             raise RuntimeError("FakeGuardServer is not started (port 0 is chosen at start())")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -39,9 +38,9 @@ class AiohttpTransport(HTTPTransport):
             ) from exc
         super().__init__(base_url, **kwargs)
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
-        # aiohttp's trust_env re-reads the proxy environment (and ~/.netrc) on every request, which costs
-        # more than the request itself on loopback: resolve the proxy for this server once instead
-        self._proxy = _env_proxy_for(self.base_url) if self._trust_env else None
+        # the session runs with trust_env=False: aiohttp's re-reads the proxy environment (and ~/.netrc) on
+        # every request, which costs more than the request itself on loopback. HTTPTransport resolved the
+        # proxy for this server once (self._proxy).
 
     def __repr__(self) -> str:
         return super().__repr__().replace("HTTPTransport", "AiohttpTransport", 1)
@@ -52,16 +51,7 @@ class AiohttpTransport(HTTPTransport):
         loop = asyncio.get_running_loop()
         session = self._sessions.get(loop)
         if session is None or session.closed:
-            ssl_arg: Any
-            if self._verify is True:
-                ssl_arg = True
-            elif self._verify is False:
-                ssl_arg = False
-            elif isinstance(self._verify, ssl.SSLContext):
-                ssl_arg = self._verify
-            else:
-                ssl_arg = ssl.create_default_context(cafile=str(self._verify))
-            connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=ssl_arg, keepalive_timeout=30.0)
+            connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=self._verify, keepalive_timeout=30.0)
             session = aiohttp.ClientSession(headers=self._headers, connector=connector, trust_env=False)
             self._sessions[loop] = session
         return session
@@ -126,16 +116,3 @@ class AiohttpTransport(HTTPTransport):
                 await session.close()
                 del self._sessions[owner]
         await super().aclose()
-
-
-def _env_proxy_for(url: str) -> str | None:
-    """The proxy the environment (HTTP_PROXY / HTTPS_PROXY / NO_PROXY) gives for ``url``, or None."""
-    import urllib.request
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if not host or urllib.request.proxy_bypass(host):
-        return None
-    proxies = urllib.request.getproxies()
-    return proxies.get(parts.scheme) or proxies.get("all")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -214,6 +216,43 @@ def check_completion_shape(data: Any) -> None:
 def remaining(deadline: float) -> float:
     """Seconds left until ``deadline`` (never negative)."""
     return max(0.0, deadline - time.monotonic())
+
+
+def ssl_verify(verify: bool | str | os.PathLike[str] | ssl.SSLContext) -> bool | ssl.SSLContext:
+    """``verify`` as the transports take it: a bool, or an SSLContext (a CA bundle file or directory loaded).
+
+    A path that does not exist is a configuration error here, at construction, not a TLS failure at the
+    first check.
+    """
+    if isinstance(verify, bool | ssl.SSLContext):
+        return verify
+    from ..errors import ConfigurationError
+
+    path = os.fspath(verify)
+    if os.path.isdir(path):
+        return ssl.create_default_context(capath=path)
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"verify={path!r}: no CA bundle file or directory at that path")
+    try:
+        return ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigurationError(f"verify={path!r} is not a readable PEM CA bundle: {exc}") from exc
+
+
+def env_proxy_for(url: str) -> str | None:
+    """The proxy the environment (HTTP_PROXY / HTTPS_PROXY / ALL_PROXY / NO_PROXY) gives for ``url``, or None.
+
+    Both transports resolve it once, for their one server, rather than on every request.
+    """
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host or urllib.request.proxy_bypass(host):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 def normalise_base_url(base_url: str) -> tuple[str, str]:

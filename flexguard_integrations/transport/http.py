@@ -21,7 +21,16 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 
 from .. import __version__
 from ..errors import GuardConnectionError, GuardTimeoutError, GuardTransportError
-from .base import RetryPolicy, decode_completion, encode_body, error_from_response, normalise_base_url, remaining
+from .base import (
+    RetryPolicy,
+    decode_completion,
+    encode_body,
+    env_proxy_for,
+    error_from_response,
+    normalise_base_url,
+    remaining,
+    ssl_verify,
+)
 
 T = TypeVar("T")
 logger = logging.getLogger("flexguard_integrations")
@@ -45,8 +54,15 @@ class HTTPTransport:
     """OpenAI-compatible HTTP transport for vLLM, SGLang or a router in front of them.
 
     ``api_key`` is sent as a Bearer header and never appears in a repr or a log. ``verify`` takes a bool,
-    a CA bundle path or an ``ssl.SSLContext``. ``headers`` are added to every request (gateway auth, a
-    tenant header...).
+    a CA bundle path (file or directory) or an ``ssl.SSLContext``. ``headers`` are added to every request
+    (gateway auth, a tenant header...). With ``trust_env`` the proxy the environment gives for the server
+    (``HTTP(S)_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY``) is resolved once, here, and ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` apply when ``verify`` is True.
+
+    Requests go straight to httpx's connection-pool transports (``httpx.AsyncHTTPTransport`` /
+    ``httpx.HTTPTransport``, the layer an ``httpx.AsyncClient`` sends through). A guard request needs none
+    of the client's per-request work (URL merging, cookies, auth and redirect flows, event hooks): it is
+    about a fifth of a raw ``AsyncClient.post``'s client time (docs/performance.md).
     """
 
     def __init__(
@@ -75,8 +91,10 @@ class HTTPTransport:
         self._headers = {"user-agent": f"flexguard-integrations/{__version__}", **_JSON, **(headers or {})}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
-        self._verify = verify
+        self._request_headers = httpx.Headers(self._headers)
+        self._verify = ssl_verify(verify)
         self._trust_env = trust_env
+        self._proxy = env_proxy_for(self.base_url) if trust_env else None
         self._connect_timeout = connect_timeout
         self._limits = httpx.Limits(
             max_connections=self.concurrency,
@@ -85,9 +103,10 @@ class HTTPTransport:
         )
         self._chat_url = self.base_url + "/chat/completions"
         self._models_url = self.base_url + "/models"
-        self._sync: httpx.Client | None = None
+        self._chat = httpx.URL(self._chat_url)
+        self._sync: httpx.HTTPTransport | None = None
         self._sync_lock = threading.Lock()
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -95,33 +114,67 @@ class HTTPTransport:
         auth = ", api_key=***" if "authorization" in self._headers else ""
         return f"HTTPTransport({self.base_url!r}{auth}, concurrency={self.concurrency})"
 
-    # ----------------------------------------------------------------- clients
+    # ----------------------------------------------------------------- connection pools and requests
 
-    def _timeout(self, deadline: float) -> httpx.Timeout:
-        left = max(remaining(deadline), 0.001)
-        return httpx.Timeout(left, connect=min(left, self._connect_timeout))
+    def _pool_options(self) -> dict[str, Any]:
+        return {"verify": self._verify, "trust_env": self._trust_env, "limits": self._limits, "proxy": self._proxy}
 
-    def _sync_client(self) -> httpx.Client:
+    def _sync_pool(self) -> httpx.HTTPTransport:
         if self._sync is None:
             with self._sync_lock:
                 if self._sync is None:
-                    self._sync = httpx.Client(
-                        headers=self._headers,
-                        limits=self._limits,
-                        verify=self._verify,
-                        trust_env=self._trust_env,
-                    )
+                    self._sync = httpx.HTTPTransport(**self._pool_options())
         return self._sync
 
-    def _async_client(self) -> httpx.AsyncClient:
+    def _async_pool(self) -> httpx.AsyncHTTPTransport:
         loop = asyncio.get_running_loop()
-        client = self._async.get(loop)
-        if client is None:
-            client = httpx.AsyncClient(
-                headers=self._headers, limits=self._limits, verify=self._verify, trust_env=self._trust_env
-            )
-            self._async[loop] = client
-        return client
+        pool = self._async.get(loop)
+        if pool is None:
+            pool = httpx.AsyncHTTPTransport(**self._pool_options())
+            self._async[loop] = pool
+        return pool
+
+    def _request(
+        self,
+        method: str,
+        url: httpx.URL | str,
+        deadline: float,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Request:
+        """One request with every timeout set from what is left of ``deadline``."""
+        left = max(remaining(deadline), 0.001)
+        timeout = {"connect": min(left, self._connect_timeout), "read": left, "write": left, "pool": left}
+        if headers:
+            merged = self._request_headers.copy()
+            merged.update(headers)
+        else:
+            merged = self._request_headers
+        return httpx.Request(method, url, headers=merged, content=content, extensions={"timeout": timeout})
+
+    async def _asend(self, request: httpx.Request, what: str) -> httpx.Response:
+        """Send and read the whole answer; httpx errors become the transport error family."""
+        try:
+            resp = await self._async_pool().handle_async_request(request)
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+        except httpx.HTTPError as exc:
+            raise _map_httpx_error(exc, what) from exc
+        return resp
+
+    def _send(self, request: httpx.Request, what: str) -> httpx.Response:
+        """Blocking twin of :meth:`_asend`."""
+        try:
+            resp = self._sync_pool().handle_request(request)
+            try:
+                resp.read()
+            finally:
+                resp.close()
+        except httpx.HTTPError as exc:
+            raise _map_httpx_error(exc, what) from exc
+        return resp
 
     # ----------------------------------------------------------------- retries
 
@@ -151,12 +204,8 @@ class HTTPTransport:
     ) -> dict[str, Any]:
         if remaining(deadline) <= 0:
             raise GuardTimeoutError("guard check deadline passed before the request was sent")
-        try:
-            resp = await self._async_client().post(
-                url, content=payload, headers=headers, timeout=self._timeout(deadline)
-            )
-        except httpx.HTTPError as exc:
-            raise _map_httpx_error(exc, "a check") from exc
+        target = self._chat if url == self._chat_url else url
+        resp = await self._asend(self._request("POST", target, deadline, payload, headers), "a check")
         if resp.status_code != 200:
             raise error_from_response(resp.status_code, resp.headers, resp.content)
         return decode_completion(resp.content, resp.headers.get("content-type"))
@@ -181,27 +230,20 @@ class HTTPTransport:
         return await retrying(self._apost, self._chat_url, payload, deadline, headers)
 
     async def amodels(self, *, deadline: float) -> list[dict[str, Any]]:
-        try:
-            resp = await self._async_client().get(self._models_url, timeout=self._timeout(deadline))
-        except httpx.HTTPError as exc:
-            raise _map_httpx_error(exc, "GET /v1/models") from exc
-        return _models_from(resp)
+        return _models_from(await self._asend(self._request("GET", self._models_url, deadline), "GET /v1/models"))
 
     async def aget(self, path: str, *, deadline: float) -> httpx.Response:
         """GET a path under the server root (``/health``...); used by diagnostics."""
-        try:
-            return await self._async_client().get(self.root_url + path, timeout=self._timeout(deadline))
-        except httpx.HTTPError as exc:
-            raise _map_httpx_error(exc, f"GET {path}") from exc
+        return await self._asend(self._request("GET", self.root_url + path, deadline), f"GET {path}")
 
     async def aclose(self) -> None:
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        for owner, client in list(self._async.items()):
+        for owner, pool in list(self._async.items()):
             if owner is loop:
-                await client.aclose()
+                await pool.aclose()
                 del self._async[owner]
         self.close()
 
@@ -210,10 +252,8 @@ class HTTPTransport:
     def _post(self, url: str, payload: bytes, deadline: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
         if remaining(deadline) <= 0:
             raise GuardTimeoutError("guard check deadline passed before the request was sent")
-        try:
-            resp = self._sync_client().post(url, content=payload, headers=headers, timeout=self._timeout(deadline))
-        except httpx.HTTPError as exc:
-            raise _map_httpx_error(exc, "a check") from exc
+        target = self._chat if url == self._chat_url else url
+        resp = self._send(self._request("POST", target, deadline, payload, headers), "a check")
         if resp.status_code != 200:
             raise error_from_response(resp.status_code, resp.headers, resp.content)
         return decode_completion(resp.content, resp.headers.get("content-type"))
@@ -238,25 +278,16 @@ class HTTPTransport:
         return retrying(self._post, self._chat_url, payload, deadline, headers)
 
     def models(self, *, deadline: float) -> list[dict[str, Any]]:
-        try:
-            resp = self._sync_client().get(self._models_url, timeout=self._timeout(deadline))
-        except httpx.HTTPError as exc:
-            raise _map_httpx_error(exc, "GET /v1/models") from exc
-        return _models_from(resp)
+        return _models_from(self._send(self._request("GET", self._models_url, deadline), "GET /v1/models"))
 
     def get(self, path: str, *, deadline: float) -> httpx.Response:
         """GET a path under the server root (``/health``...); used by diagnostics."""
-        try:
-            return self._sync_client().get(self.root_url + path, timeout=self._timeout(deadline))
-        except httpx.HTTPError as exc:
-            raise _map_httpx_error(exc, f"GET {path}") from exc
+        return self._send(self._request("GET", self.root_url + path, deadline), f"GET {path}")
 
     def post_json(self, path: str, body: Mapping[str, Any], *, deadline: float) -> httpx.Response:
         """POST JSON to a path under the server root (``/tokenize``); used by diagnostics."""
-        try:
-            return self._sync_client().post(self.root_url + path, json=dict(body), timeout=self._timeout(deadline))
-        except httpx.HTTPError as exc:
-            raise _map_httpx_error(exc, f"POST {path}") from exc
+        request = self._request("POST", self.root_url + path, deadline, encode_body(body))
+        return self._send(request, f"POST {path}")
 
     def close(self) -> None:
         with self._sync_lock:
