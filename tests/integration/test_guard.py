@@ -342,6 +342,40 @@ def test_aiohttp_transport_resolves_the_proxy_from_the_environment_once(monkeypa
     assert AiohttpTransport("http://guard.example:8000/v1", trust_env=False)._proxy is None
 
 
+def test_httpx_transport_resolves_the_proxy_from_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flexguard_integrations.transport.http import HTTPTransport
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert HTTPTransport("https://guard.example/v1")._proxy == "http://proxy.internal:3128"
+    assert HTTPTransport("https://127.0.0.1:8000/v1")._proxy is None
+    assert HTTPTransport("https://guard.example/v1", trust_env=False)._proxy is None
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_checks_go_through_the_environment_proxy(
+    server: FakeGuardServer, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    if transport == "aiohttp":
+        pytest.importorskip("aiohttp")
+    # the emulated server plays the proxy: it records the absolute-form target a proxied request carries
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, server.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with Guard.from_endpoint(
+        "http://guard.invalid:8000/v1", QWEN, cache=False, max_retries=0, transport=transport
+    ) as guard:
+        decision = await guard.acheck("hello there")
+        blocking = guard.check("hello there")
+    targets = [r.path for r in server.requests]
+    assert targets == ["http://guard.invalid:8000/v1/chat/completions"] * 2
+    for d in (decision, blocking):  # the 'proxy' answered 404: no verdict, so fail-closed
+        assert d.verdict.error is not None and d.action is Action.BLOCK
+
+
 def test_httpx_transport_caps_checks_in_flight(server: FakeGuardServer) -> None:
     from flexguard_integrations.transport.http import HTTPX_MAX_USEFUL_CONCURRENCY
 
