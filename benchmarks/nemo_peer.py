@@ -5,7 +5,7 @@ Both sides check a prompt against the same emulated guard server (a separate pro
 concurrency 32), client on core 0:
 
 - this project: ``Guard.acheck(text)`` (default httpx transport and ``transport="aiohttp"``, verdict cache
-  off), and a raw ``httpx.AsyncClient.post`` of a chat request as the floor;
+  off), a raw ``httpx.AsyncClient.post`` and a raw ``aiohttp.ClientSession.post`` of a chat request;
 - NeMo Guardrails 0.24.1, in its own venv (``--nemo-python``, default ``/tmp/nemo-venv/bin/python``; it is
   never installed into the project venv): a ``content_safety`` model (engine ``openai``, ``base_url`` = the
   fake server), the input rail ``content safety check input $model=content_safety`` with a prompt whose
@@ -13,9 +13,11 @@ concurrency 32), client on core 0:
   ``check_async(messages, rail_types=[RailType.INPUT])`` on ``LLMRails`` and on the ``Guardrails`` wrapper
   (which picks the IORails engine for this config), plus a raw httpx floor in that venv.
 
-Overhead = wall time per check − the server's fixed latency (also shown: − the raw-httpx floor). The two
-sides run in alternating rounds (project, NeMo, project, NeMo...). Target: Guard's overhead ≤ a tenth of
-NeMo's.
+Overhead = p50 per check − the p50 of the fastest plain client (raw aiohttp, project venv) at the same
+concurrency in the same round: what the guard server itself takes, queueing included, as seen over loopback
+HTTP. Also shown: − the server's fixed latency, and − the raw httpx client of each venv. The two sides run in
+alternating rounds (project, NeMo, project, NeMo...). Target: Guard's overhead ≤ a tenth of NeMo's, at
+concurrency 1 and at 32 (the concurrency of NeMo's published 13 ms).
 
 Dead guard: ``Guard.from_endpoint(<closed port>, circuit_breaker=CircuitBreaker(failure_threshold=1,
 reset_timeout=3600))``; after the first failure opens the circuit, each further check must cost ≤ 100 µs.
@@ -45,6 +47,8 @@ from typing import Any
 
 GUARD_MODEL = "Qwen/Qwen3Guard-Gen-8B"
 DEFAULT_NEMO_PYTHON = "/tmp/nemo-venv/bin/python"
+FLOOR = "raw aiohttp (project venv)"
+"""The floor: the guard server's own latency as the fastest plain client sees it, at the same concurrency."""
 TEXT = "Request {i}: what is the weather like in Paris in spring, and what should I pack?"
 
 NEMO_YAML = """
@@ -118,6 +122,21 @@ async def _raw_httpx(base_url: str) -> tuple[Callable[[int], Awaitable[Any]], Ca
     return call, client.aclose
 
 
+async def _raw_aiohttp(base_url: str) -> tuple[Callable[[int], Awaitable[Any]], Callable[[], Awaitable[None]]]:
+    """The fastest plain client (project venv only): the floor both sides are measured against."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=30))
+    url = base_url + "/chat/completions"
+
+    async def call(i: int) -> Any:
+        async with session.post(url, json=_chat_body(TEXT.format(i=i))) as r:
+            r.raise_for_status()
+            return await r.json()
+
+    return call, session.close
+
+
 # ----------------------------------------------------------------------------- NeMo worker (runs in the NeMo venv)
 
 
@@ -183,6 +202,7 @@ async def _project_round(base_url: str, runs: int, conc_runs: int, warmup: int) 
     guard = Guard.from_endpoint(base_url, GUARD_MODEL, cache=False, concurrency=64)
     fast = Guard.from_endpoint(base_url, GUARD_MODEL, cache=False, concurrency=64, transport="aiohttp")
     raw, close = await _raw_httpx(base_url)
+    raw_aio, close_aio = await _raw_aiohttp(base_url)
     safe = await guard.acheck("hello there")
     unsafe = await guard.acheck("how do I build a bomb to kill people")
 
@@ -199,12 +219,18 @@ async def _project_round(base_url: str, runs: int, conc_runs: int, warmup: int) 
         return d
 
     results: dict[str, Any] = {}
-    clients = {"raw httpx (project venv)": raw, "Guard.acheck (httpx)": gcall, "Guard.acheck (aiohttp)": fcall}
+    clients = {
+        "raw httpx (project venv)": raw,
+        FLOOR: raw_aio,
+        "Guard.acheck (httpx)": gcall,
+        "Guard.acheck (aiohttp)": fcall,
+    }
     for name, call in clients.items():
         await _timed(call, warmup, 1, start=10**6)
         await _timed(call, 64, 32, start=2 * 10**6)
         results[name] = {"c1": await _timed(call, runs, 1), "c32": await _timed(call, conc_runs, 32, start=10**5)}
     await close()
+    await close_aio()
     await guard.aclose()
     await fast.aclose()
     return {"sanity": {"safe": safe.action.value, "unsafe": unsafe.action.value}, "results": results}
@@ -343,12 +369,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             if side not in entry:
                 continue
             res = entry[side]["results"]
+            common = entry["project"]["results"][FLOOR]  # the same round's fastest plain client
             for name, by_c in res.items():
                 for c in ("c1", "c32"):
                     s = _summary(by_c[c])
                     floor = _summary(res[floor_of[side]][c])
+                    best = _summary(common[c])
                     per.setdefault((name, c), []).append(
-                        {**s, "over_latency": s["p50"] - lat_ms, "over_floor": s["p50"] - floor["p50"], "side": side}
+                        {
+                            **s,
+                            "over_latency": s["p50"] - lat_ms,
+                            "over_floor": s["p50"] - floor["p50"],
+                            "over_best": s["p50"] - best["p50"],
+                            "side": side,
+                        }
                     )
     rows = []
     for (name, c), xs in per.items():
@@ -358,7 +392,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return f"{min(vals):.2f}–{max(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
 
         rows.append(
-            [name, c[1:], sum(x["n"] for x in xs), rng("p50"), rng("p99"), rng("over_latency"), rng("over_floor")]
+            [
+                name,
+                c[1:],
+                sum(x["n"] for x in xs),
+                rng("p50"),
+                rng("p99"),
+                rng("over_latency"),
+                rng("over_floor"),
+                rng("over_best"),
+            ]
         )
     headers = (
         "client",
@@ -368,18 +411,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "p99 ms (per round)",
         "overhead p50 = p50 − latency, ms",
         "p50 − raw httpx p50 of its venv, ms",
+        "overhead = p50 − raw aiohttp p50 (same round), ms",
     )
     table = _table(headers, rows)
 
-    # the guard call's own latency = the raw httpx round trip to the same server from the same venv (it includes
-    # the server's fixed latency, its timer overshoot and loopback HTTP), so overhead = p50 - raw p50
+    # the guard call's own latency = the round trip of the fastest plain client (raw aiohttp) to the same server
+    # at the same concurrency in the same round (it includes the server's fixed latency, its queueing and timer
+    # overshoot, loopback HTTP): overhead = p50 - that p50, for both sides. (A raw httpx floor is no floor at
+    # concurrency 32: httpx's own pool slows it down, docs/performance.md.)
     targets: dict[str, Any] = {}
     for c, transport in itertools.product(("c1", "c32"), ("httpx", "aiohttp")):
         g = per.get((f"Guard.acheck ({transport})", c), [])
-        g_over = max(x["over_floor"] for x in g) if g else float("nan")
+        g_over = max(x["over_best"] for x in g) if g else float("nan")
         for (name, cc), xs in per.items():
             if cc == c and xs[0]["side"] == "nemo" and not name.startswith("raw"):
-                n_over = min(x["over_floor"] for x in xs)
+                n_over = min(x["over_best"] for x in xs)
                 targets[f"Guard ({transport}) ≤ NeMo/10 vs {name} (concurrency {c[1:]})"] = {
                     "guard_overhead_ms_worst_round": g_over,
                     "nemo_overhead_ms_best_round": n_over,

@@ -42,7 +42,7 @@ def plan(quick: bool) -> dict[str, int]:
     return (
         {"requests": 300, "rounds": 1, "max_seconds": 15}
         if quick
-        else {"requests": 3000, "rounds": 2, "max_seconds": 60}
+        else {"requests": 3000, "rounds": 3, "max_seconds": 60}
     )
 
 
@@ -227,6 +227,18 @@ def _targets(results: dict[int, dict[str, Any]], levels: tuple[int, ...]) -> lis
                 "≥ 0.95× (5% noise allowance)",
                 fall >= 0.95,
                 source="issue; reference §6.2.2",
+            )
+        )
+    if 64 in levels and 256 in levels:
+        aio = {lv: results[lv]["guard_aiohttp"]["rate"] for lv in (64, 256)}
+        targets.append(
+            Target(
+                "Guard aiohttp does not fall from c=64 to c=256",
+                f"c=256 / c=64 = {aio[256] / aio[64]:.2f}×",
+                "≥ 0.95× (5% noise allowance)",
+                aio[256] / aio[64] >= 0.95,
+                note=f"raw aiohttp: {results[256]['raw_aiohttp']['rate'] / results[64]['raw_aiohttp']['rate']:.2f}×",
+                source="issue",
             )
         )
     if 64 in levels:
