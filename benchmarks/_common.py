@@ -54,11 +54,18 @@ LABELS: dict[str, str] = {
     "langchain_openai": "LangChain ChatOpenAI.ainvoke",
     "raw_socket": "raw asyncio socket (server ceiling)",
     "guard_aiohttp_noenv": "Guard.acheck (aiohttp, trust_env=False)",
+    "guard_aiohttp_gcfreeze": "Guard.acheck (aiohttp), heap frozen with gc.freeze()",
     "guard_httpx_c16": "Guard.acheck (httpx, concurrency=16 whatever the load)",
     "transport_httpx": "HTTPTransport.acomplete (Guard's httpx layer alone)",
     "transport_aiohttp": "AiohttpTransport.acomplete (Guard's aiohttp layer alone)",
 }
-DIAGNOSTIC_CLIENTS: tuple[str, ...] = ("guard_aiohttp_noenv", "guard_httpx_c16", "transport_httpx", "transport_aiohttp")
+DIAGNOSTIC_CLIENTS: tuple[str, ...] = (
+    "guard_aiohttp_noenv",
+    "guard_aiohttp_gcfreeze",
+    "guard_httpx_c16",
+    "transport_httpx",
+    "transport_aiohttp",
+)
 """Not in the issue's list: configurations that isolate a cost found while profiling."""
 HEADERS = {"content-type": "application/json", "accept": "application/json"}
 
@@ -340,7 +347,7 @@ async def open_client(kind: str, base_url: str, concurrency: int) -> AsyncIterat
                         raise BenchmarkError(f"raw aiohttp: HTTP {resp.status}")
 
             yield call_aiohttp
-    elif kind in ("guard_httpx", "guard_aiohttp", "guard_aiohttp_noenv", "guard_httpx_c16"):
+    elif kind in ("guard_httpx", "guard_aiohttp", "guard_aiohttp_noenv", "guard_aiohttp_gcfreeze", "guard_httpx_c16"):
         transport = "aiohttp" if kind.startswith("guard_aiohttp") else "httpx"
         guard = Guard.from_endpoint(
             base_url,

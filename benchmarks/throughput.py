@@ -5,7 +5,11 @@ client gets a pool (or Guard ``concurrency``) of ``N`` (the openai SDK and ChatO
 being the SDK's default keep-alive pool): raw httpx, Guard on httpx (default), raw aiohttp, Guard on aiohttp,
 the openai SDK, LangChain's ``ChatOpenAI``, plus a raw-socket client that shows the emulated server's ceiling.
 Two diagnostic Guard configurations isolate costs found while profiling: ``concurrency=16`` whatever the load
-(the semaphore queues the callers, the httpx pool stays small) and aiohttp with ``trust_env=False``.
+(the semaphore queues the callers, the httpx pool stays small) and aiohttp measured after ``gc.freeze()`` (the
+garbage collector's share at high concurrency).
+
+Each measurement has only its own client open (opened, warmed up, measured, closed), after a ``gc.collect()``:
+other clients' pools and objects would otherwise sit in the same loop and heap and tax whoever is measured.
 
     python -m benchmarks.throughput [--quick] [--requests N] [--rounds R] [--levels 1,16,64,256]
 """
@@ -14,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import gc
 from typing import Any
 
 from ._common import (
     CLIENTS,
     LABELS,
-    Call,
     Section,
     Settings,
     Target,
@@ -34,7 +37,7 @@ from ._common import (
 
 LEVELS: tuple[int, ...] = (1, 16, 64, 256)
 CEILING = ("raw_socket",)
-DIAGNOSTIC = ("guard_httpx_c16", "guard_aiohttp_noenv")
+DIAGNOSTIC = ("guard_httpx_c16", "guard_aiohttp_gcfreeze")
 
 
 def plan(quick: bool) -> dict[str, int]:
@@ -49,7 +52,7 @@ def plan(quick: bool) -> dict[str, int]:
 def _kinds(level: int, quick: bool) -> tuple[str, ...]:
     if quick:
         return CEILING + CLIENTS
-    diagnostic = DIAGNOSTIC if level > 16 else ("guard_aiohttp_noenv",)
+    diagnostic = DIAGNOSTIC if level > 16 else ()
     return CEILING + CLIENTS + diagnostic
 
 
@@ -64,35 +67,40 @@ async def _level(
 ) -> dict[str, Any]:
     kinds = kinds or _kinds(level, settings.quick)
     out: dict[str, Any] = {}
-    async with contextlib.AsyncExitStack() as stack:
-        calls: dict[str, Call] = {}
-        for kind in kinds:
-            calls[kind] = await stack.enter_async_context(open_client(kind, base_url, level))
-            await run_workers(calls[kind], level, max(level, 20), max_seconds)  # open the pool's connections
-        measured: dict[str, list[Any]] = {k: [] for k in kinds}
-        for r in range(rounds):
-            order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
-            for kind in order:
-                measured[kind].append(await measure(calls[kind], level, requests, settings, max_seconds))
-        for kind in kinds:
-            ms = measured[kind]
-            rates = [m.rate for m in ms]
-            lat = summarize_ns(x for m in ms for x in m.latencies_ns)
-            out[kind] = {
-                "label": LABELS[kind],
-                "rate": median(rates),
-                "rates": rates,
-                "p50_us": lat["p50_us"],
-                "p99_us": lat["p99_us"],
-                "foreign_load_pct": [m.load["foreign"] for m in ms],
-                "client_cpu_pct": [m.load["client"] for m in ms],
-                "server_cpu_pct": [m.load["server"] for m in ms],
-                "attempts": [m.attempts for m in ms],
-                "completed": [m.batch.completed for m in ms],
-                "capped": any(m.batch.capped for m in ms),
-                "errors": sum(m.batch.errors for m in ms),
-                "first_error": next((m.batch.first_error for m in ms if m.batch.first_error), None),
-            }
+    measured: dict[str, list[Any]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
+        for kind in order:
+            gc.collect()  # the previous client's garbage is not this one's to collect
+            frozen = kind == "guard_aiohttp_gcfreeze"
+            async with open_client(kind, base_url, level) as call:
+                await run_workers(call, level, max(level, 20), max_seconds)  # open the pool's connections
+                if frozen:
+                    gc.freeze()  # what an application may do after start-up: the collector skips this heap
+                try:
+                    measured[kind].append(await measure(call, level, requests, settings, max_seconds))
+                finally:
+                    if frozen:
+                        gc.unfreeze()
+    for kind in kinds:
+        ms = measured[kind]
+        rates = [m.rate for m in ms]
+        lat = summarize_ns(x for m in ms for x in m.latencies_ns)
+        out[kind] = {
+            "label": LABELS[kind],
+            "rate": median(rates),
+            "rates": rates,
+            "p50_us": lat["p50_us"],
+            "p99_us": lat["p99_us"],
+            "foreign_load_pct": [m.load["foreign"] for m in ms],
+            "client_cpu_pct": [m.load["client"] for m in ms],
+            "server_cpu_pct": [m.load["server"] for m in ms],
+            "attempts": [m.attempts for m in ms],
+            "completed": [m.batch.completed for m in ms],
+            "capped": any(m.batch.capped for m in ms),
+            "errors": sum(m.batch.errors for m in ms),
+            "first_error": next((m.batch.first_error for m in ms if m.batch.first_error), None),
+        }
     return out
 
 

@@ -191,24 +191,36 @@ def event_payload(decision: Decision, where: str) -> dict[str, Any]:
     return {"where": where, **decision.to_dict()}
 
 
-def dispatch_verdict(decision: Decision, where: str, config: RunnableConfig | None = None) -> None:
-    """Dispatch ``flexguard_verdict`` when called inside a run; a no-op outside one."""
-    from langchain_core.callbacks import dispatch_custom_event
+def _listeners(manager: Any) -> bool:
+    """True when a handler of ``manager`` takes custom events (``astream_events``, a GuardCallbackHandler...)."""
+    return any(not getattr(h, "ignore_custom_event", False) for h in manager.handlers)
 
-    try:
-        dispatch_custom_event(VERDICT_EVENT, event_payload(decision, where), config=config)
-    except RuntimeError:  # not inside a run: nobody to tell
+
+def dispatch_verdict(decision: Decision, where: str, config: RunnableConfig | None = None) -> None:
+    """Dispatch ``flexguard_verdict`` when called inside a run; a no-op outside one.
+
+    What ``dispatch_custom_event`` does, except that the payload is only built when a handler listens.
+    """
+    from langchain_core.runnables.config import ensure_config, get_callback_manager_for_config
+
+    manager = get_callback_manager_for_config(ensure_config(config))
+    if manager.parent_run_id is None:  # not inside a run: nobody to tell
         logger.debug("flexguard_verdict not dispatched (no parent run): %s", where)
+        return
+    if _listeners(manager):
+        manager.on_custom_event(VERDICT_EVENT, event_payload(decision, where), run_id=manager.parent_run_id)
 
 
 async def adispatch_verdict(decision: Decision, where: str, config: RunnableConfig | None = None) -> None:
     """Async twin of :func:`dispatch_verdict`."""
-    from langchain_core.callbacks import adispatch_custom_event
+    from langchain_core.runnables.config import ensure_config, get_async_callback_manager_for_config
 
-    try:
-        await adispatch_custom_event(VERDICT_EVENT, event_payload(decision, where), config=config)
-    except RuntimeError:
+    manager = get_async_callback_manager_for_config(ensure_config(config))
+    if manager.parent_run_id is None:
         logger.debug("flexguard_verdict not dispatched (no parent run): %s", where)
+        return
+    if _listeners(manager):
+        await manager.on_custom_event(VERDICT_EVENT, event_payload(decision, where), run_id=manager.parent_run_id)
 
 
 def policy_from_config(config: RunnableConfig | None) -> Any:

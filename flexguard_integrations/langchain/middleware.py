@@ -166,6 +166,15 @@ class GuardMiddleware(AgentMiddleware):
 
     state_schema = GuardAgentState
 
+    def __new__(cls, guard: Guard, **options: Any) -> GuardMiddleware:
+        # create_agent adds a graph node for every middleware class that overrides before_model; a
+        # configuration whose before_model can never act gets a class without it, and saves the node's
+        # superstep on every agent step (about a millisecond)
+        speculative = bool(options.get("speculative_input", False))
+        no_input = not options.get("check_input", True) and not options.get("check_tool_results", True)
+        pruned = cls is GuardMiddleware and (speculative or no_input)
+        return super().__new__(_GuardMiddlewareNoBeforeModel if pruned else cls)
+
     def __init__(
         self,
         guard: Guard,
@@ -831,6 +840,14 @@ class GuardMiddleware(AgentMiddleware):
 
 
 # ================================================================= helpers
+
+
+class _GuardMiddlewareNoBeforeModel(GuardMiddleware):
+    """GuardMiddleware for configurations whose ``before_model`` checks nothing (``speculative_input=True``, or
+    neither user input nor tool results checked): without the override, ``create_agent`` adds no node for it."""
+
+    before_model = AgentMiddleware.before_model
+    abefore_model = AgentMiddleware.abefore_model
 
 
 def _hide_from_stream() -> None:

@@ -567,3 +567,65 @@ def test_the_example_runs_and_shows_what_it_promises() -> None:
     seq = float(blocks["safe input, speculative_input=False"].split(": ")[1].split(" s")[0])
     spe = float(blocks["safe input, speculative_input=True"].split(": ")[1].split(" s")[0])
     assert seq >= 0.8 and spe < seq  # 0.3 s guard + 0.5 s model, then side by side
+
+
+# ---------------------------------------------------------------- graph shape and event cost
+
+
+@pytest.fixture
+async def guard(server: FakeGuardServer) -> Any:
+    async with Guard.from_endpoint(server.base_url, FLEX, cache=False) as g:
+        yield g
+
+
+@pytest.mark.parametrize(
+    ("options", "has_before_model"),
+    [
+        ({}, True),
+        ({"speculative_input": True}, False),
+        ({"check_input": False, "check_tool_results": False}, False),
+        ({"check_input": False}, True),  # tool results are still checked in before_model
+    ],
+)
+def test_a_before_model_that_checks_nothing_adds_no_graph_node(
+    guard: Guard, options: dict[str, Any], has_before_model: bool
+) -> None:
+    mw = GuardMiddleware(guard, **options)
+    assert isinstance(mw, GuardMiddleware)
+    assert mw.name == "GuardMiddleware"
+    nodes = set(create_agent(model("hi"), tools=[], middleware=[mw]).get_graph().nodes)
+    assert ("GuardMiddleware.before_model" in nodes) is has_before_model
+    assert "GuardMiddleware.after_model" in nodes
+
+
+async def test_pruned_speculative_middleware_still_blocks_and_reports(
+    guard: Guard, server: FakeGuardServer, mode: str
+) -> None:
+    log = Log()
+    agent = create_agent(model(SECRET), tools=[], middleware=[GuardMiddleware(guard, speculative_input=True)])
+    result = await run(agent, {"messages": [HumanMessage(HARMFUL)]}, mode, {"callbacks": [log]})
+    assert SECRET not in str([m.content for m in msgs(result)])
+    assert log.verdicts() == ["before_model:prompt=block"]
+    assert HARMFUL in moderated(server)
+
+
+async def test_verdict_payload_is_built_only_when_a_handler_listens(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    from flexguard_integrations.langchain import _common
+
+    built: list[str] = []
+    real = _common.event_payload
+
+    def counting(decision: Any, where: str) -> dict[str, Any]:
+        built.append(where)
+        return real(decision, where)
+
+    monkeypatch.setattr(_common, "event_payload", counting)
+    agent = create_agent(model("fine", "fine"), tools=[], middleware=[GuardMiddleware(guard)])
+    await run(agent, {"messages": [HumanMessage("What is a nice name for a goldfish?")]}, mode)
+    assert built == []  # nobody listens: no payload, no dispatch
+    log = Log()
+    await run(agent, {"messages": [HumanMessage("What is a nice name for a goldfish?")]}, mode, {"callbacks": [log]})
+    assert built == ["before_model:prompt", "after_model:response"]
+    assert log.verdicts() == ["before_model:prompt=allow", "after_model:response=allow"]
