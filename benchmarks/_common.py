@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -54,14 +55,14 @@ LABELS: dict[str, str] = {
     "langchain_openai": "LangChain ChatOpenAI.ainvoke",
     "raw_socket": "raw asyncio socket (server ceiling)",
     "guard_aiohttp_noenv": "Guard.acheck (aiohttp, trust_env=False)",
-    "guard_aiohttp_gcfreeze": "Guard.acheck (aiohttp), heap frozen with gc.freeze()",
+    "guard_aiohttp_nogc": "Guard.acheck (aiohttp), garbage collector off while measured",
     "guard_httpx_c16": "Guard.acheck (httpx, concurrency=16 whatever the load)",
     "transport_httpx": "HTTPTransport.acomplete (Guard's httpx layer alone)",
     "transport_aiohttp": "AiohttpTransport.acomplete (Guard's aiohttp layer alone)",
 }
 DIAGNOSTIC_CLIENTS: tuple[str, ...] = (
     "guard_aiohttp_noenv",
-    "guard_aiohttp_gcfreeze",
+    "guard_aiohttp_nogc",
     "guard_httpx_c16",
     "transport_httpx",
     "transport_aiohttp",
@@ -212,6 +213,35 @@ def wait_quiet(max_wait: float = 60.0, threshold: float = 10.0, window: float = 
             return time.monotonic() - start
 
 
+class GCProbe:
+    """Time spent in CPython's garbage collector during a measurement, through ``gc.callbacks``.
+
+    At high concurrency the collector's young-generation passes are a cost that grows with the number of
+    requests in flight; recording them per measurement shows how much of a throughput change is the collector's.
+    """
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+            self.collections[info["generation"]] += 1
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> dict[str, Any]:
+        """``collections`` per generation and ``seconds`` spent collecting."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+        return {"collections": list(self.collections), "seconds": self.seconds}
+
+
 # ---------------------------------------------------------------------------------------------- server
 
 
@@ -347,7 +377,7 @@ async def open_client(kind: str, base_url: str, concurrency: int) -> AsyncIterat
                         raise BenchmarkError(f"raw aiohttp: HTTP {resp.status}")
 
             yield call_aiohttp
-    elif kind in ("guard_httpx", "guard_aiohttp", "guard_aiohttp_noenv", "guard_aiohttp_gcfreeze", "guard_httpx_c16"):
+    elif kind in ("guard_httpx", "guard_aiohttp", "guard_aiohttp_noenv", "guard_aiohttp_nogc", "guard_httpx_c16"):
         transport = "aiohttp" if kind.startswith("guard_aiohttp") else "httpx"
         guard = Guard.from_endpoint(
             base_url,
@@ -609,6 +639,13 @@ class Measurement:
     batch: Batch
     load: dict[str, float]
     attempts: int
+    gc: dict[str, Any] = field(default_factory=dict)
+    """What :class:`GCProbe` saw: ``collections`` per generation and ``seconds`` collecting."""
+
+    @property
+    def gc_share(self) -> float:
+        """The share of the wall time spent in the garbage collector (0 to 1)."""
+        return float(self.gc.get("seconds", 0.0)) / self.elapsed if self.elapsed > 0 else float("nan")
 
     @property
     def elapsed(self) -> float:
@@ -634,10 +671,14 @@ async def measure(
         if attempt > 1:
             wait_quiet(settings.quiet_wait)
             await run_workers(call, concurrency, concurrency, max_seconds)  # reopen connections that idled out
-        probe = LoadProbe(settings.server_pid)
+        probe, collector = LoadProbe(settings.server_pid), GCProbe()
         probe.start()
-        batch = await run_workers(call, concurrency, n, max_seconds)
-        result = Measurement(batch, probe.stop(), attempt)
+        collector.start()
+        try:
+            batch = await run_workers(call, concurrency, n, max_seconds)
+        finally:
+            gc_seen = collector.stop()
+        result = Measurement(batch, probe.stop(), attempt, gc_seen)
         if best is None or result.load["foreign"] < best.load["foreign"]:
             best = result
         if result.load["foreign"] <= settings.max_foreign:

@@ -5,8 +5,9 @@ client gets a pool (or Guard ``concurrency``) of ``N`` (the openai SDK and ChatO
 being the SDK's default keep-alive pool): raw httpx, Guard on httpx (default), raw aiohttp, Guard on aiohttp,
 the openai SDK, LangChain's ``ChatOpenAI``, plus a raw-socket client that shows the emulated server's ceiling.
 Two diagnostic Guard configurations isolate costs found while profiling: ``concurrency=16`` whatever the load
-(the semaphore queues the callers, the httpx pool stays small) and aiohttp measured after ``gc.freeze()`` (the
-garbage collector's share at high concurrency).
+(the semaphore queues the callers, the httpx pool stays small) and aiohttp with the garbage collector disabled
+while measured (what the collector's passes cost at high concurrency). Every measurement also records the time
+spent in the collector and its collections per 1,000 checks (``gc.callbacks``), shown in their own table.
 
 Each measurement has only its own client open (opened, warmed up, measured, closed), after a ``gc.collect()``:
 other clients' pools and objects would otherwise sit in the same loop and heap and tax whoever is measured.
@@ -37,7 +38,7 @@ from ._common import (
 
 LEVELS: tuple[int, ...] = (1, 16, 64, 256)
 CEILING = ("raw_socket",)
-DIAGNOSTIC = ("guard_httpx_c16", "guard_aiohttp_gcfreeze")
+DIAGNOSTIC = ("guard_httpx_c16", "guard_aiohttp_nogc")
 
 
 def plan(quick: bool) -> dict[str, int]:
@@ -72,16 +73,16 @@ async def _level(
         order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
         for kind in order:
             gc.collect()  # the previous client's garbage is not this one's to collect
-            frozen = kind == "guard_aiohttp_gcfreeze"
+            no_gc = kind == "guard_aiohttp_nogc"
             async with open_client(kind, base_url, level) as call:
                 await run_workers(call, level, max(level, 20), max_seconds)  # open the pool's connections
-                if frozen:
-                    gc.freeze()  # what an application may do after start-up: the collector skips this heap
+                if no_gc:
+                    gc.disable()  # a diagnostic only: what the same client does without the collector's passes
                 try:
                     measured[kind].append(await measure(call, level, requests, settings, max_seconds))
                 finally:
-                    if frozen:
-                        gc.unfreeze()
+                    if no_gc:
+                        gc.enable()
     for kind in kinds:
         ms = measured[kind]
         rates = [m.rate for m in ms]
@@ -96,6 +97,11 @@ async def _level(
             "client_cpu_pct": [m.load["client"] for m in ms],
             "server_cpu_pct": [m.load["server"] for m in ms],
             "attempts": [m.attempts for m in ms],
+            "gc_pct": median([100.0 * m.gc_share for m in ms]),
+            "gc_collections_per_1000": [
+                [round(1000.0 * c / max(1, m.batch.completed), 1) for c in m.gc.get("collections", [0, 0, 0])]
+                for m in ms
+            ],
             "completed": [m.batch.completed for m in ms],
             "capped": any(m.batch.capped for m in ms),
             "errors": sum(m.batch.errors for m in ms),
@@ -160,6 +166,24 @@ def run(
         )
     section.tables.append(
         ("Latency p50 / p99 per call, ms", table(("client", *(f"c={lv}" for lv in levels)), lat_rows))
+    )
+    gc_rows = []
+    for kind in all_kinds:
+        label = LABELS[kind] + (" [diagnostic]" if kind in DIAGNOSTIC else "")
+        cells = []
+        for lv in levels:
+            r = results[lv].get(kind)
+            if not r:
+                cells.append("—")
+                continue
+            young = median([c[0] for c in r["gc_collections_per_1000"]])
+            cells.append(f"{r['gc_pct']:.1f}% ({young:g})")
+        gc_rows.append((label, *cells))
+    section.tables.append(
+        (
+            "Share of wall time in the garbage collector (young-generation collections per 1,000 checks)",
+            table(("client", *(f"c={lv}" for lv in levels)), gc_rows),
+        )
     )
     ratio_rows = []
     for level in levels:
@@ -245,7 +269,7 @@ def _targets(results: dict[int, dict[str, Any]], levels: tuple[int, ...]) -> lis
                 f"c=256 / c=64 = {aio[256] / aio[64]:.2f}×",
                 "≥ 0.95× (5% noise allowance)",
                 aio[256] / aio[64] >= 0.95,
-                note=f"raw aiohttp: {results[256]['raw_aiohttp']['rate'] / results[64]['raw_aiohttp']['rate']:.2f}×",
+                note=_aiohttp_fall_note(results),
                 source="issue",
             )
         )
@@ -272,6 +296,16 @@ def _targets(results: dict[int, dict[str, Any]], levels: tuple[int, ...]) -> lis
             )
         )
     return targets
+
+
+def _aiohttp_fall_note(results: dict[int, dict[str, Any]]) -> str:
+    raw = results[256]["raw_aiohttp"]["rate"] / results[64]["raw_aiohttp"]["rate"]
+    gc_pct = f"{results[64]['guard_aiohttp']['gc_pct']:.1f}% → {results[256]['guard_aiohttp']['gc_pct']:.1f}%"
+    note = f"raw aiohttp: {raw:.2f}×; time in the collector {gc_pct}"
+    nogc = [results[lv].get("guard_aiohttp_nogc") for lv in (64, 256)]
+    if nogc[0] and nogc[1]:
+        note += f"; collector off: {nogc[1]['rate'] / nogc[0]['rate']:.2f}×"
+    return note
 
 
 LATENCY_KINDS: tuple[str, ...] = ("raw_httpx", "guard_httpx", "raw_aiohttp", "guard_aiohttp")
