@@ -336,7 +336,7 @@ def run_latency(base_url: str, settings: Settings, latency: float = GUARD_LATENC
     section.tables.append(
         (
             f"Successful checks/s (p50 / p99 latency) with a {ms} server latency (median of {rounds} round(s) of "
-            f"{requests:,} requests; pool = concurrency, the httpx transport keeps at most 16 in flight)",
+            f"{requests:,} requests; pool = concurrency, split by the httpx transport over pools of 4)",
             table(("client", *(f"c={lv}" for lv in LATENCY_LEVELS)), [*rows, ideal]),
         )
     )

@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
@@ -35,10 +35,11 @@ from .base import (
 T = TypeVar("T")
 logger = logging.getLogger("flexguard_integrations")
 
-HTTPX_MAX_USEFUL_CONCURRENCY = 16
-"""httpx's connection pool scans every connection on each request start and end: past about 16
-connections in flight throughput falls (benchmarks/httpx_pool.py). The httpx transport caps its pool and
-the Guard's in-flight checks there; the aiohttp transport has no such cap."""
+HTTPX_POOL_CONNECTIONS = 4
+"""Connections per httpcore pool. httpcore's pool scans all its connections (and polls each idle one) at every
+request start and end, so a request costs more the bigger the pool: one pool of 64 connections does a third
+of what 16 pools of 4 do (docs/performance.md). The transport splits ``concurrency`` connections over
+pools of at most this many and sends each request to the least busy one."""
 _JSON = {"content-type": "application/json", "accept": "application/json"}
 
 
@@ -62,7 +63,10 @@ class HTTPTransport:
     Requests go straight to httpx's connection-pool transports (``httpx.AsyncHTTPTransport`` /
     ``httpx.HTTPTransport``, the layer an ``httpx.AsyncClient`` sends through). A guard request needs none
     of the client's per-request work (URL merging, cookies, auth and redirect flows, event hooks): it is
-    about a fifth of a raw ``AsyncClient.post``'s client time (docs/performance.md).
+    about a fifth of a raw ``AsyncClient.post``'s client time (docs/performance.md). The ``concurrency``
+    connections are split over small pools of :data:`HTTPX_POOL_CONNECTIONS` (one set per event loop, one
+    for blocking calls), each request going to the pool with the fewest requests in flight: a single httpx
+    pool's cost per request grows with its size, so many checks in flight would otherwise slow every one.
     """
 
     def __init__(
@@ -80,14 +84,6 @@ class HTTPTransport:
         self.base_url, self.root_url = normalise_base_url(base_url)
         self.retry = retry or RetryPolicy()
         self.concurrency = max(1, int(concurrency))
-        if type(self) is HTTPTransport and self.concurrency > HTTPX_MAX_USEFUL_CONCURRENCY:
-            logger.info(
-                "httpx transport: %d connections asked, %d used (httpx's pool slows down beyond that); "
-                "use transport='aiohttp' for more checks in flight",
-                self.concurrency,
-                HTTPX_MAX_USEFUL_CONCURRENCY,
-            )
-            self.concurrency = HTTPX_MAX_USEFUL_CONCURRENCY
         self._headers = {"user-agent": f"flexguard-integrations/{__version__}", **_JSON, **(headers or {})}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
@@ -96,17 +92,15 @@ class HTTPTransport:
         self._trust_env = trust_env
         self._proxy = env_proxy_for(self.base_url) if trust_env else None
         self._connect_timeout = connect_timeout
-        self._limits = httpx.Limits(
-            max_connections=self.concurrency,
-            max_keepalive_connections=self.concurrency,
-            keepalive_expiry=30.0,
-        )
+        self._shard_count = -(-self.concurrency // HTTPX_POOL_CONNECTIONS)
+        per_pool = -(-self.concurrency // self._shard_count)
+        self._limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool, keepalive_expiry=30.0)
         self._chat_url = self.base_url + "/chat/completions"
         self._models_url = self.base_url + "/models"
         self._chat = httpx.URL(self._chat_url)
-        self._sync: httpx.HTTPTransport | None = None
+        self._sync: _Pools[httpx.HTTPTransport] | None = None
         self._sync_lock = threading.Lock()
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pools[httpx.AsyncHTTPTransport]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -119,20 +113,22 @@ class HTTPTransport:
     def _pool_options(self) -> dict[str, Any]:
         return {"verify": self._verify, "trust_env": self._trust_env, "limits": self._limits, "proxy": self._proxy}
 
-    def _sync_pool(self) -> httpx.HTTPTransport:
+    def _sync_pools(self) -> _Pools[httpx.HTTPTransport]:
         if self._sync is None:
             with self._sync_lock:
                 if self._sync is None:
-                    self._sync = httpx.HTTPTransport(**self._pool_options())
+                    options = self._pool_options()
+                    self._sync = _Pools([httpx.HTTPTransport(**options) for _ in range(self._shard_count)])
         return self._sync
 
-    def _async_pool(self) -> httpx.AsyncHTTPTransport:
+    def _async_pools(self) -> _Pools[httpx.AsyncHTTPTransport]:
         loop = asyncio.get_running_loop()
-        pool = self._async.get(loop)
-        if pool is None:
-            pool = httpx.AsyncHTTPTransport(**self._pool_options())
-            self._async[loop] = pool
-        return pool
+        pools = self._async.get(loop)
+        if pools is None:
+            options = self._pool_options()
+            pools = _Pools([httpx.AsyncHTTPTransport(**options) for _ in range(self._shard_count)])
+            self._async[loop] = pools
+        return pools
 
     def _request(
         self,
@@ -154,26 +150,36 @@ class HTTPTransport:
 
     async def _asend(self, request: httpx.Request, what: str) -> httpx.Response:
         """Send and read the whole answer; httpx errors become the transport error family."""
+        pools = self._async_pools()
+        i = pools.take()  # no await between choosing the pool and counting the request in: no lock needed
         try:
-            resp = await self._async_pool().handle_async_request(request)
+            resp = await pools.pools[i].handle_async_request(request)
             try:
                 await resp.aread()
             finally:
                 await resp.aclose()
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, what) from exc
+        finally:
+            pools.busy[i] -= 1
         return resp
 
     def _send(self, request: httpx.Request, what: str) -> httpx.Response:
         """Blocking twin of :meth:`_asend`."""
+        pools = self._sync_pools()
+        with pools.lock:
+            i = pools.take()
         try:
-            resp = self._sync_pool().handle_request(request)
+            resp = pools.pools[i].handle_request(request)
             try:
                 resp.read()
             finally:
                 resp.close()
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, what) from exc
+        finally:
+            with pools.lock:
+                pools.busy[i] -= 1
         return resp
 
     # ----------------------------------------------------------------- retries
@@ -241,10 +247,11 @@ class HTTPTransport:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        for owner, pool in list(self._async.items()):
+        for owner, pools in list(self._async.items()):
             if owner is loop:
-                await pool.aclose()
                 del self._async[owner]
+                for pool in pools.pools:
+                    await pool.aclose()
         self.close()
 
     # ----------------------------------------------------------------- sync
@@ -291,9 +298,31 @@ class HTTPTransport:
 
     def close(self) -> None:
         with self._sync_lock:
-            if self._sync is not None:
-                self._sync.close()
-                self._sync = None
+            pools, self._sync = self._sync, None
+        if pools is not None:
+            for pool in pools.pools:
+                pool.close()
+
+
+P = TypeVar("P")
+
+
+class _Pools(Generic[P]):
+    """Connection pools and the requests in flight on each: :meth:`take` picks the least busy pool."""
+
+    __slots__ = ("busy", "lock", "pools")
+
+    def __init__(self, pools: list[P]) -> None:
+        self.pools = pools
+        self.busy = [0] * len(pools)
+        self.lock = threading.Lock()  # blocking calls only; an event loop's pools are touched by one thread
+
+    def take(self) -> int:
+        """Index of the pool with the fewest requests in flight, counted in (the caller counts it out)."""
+        busy = self.busy
+        i = busy.index(min(busy)) if len(busy) > 1 else 0
+        busy[i] += 1
+        return i
 
 
 def _models_from(resp: httpx.Response) -> list[dict[str, Any]]:

@@ -376,12 +376,56 @@ async def test_checks_go_through_the_environment_proxy(
         assert d.verdict.error is not None and d.action is Action.BLOCK
 
 
-def test_httpx_transport_caps_checks_in_flight(server: FakeGuardServer) -> None:
-    from flexguard_integrations.transport.http import HTTPX_MAX_USEFUL_CONCURRENCY
+def test_httpx_transport_splits_its_connections_over_small_pools(server: FakeGuardServer) -> None:
+    from flexguard_integrations.transport.http import HTTPX_POOL_CONNECTIONS, HTTPTransport
 
+    for concurrency, pools, per_pool in ((1, 1, 1), (4, 1, 4), (10, 3, 4), (16, 4, 4), (64, 16, 4)):
+        transport = HTTPTransport(server.base_url, concurrency=concurrency)
+        assert transport.concurrency == concurrency
+        assert (transport._shard_count, transport._limits.max_connections) == (pools, per_pool)
+        assert pools * per_pool >= concurrency and per_pool <= HTTPX_POOL_CONNECTIONS
     with Guard.from_endpoint(server.base_url, QWEN, concurrency=64) as guard:
-        assert guard.concurrency == HTTPX_MAX_USEFUL_CONCURRENCY
-    with Guard.from_endpoint(server.base_url, QWEN, concurrency=8) as guard:
-        assert guard.concurrency == 8
+        assert guard.concurrency == 64  # no cap any more: small pools keep a request's cost flat
+
+
+async def test_httpx_transport_keeps_concurrency_checks_in_flight(server: FakeGuardServer) -> None:
+    """32 slow checks at once need 32 connections (the former cap held 16); a second wave reuses them all,
+    because each request goes to the pool with the fewest requests in flight, and every count returns to 0."""
+    from flexguard_integrations.testing import FaultPlan
+
+    server.faults = FaultPlan(latency=0.5)
+    async with Guard.from_endpoint(server.base_url, QWEN, concurrency=32, cache=False) as guard:
+        for wave in (1, 2):
+            decisions = await asyncio.gather(*(guard.acheck(f"{BENIGN} {wave}-{i}") for i in range(32)))
+            assert all(d.action is Action.ALLOW and d.verdict.error is None for d in decisions)
+            assert server.stats["connections"] == 32, f"wave {wave}"
+        pools = guard.transport._async_pools()  # type: ignore[attr-defined]
+        assert len(pools.pools) == 8 and pools.busy == [0] * 8
+
+
+def test_httpx_transport_blocking_calls_use_every_pool(server: FakeGuardServer) -> None:
+    from flexguard_integrations.testing import FaultPlan
+
+    server.faults = FaultPlan(latency=0.5)
+    with Guard.from_endpoint(server.base_url, QWEN, concurrency=12, cache=False) as guard:
+        decisions = guard.batch([f"{BENIGN} {i}" for i in range(12)])
+        assert all(d.action is Action.ALLOW for d in decisions)
+        assert server.stats["connections"] == 12
+        pools = guard.transport._sync_pools()  # type: ignore[attr-defined]
+        assert len(pools.pools) == 3 and pools.busy == [0, 0, 0]
+
+
+async def test_httpx_pool_count_is_released_when_a_request_fails() -> None:
+    from tests.conftest import closed_port_url
+
+    async with Guard.from_endpoint(closed_port_url(), QWEN, concurrency=8, cache=False, timeout=2.0) as guard:
+        decisions = await asyncio.gather(*(guard.acheck(f"{BENIGN} {i}") for i in range(8)))
+        assert all(d.action is Action.BLOCK and d.verdict.error is not None for d in decisions)
+        assert guard.transport._async_pools().busy == [0, 0]  # type: ignore[attr-defined]
+        blocking = guard.check(BENIGN)
+        assert blocking.action is Action.BLOCK and guard.transport._sync_pools().busy == [0, 0]  # type: ignore[attr-defined]
+
+
+def test_aiohttp_transport_keeps_its_concurrency(server: FakeGuardServer) -> None:
     with Guard.from_endpoint(server.base_url, QWEN, concurrency=64, transport="aiohttp") as guard:
         assert guard.concurrency == 64
