@@ -89,6 +89,8 @@ class HTTPTransport:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._request_headers = httpx.Headers(self._headers)
         self._verify = ssl_verify(verify)
+        self._ssl: ssl.SSLContext | None = None
+        self._ssl_lock = threading.Lock()
         self._trust_env = trust_env
         self._proxy = env_proxy_for(self.base_url) if trust_env else None
         self._connect_timeout = connect_timeout
@@ -111,7 +113,20 @@ class HTTPTransport:
     # ----------------------------------------------------------------- connection pools and requests
 
     def _pool_options(self) -> dict[str, Any]:
-        return {"verify": self._verify, "trust_env": self._trust_env, "limits": self._limits, "proxy": self._proxy}
+        return {
+            "verify": self._ssl_context(),
+            "trust_env": self._trust_env,
+            "limits": self._limits,
+            "proxy": self._proxy,
+        }
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """One SSL context for all the pools, built at the first request: httpx would build one per pool,
+        loading the CA bundle each time (tens of milliseconds per pool)."""
+        with self._ssl_lock:
+            if self._ssl is None:
+                self._ssl = httpx.create_ssl_context(verify=self._verify, trust_env=self._trust_env)
+            return self._ssl
 
     def _sync_pools(self) -> _Pools[httpx.HTTPTransport]:
         if self._sync is None:

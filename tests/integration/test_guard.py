@@ -388,6 +388,28 @@ def test_httpx_transport_splits_its_connections_over_small_pools(server: FakeGua
         assert guard.concurrency == 64  # no cap any more: small pools keep a request's cost flat
 
 
+async def test_httpx_pools_share_one_ssl_context(server: FakeGuardServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx builds an SSL context (loading the CA bundle, tens of ms) per transport; 16 pools must not."""
+    import httpx
+
+    from flexguard_integrations.transport.http import HTTPTransport
+
+    built: list[object] = []
+    real = httpx.create_ssl_context
+
+    def counting(*args: object, **kwargs: object) -> object:
+        built.append(kwargs)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(httpx, "create_ssl_context", counting)
+    transport = HTTPTransport(server.base_url, concurrency=64)
+    assert built == []  # nothing is loaded before the first request
+    pools = transport._async_pools().pools + transport._sync_pools().pools
+    assert len(pools) == 32 and len(built) == 1
+    assert len({id(p._pool._ssl_context) for p in pools}) == 1  # type: ignore[attr-defined]
+    await transport.aclose()
+
+
 async def test_httpx_transport_keeps_concurrency_checks_in_flight(server: FakeGuardServer) -> None:
     """32 slow checks at once need 32 connections (the former cap held 16); a second wave reuses them all,
     because each request goes to the pool with the fewest requests in flight, and every count returns to 0."""
