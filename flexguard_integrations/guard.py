@@ -169,7 +169,7 @@ class Guard:
         self.model_name = model_name
         self.policy = StrictnessPolicy.load(policy)
         self.timeout = float(timeout)
-        # never keep more checks in flight than the transport can usefully carry (httpx: 16)
+        # never keep more checks in flight than the transport has connections for
         self.concurrency = min(int(concurrency), int(getattr(transport, "concurrency", concurrency)))
         if cache is True:
             self.cache: VerdictCache | None = VerdictCache()

@@ -8,7 +8,6 @@ one total deadline per check that covers every attempt and every backoff.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 import threading
 import time
@@ -33,7 +32,6 @@ from .base import (
 )
 
 T = TypeVar("T")
-logger = logging.getLogger("flexguard_integrations")
 
 HTTPX_POOL_CONNECTIONS = 4
 """Connections per httpcore pool. httpcore's pool scans all its connections (and polls each idle one) at every
@@ -176,7 +174,7 @@ class HTTPTransport:
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, what) from exc
         finally:
-            pools.busy[i] -= 1
+            pools.release(i)
         return resp
 
     def _send(self, request: httpx.Request, what: str) -> httpx.Response:
@@ -194,7 +192,7 @@ class HTTPTransport:
             raise _map_httpx_error(exc, what) from exc
         finally:
             with pools.lock:
-                pools.busy[i] -= 1
+                pools.release(i)
         return resp
 
     # ----------------------------------------------------------------- retries
@@ -338,6 +336,10 @@ class _Pools(Generic[P]):
         i = busy.index(min(busy)) if len(busy) > 1 else 0
         busy[i] += 1
         return i
+
+    def release(self, i: int) -> None:
+        """Count out a request :meth:`take` counted in on pool ``i``."""
+        self.busy[i] -= 1
 
 
 def _models_from(resp: httpx.Response) -> list[dict[str, Any]]:
