@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from enum import Enum
 from typing import Any
 
 _tracer: Any = None
@@ -68,8 +69,8 @@ def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]
 def _span(tracer: Any, name: str, attributes: dict[str, Any]) -> Iterator[Any]:
     with tracer.start_as_current_span(name) as current:
         for key, value in attributes.items():
-            if value is not None:
-                current.set_attribute(f"flexguard.{key}", value)
+            if value is not None:  # enums (a Surface) are passed as they are and recorded by value
+                current.set_attribute(f"flexguard.{key}", value.value if isinstance(value, Enum) else value)
         yield current
 
 

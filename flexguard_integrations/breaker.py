@@ -49,10 +49,15 @@ class CircuitBreaker:
                 return "half_open"
             return self._state
 
+    def _closed(self) -> bool:
+        return self._state == "closed"
+
     def before_request(self) -> str | None:
         """None to send the request; otherwise why it must not be sent (the circuit is open)."""
+        if self._closed():  # the common case, read without the lock: one str compare per check
+            return None
         with self._lock:
-            if self._state == "closed":
+            if self._closed():  # another thread closed it meanwhile
                 return None
             waited = time.monotonic() - self._opened_at
             if waited >= self.reset_timeout and not self._probing:
@@ -65,6 +70,8 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         """A request got an answer: close the circuit."""
+        if self._state == "closed" and not self._failures:  # nothing to reset (the common case, lock-free)
+            return
         with self._lock:
             self._failures = 0
             self._state = "closed"

@@ -197,6 +197,9 @@ class Guard:
         self._sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
+        # the semaphore of the loop that asked last: most programs run one loop, and the weak-key lookup
+        # costs a weakref per check
+        self._last_sem: tuple[weakref.ref[asyncio.AbstractEventLoop], asyncio.Semaphore] | None = None
         self._thread_sem = threading.BoundedSemaphore(self.concurrency)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -508,10 +511,14 @@ class Guard:
 
     def _sem(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
+        last = self._last_sem  # one read: another thread's loop may replace it
+        if last is not None and last[0]() is loop:
+            return last[1]
         sem = self._sems.get(loop)
         if sem is None:
             sem = asyncio.Semaphore(self.concurrency)
             self._sems[loop] = sem
+        self._last_sem = (weakref.ref(loop), sem)
         return sem
 
     async def _acall(
@@ -582,9 +589,21 @@ class Guard:
         try:
             return [await self._acall(sub, surface, deadline, headers)]
         except ContextLengthExceededError as exc:
-            if depth >= _MAX_SPLIT_DEPTH or len(piece) < 64:
-                return [(Verdict.failed(str(exc), surface=surface), exc)]
-            return await self._asplit(sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1)
+            return await self._ahalve(sub, exc, surface, deadline, headers, depth)
+
+    async def _ahalve(
+        self,
+        inp: GuardInput,
+        exc: ContextLengthExceededError,
+        surface: Surface,
+        deadline: float,
+        headers: Mapping[str, str] | None,
+        depth: int,
+    ) -> list[tuple[Verdict, BaseException | None]]:
+        """The server found ``inp`` too long: check it in halves, or fail when it cannot be split further."""
+        if depth >= _MAX_SPLIT_DEPTH or len(inp.text) < 64:
+            return [(Verdict.failed(str(exc), surface=surface), exc)]
+        return await self._asplit(inp, surface, deadline, headers, max(32, len(inp.text) // 2), depth + 1)
 
     async def _alimit(self, inp: GuardInput, deadline: float) -> int | None:
         """The chunk size for this text, or None when it is short enough to send whole."""
@@ -614,7 +633,10 @@ class Guard:
     ) -> list[tuple[Verdict, BaseException | None]]:
         deadline = time.monotonic() + self.timeout
         if _total_chars(inp) <= _DISCOVERY_MIN_CHARS:  # the common case: one request, nothing to plan
-            return await self._aone(inp, inp.text, surface, deadline, headers, 0)
+            try:  # what _aone does, one coroutine fewer
+                return [await self._acall(inp, surface, deadline, headers)]
+            except ContextLengthExceededError as exc:  # the server's context is smaller still
+                return await self._ahalve(inp, exc, surface, deadline, headers, 0)
         limit = await self._alimit(inp, deadline)
         return await self._asplit(inp, surface, deadline, headers, limit)
 
@@ -892,7 +914,7 @@ class Guard:
         inp, surf = self._prepare(text, response, surface, history)
         pol = self._resolve_policy(policy)
         headers = self._headers(session_id)
-        with _telemetry.span("flexguard.check", surface=surf.value, model=self.model_name) as current:
+        with _telemetry.span("flexguard.check", surface=surf, model=self.model_name) as current:
             results = await self._averdicts(inp, surf, headers)
             decision = self._decide_all(results, pol, surf)
             if decision.action is Action.REDACT:
@@ -914,7 +936,7 @@ class Guard:
         inp, surf = self._prepare(text, response, surface, history)
         pol = self._resolve_policy(policy)
         headers = self._headers(session_id)
-        with _telemetry.span("flexguard.check", surface=surf.value, model=self.model_name) as current:
+        with _telemetry.span("flexguard.check", surface=surf, model=self.model_name) as current:
             results = self._verdicts(inp, surf, headers)
             decision = self._decide_all(results, pol, surf)
             if decision.action is Action.REDACT:

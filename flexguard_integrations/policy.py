@@ -245,9 +245,10 @@ class StrictnessPolicy(_Frozen):
     def _threshold(self, verdict: Verdict, sp: SurfacePolicy | None) -> float:
         """:meth:`threshold_for` with the surface's overrides already looked up (on every check: kept lean)."""
         base = self._base(sp)
-        if not verdict.categories:
+        own = sp.thresholds if sp is not None else None
+        if not verdict.categories or (not own and not self.thresholds):
             return base
-        own = sp.thresholds if sp is not None else {}
+        own = own or {}
         return min(own[c] if c in own else self.thresholds.get(c, base) for c in verdict.categories)
 
     def is_over(self, verdict: Verdict, surface: Surface | str = Surface.PROMPT) -> bool:
@@ -268,25 +269,32 @@ class StrictnessPolicy(_Frozen):
 
     def decide(self, verdict: Verdict, surface: Surface | str | None = None) -> Decision:
         """Decide what to do with a text given its verdict. Pure; raises only for ``on_error: raise``."""
-        surface = Surface.parse(surface) if surface is not None else (verdict.surface or Surface.PROMPT)
-        sp = self.surfaces.get(surface)
-        common: dict[str, Any] = {"verdict": verdict, "surface": surface, "policy": self.label}
+        if surface is None:
+            surface = verdict.surface or Surface.PROMPT
+        elif type(surface) is not Surface:
+            surface = Surface.parse(surface)
+        sp = self.surfaces.get(surface) if self.surfaces else None
+        label = self.name or self.preset
 
         if verdict.error is not None:
             mode = self.on_error_for(surface)
             if mode == "allow":
                 return Decision(
                     action=Action.ALLOW,
+                    verdict=verdict,
                     reason=f"guard unavailable ({verdict.error}); allowed by on_error=allow (FAIL-OPEN)",
                     rule="on_error",
                     fail_open=True,
-                    **common,
+                    surface=surface,
+                    policy=label,
                 )
             blocked = Decision(
                 action=Action.BLOCK,
+                verdict=verdict,
                 reason=f"guard unavailable ({verdict.error}); blocked by on_error=block (fail-closed)",
                 rule="on_error",
-                **common,
+                surface=surface,
+                policy=label,
             )
             if mode == "raise":
                 raise GuardUnavailableError(f"guard unavailable: {verdict.error}", decision=blocked)
@@ -297,34 +305,39 @@ class StrictnessPolicy(_Frozen):
         if verdict.risk_score < threshold:
             return Decision(
                 action=Action.ALLOW,
+                verdict=verdict,
                 reason=f"risk {verdict.risk_score:g} < threshold {threshold:g} ({cats})",
                 rule="threshold",
                 threshold=threshold,
-                **common,
+                surface=surface,
+                policy=label,
             )
-        over = f"risk {verdict.risk_score:g} >= threshold {threshold:g} ({cats})"
-        candidates: list[tuple[str, Rule]] = []
-        if sp is not None:
-            candidates += [(f"surfaces.{surface.value}.rules[{i}]", r) for i, r in enumerate(sp.rules)]
-        candidates += [(f"rules[{i}]", r) for i, r in enumerate(self.rules)]
-        outcome, rule_name = None, None
-        for name, rule in candidates:
-            if rule.when.matches(verdict, surface):
-                outcome, rule_name = rule.then, (f"{name} {rule.name}" if rule.name else name)
-                break
-        if outcome is None:
-            if sp is not None and sp.action is not None:
-                outcome, rule_name = sp.action, f"surfaces.{surface.value}.action"
-            else:
-                outcome, rule_name = self.action, "action"
+        outcome, rule_name = self._outcome(verdict, surface, sp)
         return Decision(
             action=outcome.action,
+            verdict=verdict,
             route=outcome.route,
-            reason=f"{over}; {rule_name} -> {outcome}",
+            reason=f"risk {verdict.risk_score:g} >= threshold {threshold:g} ({cats}); {rule_name} -> {outcome}",
             rule=rule_name,
             threshold=threshold,
-            **common,
+            surface=surface,
+            policy=label,
         )
+
+    def _outcome(self, verdict: Verdict, surface: Surface, sp: SurfacePolicy | None) -> tuple[Outcome, str]:
+        """For a verdict over the threshold: the first matching rule (the surface's first), else the action."""
+        if sp is not None:
+            for i, rule in enumerate(sp.rules):
+                if rule.when.matches(verdict, surface):
+                    name = f"surfaces.{surface.value}.rules[{i}]"
+                    return rule.then, f"{name} {rule.name}" if rule.name else name
+        for i, rule in enumerate(self.rules):
+            if rule.when.matches(verdict, surface):
+                name = f"rules[{i}]"
+                return rule.then, f"{name} {rule.name}" if rule.name else name
+        if sp is not None and sp.action is not None:
+            return sp.action, f"surfaces.{surface.value}.action"
+        return self.action, "action"
 
     # ----------------------------------------------------------------- loading
 

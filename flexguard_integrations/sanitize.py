@@ -37,7 +37,7 @@ def neutralize(text: str) -> str:
     The result contains no substring that a Qwen-, Llama- or Gemma-style tokenizer would encode as a
     special token. Applying it twice changes nothing more.
     """
-    if _SURROGATES.search(text):
+    if not text.isascii() and _SURROGATES.search(text):  # isascii reads a flag: no scan of ASCII text
         text = fix_surrogates(text)
     if "<" not in text and "[" not in text:  # every control-token shape starts with one of these
         return text

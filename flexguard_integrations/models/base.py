@@ -19,6 +19,9 @@ from ..verdict import Category, Mode, Verdict
 
 Role = Literal["user", "assistant"]
 
+_MAPPING = (dict, Mapping)
+"""For isinstance: decoded JSON is a dict, and the exact-type check skips the ABC machinery."""
+
 
 @dataclass(frozen=True, slots=True)
 class GuardInput:
@@ -92,7 +95,7 @@ class GuardModel(ABC):
         """Read a chat-completion (or completion) response body already checked to have ``choices[0]``."""
         choice = completion["choices"][0]
         message = choice.get("message")
-        if isinstance(message, Mapping):
+        if isinstance(message, _MAPPING):
             content = message.get("content")
             reasoning = message.get("reasoning_content") or message.get("reasoning")
         else:  # /v1/completions shape
@@ -101,7 +104,7 @@ class GuardModel(ABC):
         if content is not None and not isinstance(content, str):
             return Verdict.failed(f"guard answer content is {type(content).__name__}, not text")
         lp = choice.get("logprobs")
-        tokens = lp.get("content") if isinstance(lp, Mapping) else None
+        tokens = lp.get("content") if lp is not None and isinstance(lp, _MAPPING) else None
         return self.parse_output(
             content or "",
             reasoning=reasoning if isinstance(reasoning, str) else None,

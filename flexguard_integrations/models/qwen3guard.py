@@ -44,6 +44,11 @@ _CATEGORIES = re.compile(r"^\W*Categories\s*:\s*(.*)$", re.IGNORECASE | re.MULTI
 _REFUSAL = re.compile(r"Refusal\s*:\s*\**\s*(Yes|No)\b", re.IGNORECASE)
 _LABEL_PREFIX = re.compile(r"Safety\s*:\s*$", re.IGNORECASE)
 
+_MEMO_MAX_ENTRIES = 1024
+"""Distinct answers whose parsed fields a model keeps (Qwen3Guard says one of a few dozen things)."""
+_MEMO_MAX_CHARS = 512
+"""Longer answers are parsed every time (they are not the model's usual two or three lines)."""
+
 
 def _label_of_token(token: str) -> str | None:
     """Which verdict label a generated token starts (``" Cont"`` is the first piece of Controversial)."""
@@ -113,6 +118,9 @@ class Qwen3GuardModel(GuardModel):
         self.scoring: Scoring = scoring
         self.max_new_tokens = max_new_tokens
         self.top_logprobs = top_logprobs
+        # answer text -> the fields parse_output reads from it (tier scoring only: with logprobs the score
+        # depends on more than the text). The answers repeat, and the regexes cost more than the lookup.
+        self._parsed: dict[str, tuple[Any, ...]] = {}
 
     @property
     def template_version(self) -> str:
@@ -146,10 +154,40 @@ class Qwen3GuardModel(GuardModel):
         finish_reason: str | None = "stop",
         logprobs: Sequence[Mapping[str, Any]] | None = None,
     ) -> Verdict:
-        raw = content
-        base: dict[str, Any] = {"raw_output": raw, "family": self.family}
         if finish_reason == "length":
-            return Verdict.failed("guard answer was cut off at max_tokens (finish_reason=length)", **base)
+            return Verdict.failed(
+                "guard answer was cut off at max_tokens (finish_reason=length)", raw_output=content, family=self.family
+            )
+        if self.scoring == "tier":
+            fields = self._parsed.get(content)
+            if fields is None:
+                verdict = self._parse(content, None)
+                if verdict.error is None and len(content) <= _MEMO_MAX_CHARS:
+                    if len(self._parsed) >= _MEMO_MAX_ENTRIES:
+                        self._parsed.clear()
+                    self._parsed[content] = (
+                        verdict.risk_score,
+                        verdict.categories,
+                        verdict.native_categories,
+                        verdict.native_label,
+                        verdict.refusal,
+                    )
+                return verdict
+            score, cats, natives, label, refusal = fields
+            return Verdict(
+                risk_score=score,
+                categories=cats,
+                native_categories=natives,
+                native_label=label,
+                refusal=refusal,
+                raw_output=content,
+                family=self.family,
+            )
+        return self._parse(content, logprobs)
+
+    def _parse(self, content: str, logprobs: Sequence[Mapping[str, Any]] | None) -> Verdict:
+        """parse_output without the memo (``logprobs`` None for tier scoring)."""
+        base: dict[str, Any] = {"raw_output": content, "family": self.family}
         safety = _SAFETY.search(content)
         if safety is None:
             snippet = content.strip()[:80] or "<empty>"

@@ -38,6 +38,9 @@ class AiohttpTransport(HTTPTransport):
             ) from exc
         super().__init__(base_url, **kwargs)
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # the session of the loop that asked last (most programs run one loop; the weak-key lookup costs a
+        # weakref per request)
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], Any] | None = None
         # the session runs with trust_env=False: aiohttp's re-reads the proxy environment (and ~/.netrc) on
         # every request, which costs more than the request itself on loopback. HTTPTransport resolved the
         # proxy for this server once (self._proxy).
@@ -49,11 +52,15 @@ class AiohttpTransport(HTTPTransport):
         import aiohttp
 
         loop = asyncio.get_running_loop()
+        last = self._last  # one read: another thread's loop may replace it
+        if last is not None and last[0]() is loop and not last[1].closed:
+            return last[1]
         session = self._sessions.get(loop)
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=self._verify, keepalive_timeout=30.0)
             session = aiohttp.ClientSession(headers=self._headers, connector=connector, trust_env=False)
             self._sessions[loop] = session
+        self._last = (weakref.ref(loop), session)
         return session
 
     async def _apost(
@@ -115,4 +122,5 @@ class AiohttpTransport(HTTPTransport):
             if owner is loop:
                 await session.close()
                 del self._sessions[owner]
+        self._last = None
         await super().aclose()

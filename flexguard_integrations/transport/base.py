@@ -35,6 +35,9 @@ try:  # the 'fast' extra: orjson encodes a request body ~10x and decodes an answ
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
+_MAPPING = (dict, Mapping)
+"""For isinstance: decoded JSON is a dict, and the exact-type check skips the ABC machinery."""
+
 _CONTEXT_PATTERNS = re.compile(
     r"maximum context length|longer than the model'?s context length|context length|too many tokens"
     r"|max_model_len|exceeds? (?:the )?(?:model'?s )?(?:maximum )?(?:context|limit)",
@@ -202,14 +205,14 @@ def decode_completion(body: bytes, content_type: str | None = None) -> dict[str,
 
 def check_completion_shape(data: Any) -> None:
     """Raise GuardResponseError unless ``data`` looks like a chat completion or completion."""
-    if not isinstance(data, Mapping):
+    if not isinstance(data, _MAPPING):
         raise GuardResponseError(f"guard answer is JSON {type(data).__name__}, not a completion object")
     choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], _MAPPING):
         keys = ", ".join(list(data)[:6]) or "none"
         raise GuardResponseError(f"guard answer has no choices (keys: {keys}); not a chat completion")
     choice = choices[0]
-    if not isinstance(choice.get("message"), Mapping) and not isinstance(choice.get("text"), str):
+    if not isinstance(choice.get("message"), _MAPPING) and not isinstance(choice.get("text"), str):
         raise GuardResponseError("guard answer's first choice has neither a message nor text")
 
 

@@ -17,7 +17,7 @@ from flexguard_integrations import (
     GuardInputError,
     Surface,
 )
-from flexguard_integrations.testing import FakeGuardServer
+from flexguard_integrations.testing import FakeGuardServer, FaultPlan
 from tests.conftest import FLEX, QWEN
 
 BENIGN = "How do I bake sourdough bread at home?"
@@ -193,6 +193,25 @@ async def test_context_overflow_is_resplit_not_truncated() -> None:
     assert any("400" in k for k in statuses)
 
 
+async def test_short_text_too_long_for_the_server_is_split_after_one_overflow() -> None:
+    """A text short enough to skip planning (< 1,024 characters) that the server still refuses: one 400,
+    then its pieces; the blocking twin sends the same requests."""
+    text = "Calm words about tea. " * 40 + "How to make a bomb at home."
+    assert len(text) < 1024
+    with FakeGuardServer(max_model_len=450) as srv:
+        async with Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768) as guard:
+            d = await guard.acheck(text)
+        async_stats = dict(srv.stats)
+        with Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768) as guard:
+            s = guard.check(text)
+        sync_stats = {k: v - async_stats.get(k, 0) for k, v in srv.stats.items()}
+    assert d.verdict.ok and d.action is Action.BLOCK and d.verdict.chunks > 1
+    assert async_stats["status_400"] == 1
+    assert async_stats["status_200"] == d.verdict.chunks
+    assert s.action is Action.BLOCK and s.verdict.chunks == d.verdict.chunks
+    assert sync_stats["status_400"] == 1 and sync_stats["status_200"] == s.verdict.chunks
+
+
 # ---------------------------------------------------------------- redaction
 
 
@@ -286,6 +305,57 @@ async def test_aiohttp_transport(server: FakeGuardServer, model_name: str) -> No
         retried = await guard.acheck("What is the capital of France?")
     assert [d.action for d in ds] == [Action.ALLOW, Action.BLOCK] * 10  # type: ignore[union-attr]
     assert retried.action is Action.ALLOW
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+def test_one_guard_serves_several_event_loops(transport: str) -> None:
+    """Each loop gets its own semaphore and connections: two loops alive at once, each queueing on
+    concurrency=1 (a semaphore or session of the other loop would raise), then a loop after them."""
+    if transport == "aiohttp":
+        pytest.importorskip("aiohttp")
+    import threading
+
+    with FakeGuardServer() as srv:
+        srv.faults = FaultPlan(latency=0.02)
+        guard = Guard.from_endpoint(srv.base_url, QWEN, transport=transport, concurrency=1, cache=False)
+        both_running = threading.Barrier(2, timeout=10)
+
+        async def checks(texts: list[str]) -> list[Action]:
+            both_running.wait()  # the other thread's loop is running too
+            first = await guard.acheck(texts[0])  # this loop's semaphore and session are made now
+            rest = await asyncio.gather(*(guard.acheck(t) for t in texts[1:]))  # they queue on concurrency=1
+            await guard.transport.aclose()  # this loop's connections only
+            return [first.action, *(d.action for d in rest)]
+
+        results: dict[str, list[Action]] = {}
+        errors: list[BaseException] = []
+
+        def run(name: str, texts: list[str]) -> None:
+            try:
+                results[name] = asyncio.run(checks(texts))
+            except BaseException as exc:  # reported below, with the thread's name
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=run, args=("a", [BENIGN, HARMFUL, BENIGN, HARMFUL])),
+            threading.Thread(target=run, args=("b", [HARMFUL, BENIGN, HARMFUL, BENIGN])),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert results["a"] == [Action.ALLOW, Action.BLOCK, Action.ALLOW, Action.BLOCK]
+        assert results["b"] == [Action.BLOCK, Action.ALLOW, Action.BLOCK, Action.ALLOW]
+
+        async def around_a_close() -> list[Action]:  # a third loop, after the others: it reconnects after aclose
+            before = await guard.acheck(HARMFUL)
+            await guard.transport.aclose()
+            after = await guard.acheck(BENIGN)
+            await guard.aclose()
+            return [before.action, after.action]
+
+        assert asyncio.run(around_a_close()) == [Action.BLOCK, Action.ALLOW]
 
 
 def test_fail_open_is_logged_at_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -350,3 +350,72 @@ def test_qwen_parser_total(text: str, finish: str) -> None:
         assert "safety" in text.lower()
     else:
         assert v.risk_score == 100.0
+
+
+# ---------------------------------------------------------------- Qwen3Guard: the parsed-answer memo
+
+
+_QWEN_ANSWERS = st.sampled_from(
+    [
+        "Safety: Unsafe\nCategories: Violent",
+        "Safety: Safe\nCategories: None",
+        "Safety: Controversial\nCategories: Politically Sensitive Topics, PII",
+        "Safety: Unsafe\nCategories: Jailbreak\nRefusal: Yes",
+        "Safety: Safe\nCategories: None\nRefusal: No",
+        "safety: **unsafe**\ncategories: Weapons",
+        "Safety:",
+        "no label",
+    ]
+)
+
+
+@given(st.lists(_QWEN_ANSWERS | st.text(max_size=120), min_size=1, max_size=12))
+def test_qwen_memo_gives_the_verdict_a_fresh_parse_gives(answers: list[str]) -> None:
+    """A model that has seen an answer before reads it exactly as a new model would, as a new object."""
+    seasoned = Qwen3GuardModel()
+    for text in answers + answers:  # the second pass reads from the memo
+        again = seasoned.parse_output(text)
+        fresh = Qwen3GuardModel().parse_output(text)
+        assert again == fresh
+        assert again is not seasoned.parse_output(text)  # Guard stamps each verdict: never shared
+
+
+def test_qwen_memo_keeps_good_short_answers_only(qwen: Qwen3GuardModel) -> None:
+    qwen.parse_output("Safety: Unsafe\nCategories: Violent")
+    qwen.parse_output("nothing readable")  # an error: parsed again every time
+    qwen.parse_output("Safety: Unsafe\nCategories: Violent", finish_reason="length")  # cut off: an error
+    long = "Safety: Safe\nCategories: None\n" + "x" * 600
+    assert qwen.parse_output(long).error is None
+    assert list(qwen._parsed) == ["Safety: Unsafe\nCategories: Violent"]
+    cut = qwen.parse_output("Safety: Unsafe\nCategories: Violent", finish_reason="length")
+    assert cut.error is not None and "finish_reason=length" in cut.error  # the memo never hides a cut-off
+
+
+def test_qwen_memo_is_bounded(qwen: Qwen3GuardModel) -> None:
+    from flexguard_integrations.models import qwen3guard
+
+    for i in range(qwen3guard._MEMO_MAX_ENTRIES + 50):
+        assert qwen.parse_output(f"Safety: Unsafe\nCategories: Code{i}").native_categories == (f"Code{i}",)
+    assert 0 < len(qwen._parsed) <= qwen3guard._MEMO_MAX_ENTRIES
+
+
+def test_qwen_memo_is_not_used_with_logprob_scoring() -> None:
+    """With logprobs the score depends on more than the text: two answers with the same text differ."""
+    model = Qwen3GuardModel(scoring="logprobs")
+    text = "Safety: Unsafe\nCategories: Violent"
+
+    def tokens(p_unsafe: float) -> list[dict[str, object]]:
+        alts = [
+            {"token": "Unsafe", "logprob": math.log(p_unsafe)},
+            {"token": "Safe", "logprob": math.log(1 - p_unsafe)},
+        ]
+        return [
+            {"token": "Safety", "logprob": 0.0},
+            {"token": ":", "logprob": 0.0},
+            {"token": " Unsafe", "logprob": math.log(p_unsafe), "top_logprobs": alts},
+        ]
+
+    high = model.parse_output(text, logprobs=tokens(0.9))
+    low = model.parse_output(text, logprobs=tokens(0.2))
+    assert high.risk_score == pytest.approx(90.0) and low.risk_score == pytest.approx(20.0)
+    assert model._parsed == {}
