@@ -46,6 +46,43 @@ T = TypeVar("T")
 PolicySpec = StrictnessPolicy | Mapping[str, Any] | str | Path | None
 History = Sequence[tuple[Role, str]] | Sequence[Mapping[str, str]] | None
 
+
+class _LogThrottle:
+    """Let a repeating log line through once per ``interval`` seconds and count the ones held back.
+
+    A dead guard fails every check: at thousands of checks per second, one WARNING each would bury the logs
+    (and cost more than the check). ``interval`` 0 lets every line through.
+    """
+
+    __slots__ = ("_lock", "_next", "clock", "held", "interval")
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.held = 0
+        """Lines held back since the last one let through."""
+        self._next = float("-inf")
+        self._lock = threading.Lock()
+
+    def admit(self) -> int | None:
+        """None: hold this line back (it is counted). Otherwise log it now: the number held back before it."""
+        with self._lock:
+            now = self.clock()
+            if now < self._next:
+                self.held += 1
+                return None
+            held, self.held = self.held, 0
+            self._next = now + self.interval
+            return held
+
+    def drain(self) -> int:
+        """The number held back, reset to 0 (the event stopped: say how many went unlogged)."""
+        with self._lock:
+            held, self.held = self.held, 0
+            self._next = float("-inf")
+            return held
+
+
 _POLICY_SCOPE: contextvars.ContextVar[PolicySpec] = contextvars.ContextVar("flexguard_policy_scope", default=None)
 
 
@@ -157,6 +194,7 @@ class Guard:
         span_redactor: SpanRedactor | None = None,
         session_header: str = "x-session-id",
         circuit_breaker: CircuitBreaker | bool | None = None,
+        unavailable_log_interval: float = 5.0,
     ) -> None:
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be positive, got {timeout!r}")
@@ -164,6 +202,8 @@ class Guard:
             raise ConfigurationError(f"concurrency must be at least 1, got {concurrency!r}")
         if max_text_chars < 1:
             raise ConfigurationError("max_text_chars must be at least 1")
+        if unavailable_log_interval < 0:
+            raise ConfigurationError(f"unavailable_log_interval must be >= 0, got {unavailable_log_interval!r}")
         self.model = model
         self.transport = transport
         self.model_name = model_name
@@ -206,6 +246,9 @@ class Guard:
         self._checks = 0
         self._errors = 0
         self._fail_open = 0
+        # "guard unavailable" warnings: one per interval, the next one counting those held back. Fail-open
+        # decisions are never held back: each lets a text through unchecked.
+        self._unavailable_log = _LogThrottle(unavailable_log_interval)
 
     # ================================================================= constructors
 
@@ -237,6 +280,7 @@ class Guard:
         guard_keys = {
             "cache", "max_model_len", "max_text_chars", "chunk_overlap", "chars_per_token",
             "max_redact_segments", "span_redactor", "session_header", "circuit_breaker",
+            "unavailable_log_interval",
         }  # fmt: skip
         guard_opts = {k: options.pop(k) for k in list(options) if k in guard_keys}
         guard_model = create_model(family, model, **options)
@@ -800,9 +844,23 @@ class Guard:
                 decision.reason,
             )
         elif decision.verdict.error is not None:
-            logger.warning("guard unavailable, decision %s: %s", decision.action.value, decision.reason)
-        elif logger.isEnabledFor(logging.DEBUG):
-            logger.debug("decision %s: %s", decision.action.value, decision.reason)
+            held = self._unavailable_log.admit()
+            if held is not None:
+                logger.warning(
+                    "guard unavailable, decision %s: %s%s",
+                    decision.action.value,
+                    decision.reason,
+                    f" [and {held} more since the last such warning, not logged one by one]" if held else "",
+                )
+        else:
+            if self._unavailable_log.held and not decision.verdict.cached and (held := self._unavailable_log.drain()):
+                logger.warning(
+                    "guard answering again; %d decisions made without a verdict since the last warning were "
+                    "not logged one by one (Guard.stats counts them all)",
+                    held,
+                )
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("decision %s: %s", decision.action.value, decision.reason)
         return decision
 
     # ================================================================= redaction

@@ -39,3 +39,17 @@ def test_stream_moderation_example() -> None:
         if "released" in line:
             assert "bomb" not in line and "Enjoy" not in line
     assert "guard unavailable" not in proc.stderr  # no check outlived its stream
+
+
+def test_guard_outage_example() -> None:
+    out = run_example("guard_outage.py").stdout
+    lines = out.splitlines()
+    assert lines[0] == "guard up: allow"
+    assert any(line.startswith("guard down: 200 of 200 blocked") and line.endswith("breaker open") for line in lines)
+    assert "circuit breaker open after 3 consecutive guard failures" in out
+    assert "guard back: allow | breaker closed" in out
+    assert "stats: 202 checks, 200 without a verdict" in out
+    # one warning for the outage, one when the guard answers again, one per fail-open decision
+    assert out.count("log WARNING: guard unavailable, decision block") == 1
+    assert "log WARNING: guard answering again; 199 decisions made without a verdict" in out
+    assert out.count("fail-open: allow, fail_open=True") == 2 and out.count("log WARNING: FAIL-OPEN") == 2

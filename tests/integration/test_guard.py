@@ -369,6 +369,68 @@ def test_fail_open_is_logged_at_warning(caplog: pytest.LogCaptureFixture) -> Non
     assert guard.stats.fail_open == 1
 
 
+def _unavailable_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("guard unavailable")]
+
+
+def test_fail_closed_warnings_are_throttled_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """A dead guard logs one WARNING per interval, the next one counting those held back; every check is
+    still blocked and counted."""
+    from flexguard_integrations import CircuitBreaker
+    from tests.conftest import closed_port_url
+
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=3600)
+    with Guard.from_endpoint(closed_port_url(), QWEN, max_retries=0, circuit_breaker=breaker) as guard:
+        now = [100.0]
+        guard._unavailable_log.clock = lambda: now[0]
+        with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+            decisions = [guard.check(f"{BENIGN} #{i}") for i in range(20)]
+            assert len(_unavailable_lines(caplog)) == 1
+            now[0] += 4.9
+            guard.check(BENIGN)
+            assert len(_unavailable_lines(caplog)) == 1  # still within the interval
+            now[0] += 0.1
+            decisions.append(guard.check(BENIGN))
+    lines = _unavailable_lines(caplog)
+    assert len(lines) == 2
+    assert "[and 20 more since the last such warning, not logged one by one]" in lines[1]
+    assert "circuit breaker open" in lines[1]
+    assert all(d.action is Action.BLOCK and not d.fail_open and d.verdict.error for d in decisions)
+    assert guard.stats.guard_errors == 22 and guard.stats.checks == 22
+
+
+def test_fail_closed_warning_counts_the_unlogged_when_the_guard_answers_again(
+    server: FakeGuardServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Guard.from_endpoint(server.base_url, QWEN, max_retries=0) as guard:
+        assert guard.check(BENIGN).action is Action.ALLOW  # cached from now on
+        server.fail_next(4, fault="503")
+        with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+            failed = [guard.check(f"What is {i} + {i}?") for i in range(4)]
+            hit = guard.check(BENIGN)  # a cache hit proves nothing about the guard: no "answering again"
+            assert len(caplog.records) == 1
+            answered = guard.check("What is the capital of France?")
+    assert all(d.action is Action.BLOCK for d in failed) and hit.verdict.cached and answered.verdict.ok
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and messages[0].startswith("guard unavailable, decision block: ")
+    assert messages[1].startswith("guard answering again; 3 decisions made without a verdict")
+
+
+def test_fail_open_and_interval_zero_log_every_decision(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.conftest import closed_port_url
+
+    url = closed_port_url()
+    with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+        with Guard.from_endpoint(url, QWEN, policy={"on_error": "allow"}, max_retries=0) as guard:
+            assert all(guard.check(f"{BENIGN} #{i}").fail_open for i in range(3))
+        assert sum("FAIL-OPEN" in r.getMessage() for r in caplog.records) == 3  # never held back
+        with Guard.from_endpoint(url, QWEN, max_retries=0, unavailable_log_interval=0) as guard:
+            assert all(guard.check(f"{BENIGN} #{i}").blocked for i in range(3))
+        assert len(_unavailable_lines(caplog)) == 3
+    with pytest.raises(ConfigurationError, match="unavailable_log_interval"):
+        Guard.from_endpoint(url, QWEN, unavailable_log_interval=-1)
+
+
 async def test_cancellation_leaves_nothing_behind() -> None:
     with FakeGuardServer() as srv:
         srv.fail_next(1, fault="hang")
