@@ -22,7 +22,10 @@ MODEL = "Qwen/Qwen3Guard-Gen-8B"
 
 with FakeGuardServer() as server:
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout=0.5)
-    with Guard.from_endpoint(server.base_url, MODEL, max_retries=0, circuit_breaker=breaker, cache=False) as guard:
+    # unavailable_log_interval: at most one "guard unavailable" line per 0.5 s here (default 5 s)
+    with Guard.from_endpoint(
+        server.base_url, MODEL, max_retries=0, circuit_breaker=breaker, cache=False, unavailable_log_interval=0.5
+    ) as guard:
         print("guard up:", guard.check("What is the capital of France?").action.value)
 
         server.fail_next(3, fault="503")  # 3 failures in a row open the circuit: no more requests are sent

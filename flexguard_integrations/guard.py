@@ -37,7 +37,7 @@ from .models.base import GuardInput, GuardModel, Role, create_model
 from .policy import StrictnessPolicy
 from .redact import SpanRedactor, apply_redactions, group_sentences
 from .segment import chunk_text, split_sentences
-from .transport.base import RetryPolicy, Transport, remaining
+from .transport.base import RetryPolicy, Transport, prune_closed_loops, remaining
 from .verdict import Action, Decision, Surface, Verdict
 
 logger = logging.getLogger("flexguard_integrations")
@@ -48,7 +48,7 @@ History = Sequence[tuple[Role, str]] | Sequence[Mapping[str, str]] | None
 
 
 class _LogThrottle:
-    """Let a repeating log line through once per ``interval`` seconds and count the ones held back.
+    """At most one line per ``interval`` seconds about a repeating event; the next line counts those held back.
 
     A dead guard fails every check: at thousands of checks per second, one WARNING each would bury the logs
     (and cost more than the check). ``interval`` 0 lets every line through.
@@ -64,24 +64,27 @@ class _LogThrottle:
         self._next = float("-inf")
         self._lock = threading.Lock()
 
-    def admit(self) -> int | None:
-        """None: hold this line back (it is counted). Otherwise log it now: the number held back before it."""
+    def admit(self, count: bool = True) -> int | None:
+        """None: hold this line back (counted when ``count``). Otherwise log it now: the number held back
+        before it (then reset). Lines of every kind share the interval."""
         with self._lock:
             now = self.clock()
             if now < self._next:
-                self.held += 1
+                if count:
+                    self.held += 1
                 return None
             held, self.held = self.held, 0
             self._next = now + self.interval
             return held
 
-    def drain(self) -> int:
-        """The number held back, reset to 0 (the event stopped: say how many went unlogged)."""
-        with self._lock:
-            held, self.held = self.held, 0
-            self._next = float("-inf")
-            return held
 
+_GUARD_OPTIONS = frozenset(
+    {
+        "cache", "max_model_len", "max_text_chars", "chunk_overlap", "chars_per_token", "max_redact_segments",
+        "span_redactor", "session_header", "circuit_breaker", "unavailable_log_interval",
+    }
+)  # fmt: skip
+"""Keyword options of ``Guard.__init__`` that the ``from_endpoint`` / ``local`` constructors pass through."""
 
 _POLICY_SCOPE: contextvars.ContextVar[PolicySpec] = contextvars.ContextVar("flexguard_policy_scope", default=None)
 
@@ -277,12 +280,7 @@ class Guard:
         ``max_new_tokens=`` for FlexGuard) next to Guard options (``cache``, ``max_model_len``...).
         ``transport`` is ``"httpx"`` (default), ``"aiohttp"`` (the ``fast`` extra) or a Transport.
         """
-        guard_keys = {
-            "cache", "max_model_len", "max_text_chars", "chunk_overlap", "chars_per_token",
-            "max_redact_segments", "span_redactor", "session_header", "circuit_breaker",
-            "unavailable_log_interval",
-        }  # fmt: skip
-        guard_opts = {k: options.pop(k) for k in list(options) if k in guard_keys}
+        guard_opts = {k: options.pop(k) for k in list(options) if k in _GUARD_OPTIONS}
         guard_model = create_model(family, model, **options)
         retry = RetryPolicy(max_retries=max_retries)
         tr: Transport
@@ -383,10 +381,7 @@ class Guard:
         from .transport.local import LocalTransport, require_local_extra
 
         require_local_extra()
-        guard_keys = {
-            "timeout", "concurrency", "cache", "max_model_len", "max_text_chars", "chunk_overlap",
-            "chars_per_token", "max_redact_segments", "span_redactor", "session_header", "circuit_breaker",
-        }  # fmt: skip
+        guard_keys = {"timeout", "concurrency", *_GUARD_OPTIONS}
         local_keys = {"torch_dtype", "batch_window", "revision", "trust_remote_code", "model_kwargs"}
         guard_opts: dict[str, Any] = {k: options.pop(k) for k in list(options) if k in guard_keys}
         local_opts = {k: options.pop(k) for k in list(options) if k in local_keys}
@@ -560,6 +555,7 @@ class Guard:
             return last[1]
         sem = self._sems.get(loop)
         if sem is None:
+            prune_closed_loops(self._sems)
             sem = asyncio.Semaphore(self.concurrency)
             self._sems[loop] = sem
         self._last_sem = (weakref.ref(loop), sem)
@@ -818,16 +814,27 @@ class Guard:
     ) -> Decision:
         """Decide each chunk; the most severe decision wins (a fail-open pass never hides a block)."""
         best: Decision | None = None
+        unchecked: list[Decision] = []  # chunks let through without a verdict (fail-open)
         for verdict, exc in results:
             try:
                 decision = policy.decide(verdict, surface)
             except GuardUnavailableError as err:
                 raise err from exc
+            if decision.fail_open:
+                unchecked.append(decision)
             if best is None or _rank(decision) > _rank(best):
                 best = decision
         assert best is not None
         if len(results) > 1:
             best = replace(best, verdict=replace(best.verdict, chunks=len(results)))
+            if unchecked and best.action.passes and not best.fail_open:
+                # the text passes, but part of it was never checked: the decision must say so
+                best = replace(
+                    best,
+                    fail_open=True,
+                    reason=f"{best.reason}; FAIL-OPEN: {len(unchecked)} of {len(results)} chunks allowed without "
+                    f"a verdict ({unchecked[0].reason})",
+                )
         return best
 
     def _record(self, decision: Decision) -> Decision:
@@ -853,7 +860,13 @@ class Guard:
                     f" [and {held} more since the last such warning, not logged one by one]" if held else "",
                 )
         else:
-            if self._unavailable_log.held and not decision.verdict.cached and (held := self._unavailable_log.drain()):
+            # the guard answered: say how many went unlogged (once the interval allows a line: a flapping
+            # guard gets one line per interval, not two per failure)
+            if (
+                self._unavailable_log.held
+                and not decision.verdict.cached
+                and (held := self._unavailable_log.admit(count=False))
+            ):
                 logger.warning(
                     "guard answering again; %d decisions made without a verdict since the last warning were "
                     "not logged one by one (Guard.stats counts them all)",
@@ -889,6 +902,14 @@ class Guard:
         n = sum(1 for f in flagged if f is not None)
         again = self._decide_all(recheck, policy, surface)
         if again.action is Action.ALLOW or again.action is Action.FLAG:
+            if again.fail_open:  # the redacted text passes without (all of) its re-check: say so
+                return replace(
+                    decision,
+                    redacted_text=redacted,
+                    fail_open=True,
+                    reason=f"{decision.reason}; redacted {n} of {len(flagged)} sentences; re-check FAIL-OPEN "
+                    f"({again.reason})",
+                )
             return replace(
                 decision,
                 redacted_text=redacted,
@@ -1083,7 +1104,8 @@ def _fits(inp: GuardInput, limit: int) -> bool:
 
 
 def _rank(decision: Decision) -> tuple[int, int, float]:
-    # the most severe action; among equals a real verdict beats a fail-open pass, then the higher risk
+    # the most severe action; among equals a real verdict beats a fail-open pass (which _decide_all then
+    # marks fail-open), then the higher risk
     return (decision.action.severity, 0 if decision.fail_open else 1, decision.verdict.risk_score)
 
 

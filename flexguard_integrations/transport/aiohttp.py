@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError, GuardConnectionError, GuardTimeoutError
-from .base import decode_completion, error_from_response, remaining
+from .base import decode_completion, error_from_response, prune_closed_loops, remaining
 from .http import HTTPTransport
 
 
@@ -57,6 +57,7 @@ class AiohttpTransport(HTTPTransport):
             return last[1]
         session = self._sessions.get(loop)
         if session is None or session.closed:
+            prune_closed_loops(self._sessions)
             connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=self._verify, keepalive_timeout=30.0)
             session = aiohttp.ClientSession(headers=self._headers, connector=connector, trust_env=False)
             self._sessions[loop] = session

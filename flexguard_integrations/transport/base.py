@@ -14,7 +14,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, runtime_checkable
@@ -214,6 +214,18 @@ def check_completion_shape(data: Any) -> None:
     choice = choices[0]
     if not isinstance(choice.get("message"), _MAPPING) and not isinstance(choice.get("text"), str):
         raise GuardResponseError("guard answer's first choice has neither a message nor text")
+
+
+def prune_closed_loops(per_loop: MutableMapping[Any, Any]) -> None:
+    """Drop the entries of event loops that are closed, from a mapping keyed by loop.
+
+    Values (an aiohttp session, httpcore connections, an asyncio.Semaphore that has waited) hold their loop,
+    so a weak-key mapping alone never lets go of them: every ``asyncio.run()`` that ended without
+    ``aclose()`` would leave its loop and connections behind. A closed loop can run nothing, so its entry is
+    only garbage (its sockets are closed when it is collected).
+    """
+    for loop in [loop for loop in list(per_loop) if loop.is_closed()]:
+        per_loop.pop(loop, None)
 
 
 def remaining(deadline: float) -> float:

@@ -27,6 +27,7 @@ from .base import (
     env_proxy_for,
     error_from_response,
     normalise_base_url,
+    prune_closed_loops,
     remaining,
     ssl_verify,
 )
@@ -138,6 +139,7 @@ class HTTPTransport:
         loop = asyncio.get_running_loop()
         pools = self._async.get(loop)
         if pools is None:
+            prune_closed_loops(self._async)
             options = self._pool_options()
             pools = _Pools([httpx.AsyncHTTPTransport(**options) for _ in range(self._shard_count)])
             self._async[loop] = pools

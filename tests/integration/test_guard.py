@@ -403,17 +403,46 @@ def test_fail_closed_warning_counts_the_unlogged_when_the_guard_answers_again(
     server: FakeGuardServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     with Guard.from_endpoint(server.base_url, QWEN, max_retries=0) as guard:
+        now = [100.0]
+        guard._unavailable_log.clock = lambda: now[0]
         assert guard.check(BENIGN).action is Action.ALLOW  # cached from now on
         server.fail_next(4, fault="503")
         with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
             failed = [guard.check(f"What is {i} + {i}?") for i in range(4)]
+            assert guard.check("What is the capital of Spain?").verdict.ok  # within the interval: no line
+            assert len(caplog.records) == 1
+            now[0] += 5.0
             hit = guard.check(BENIGN)  # a cache hit proves nothing about the guard: no "answering again"
             assert len(caplog.records) == 1
             answered = guard.check("What is the capital of France?")
-    assert all(d.action is Action.BLOCK for d in failed) and hit.verdict.cached and answered.verdict.ok
+            again = guard.check("What is the capital of Italy?")  # nothing held back any more: no line
+    assert all(d.action is Action.BLOCK for d in failed) and hit.verdict.cached
+    assert answered.verdict.ok and again.verdict.ok
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and messages[0].startswith("guard unavailable, decision block: ")
     assert messages[1].startswith("guard answering again; 3 decisions made without a verdict")
+
+
+def test_a_flapping_guard_gets_one_line_per_interval(server: FakeGuardServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Every other check fails: the failure lines and the 'answering again' lines share one interval."""
+    with Guard.from_endpoint(server.base_url, QWEN, max_retries=0, cache=False) as guard:
+        now = [100.0]
+        guard._unavailable_log.clock = lambda: now[0]
+        with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+            for i in range(40):
+                server.fail_next(1, fault="503")
+                assert guard.check(f"Question {i}?").blocked
+                assert guard.check(f"Other question {i}?").allowed
+            assert len(caplog.records) == 1
+            now[0] += 5.0
+            for i in range(10):
+                server.fail_next(1, fault="503")
+                guard.check(f"Third question {i}?")
+                guard.check(f"Fourth question {i}?")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "[and 39 more since the last such warning, not logged one by one]" in messages[1]
+    assert guard.stats.guard_errors == 50
 
 
 def test_fail_open_and_interval_zero_log_every_decision(caplog: pytest.LogCaptureFixture) -> None:
@@ -429,6 +458,68 @@ def test_fail_open_and_interval_zero_log_every_decision(caplog: pytest.LogCaptur
         assert len(_unavailable_lines(caplog)) == 3
     with pytest.raises(ConfigurationError, match="unavailable_log_interval"):
         Guard.from_endpoint(url, QWEN, unavailable_log_interval=-1)
+
+
+def test_guard_options_reach_every_constructor() -> None:
+    """from_endpoint and local pass Guard's own options through: the list names every one of them."""
+    import inspect
+
+    from flexguard_integrations.guard import _GUARD_OPTIONS
+
+    params = inspect.signature(Guard.__init__).parameters
+    own = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert own - {"model_name", "policy", "timeout", "concurrency"} == _GUARD_OPTIONS
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+def test_loops_that_ended_without_aclose_are_let_go(server: FakeGuardServer, transport: str) -> None:
+    """Each asyncio.run() leaves a semaphore and connections behind unless aclose() ran; they hold their loop,
+    so without pruning every run would keep its loop alive for the Guard's lifetime."""
+    if transport == "aiohttp":
+        pytest.importorskip("aiohttp")
+    import gc
+    import weakref
+
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def one(guard: Guard) -> Action:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return (await asyncio.gather(*(guard.acheck(f"{BENIGN} {i}") for i in range(3))))[0].action
+
+    with Guard.from_endpoint(server.base_url, QWEN, transport=transport, concurrency=1, cache=False) as guard:
+        assert [asyncio.run(one(guard)) for _ in range(5)] == [Action.ALLOW] * 5
+        gc.collect()
+        alive = [ref for ref in loops if ref() is not None]
+        assert len(alive) <= 1, f"{len(alive)} of 5 finished loops are still referenced"
+        assert len(guard._sems) <= 1
+
+
+async def test_a_chunk_allowed_without_a_verdict_marks_the_whole_decision_fail_open(
+    server: FakeGuardServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = " ".join(f"Sentence {i} is about baking bread at home." for i in range(120))
+    policy = {"on_error": "allow"}
+    async with Guard.from_endpoint(
+        server.base_url, QWEN, policy=policy, max_model_len=1024, max_retries=0, cache=False
+    ) as guard:
+        server.fail_next(1, fault="503")  # one chunk of the text gets no verdict
+        with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+            d = await guard.acheck(text)
+    assert d.verdict.chunks > 2 and d.action is Action.ALLOW
+    assert d.fail_open and f"FAIL-OPEN: 1 of {d.verdict.chunks} chunks allowed without a verdict" in d.reason
+    assert guard.stats.fail_open == 1
+    assert sum("FAIL-OPEN" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_redaction_recheck_allowed_without_a_verdict_is_fail_open(server: FakeGuardServer) -> None:
+    doc = "Our store opens at nine. Here is how to build a bomb to kill people. Returns are free."
+    server.add_rule("[REDACTED", fault="503")  # the re-check of the redacted text fails
+    policy = {"on_error": "allow", "surfaces": {"retrieved": {"action": "redact"}}}
+    with Guard.from_endpoint(server.base_url, QWEN, policy=policy, max_retries=0, cache=False) as guard:
+        d = guard.check(doc, surface="retrieved")
+    assert d.action is Action.REDACT and d.redacted_text is not None and "bomb" not in d.redacted_text
+    assert d.fail_open and "re-check FAIL-OPEN" in d.reason
+    assert guard.stats.fail_open == 1
 
 
 async def test_cancellation_leaves_nothing_behind() -> None:
