@@ -641,9 +641,10 @@ class Guard:
         depth: int,
     ) -> list[tuple[Verdict, BaseException | None]]:
         """The server found ``inp`` too long: check it in halves, or fail when it cannot be split further."""
-        if depth >= _MAX_SPLIT_DEPTH or len(inp.text) < 64:
+        half = _half_limit(inp.text, depth)
+        if half is None:
             return [(Verdict.failed(str(exc), surface=surface), exc)]
-        return await self._asplit(inp, surface, deadline, headers, max(32, len(inp.text) // 2), depth + 1)
+        return await self._asplit(inp, surface, deadline, headers, half, depth + 1)
 
     async def _alimit(self, inp: GuardInput, deadline: float) -> int | None:
         """The chunk size for this text, or None when it is short enough to send whole."""
@@ -759,9 +760,10 @@ class Guard:
             try:
                 return [self._call(sub, surface, deadline, headers)]
             except ContextLengthExceededError as exc:
-                if depth >= _MAX_SPLIT_DEPTH or len(piece) < 64:
+                half = _half_limit(piece, depth)
+                if half is None:
                     return [(Verdict.failed(str(exc), surface=surface), exc)]
-                return self._split(sub, surface, deadline, headers, max(32, len(piece) // 2), depth + 1)
+                return self._split(sub, surface, deadline, headers, half, depth + 1)
 
         groups = self._map(one, pieces)
         return [item for group in groups for item in group]
@@ -1101,6 +1103,13 @@ def _total_chars(inp: GuardInput) -> int:
 def _fits(inp: GuardInput, limit: int) -> bool:
     """True when the text fits one chunk and its context fits the context budget (half a chunk)."""
     return len(inp.text) <= limit and _total_chars(inp) - len(inp.text) <= limit // 2
+
+
+def _half_limit(text: str, depth: int) -> int | None:
+    """The chunk size for re-checking a text the server found too long, or None when it is split no further."""
+    if depth >= _MAX_SPLIT_DEPTH or len(text) < 64:
+        return None
+    return max(32, len(text) // 2)
 
 
 def _rank(decision: Decision) -> tuple[int, int, float]:
