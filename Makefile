@@ -53,7 +53,7 @@ bench-core: setup
 NEMO_VENV ?= /tmp/nemo-venv
 bench-nemo: setup
 	test -x $(NEMO_VENV)/bin/python || $(PYTHON) -m venv $(NEMO_VENV)
-	$(NEMO_VENV)/bin/python -m pip install --quiet "nemoguardrails==0.24.1" httpx
+	$(NEMO_VENV)/bin/python -m pip install --quiet "nemoguardrails==0.24.1" httpx aiohttp
 	$(BIN)/python -m benchmarks.nemo_peer --nemo-python $(NEMO_VENV)/bin/python
 
 clean:

@@ -11,21 +11,24 @@ concurrency 32), client on core 0:
   fake server), the input rail ``content safety check input $model=content_safety`` with a prompt whose
   ``output_parser`` is NeMo's ``is_content_safe`` (it reads "Safety: Safe" as safe), checked with
   ``check_async(messages, rail_types=[RailType.INPUT])`` on ``LLMRails`` and on the ``Guardrails`` wrapper
-  (which picks the IORails engine for this config), plus a raw httpx floor in that venv.
+  (which picks the IORails engine for this config), plus a raw httpx and a raw aiohttp client in that venv.
 
-Overhead = p50 per check − the p50 of the fastest plain client (raw aiohttp, project venv) at the same
-concurrency in the same round: what the guard server itself takes, queueing included, as seen over loopback
-HTTP. Also shown: − the server's fixed latency, and − the raw httpx client of each venv. The two sides run in
-alternating rounds (project, NeMo, project, NeMo...). Target: Guard's overhead ≤ a tenth of NeMo's, at
-concurrency 1 and at 32 (the concurrency of NeMo's published 13 ms).
+Overhead = p50 per check − the p50 of the fastest plain client (raw aiohttp) in the same process, at the
+same concurrency, in the same round: what the guard server itself takes, queueing included, as seen over
+loopback HTTP. The VM's speed drifts by up to a third over minutes, so the clients of one process take turns:
+at concurrency 1 call by call (A B C, B C A..., every other lap reversed), at concurrency 32 in blocks of
+32-in-flight calls of one client at a time (``--blocks`` per client per round, in the same rotation). Also
+shown: − the server's fixed latency, and − the raw httpx client of each venv. The two sides run in
+alternating rounds (project, NeMo, project, NeMo...). Target: Guard's overhead in its worst round ≤ a tenth
+of NeMo's in its best, at concurrency 1 and at 32 (the concurrency of NeMo's published 13 ms).
 
 Dead guard: ``Guard.from_endpoint(<closed port>, circuit_breaker=CircuitBreaker(failure_threshold=1,
 reset_timeout=3600))``; after the first failure opens the circuit, each further check must cost ≤ 100 µs.
 
-    python -m benchmarks.nemo_peer [--runs N] [--rounds R] [--quick]
+    python -m benchmarks.nemo_peer [--runs N] [--conc-runs N] [--blocks B] [--rounds R] [--quick]
 
 The file doubles as the NeMo worker: ``<nemo python> benchmarks/nemo_peer.py --nemo-worker --base-url URL``
-(stdlib + nemoguardrails + httpx only; prints one JSON line).
+(stdlib + nemoguardrails, with its httpx and aiohttp, only; prints one JSON line).
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 GUARD_MODEL = "Qwen/Qwen3Guard-Gen-8B"
 DEFAULT_NEMO_PYTHON = "/tmp/nemo-venv/bin/python"
 FLOOR = "raw aiohttp (project venv)"
-"""The floor: the guard server's own latency as the fastest plain client sees it, at the same concurrency."""
+NEMO_FLOOR = "raw aiohttp (NeMo venv)"
+"""The floors: the guard server's own latency as the fastest plain client sees it, at the same concurrency, in
+the same process as the clients measured against it (aiohttp 3.x in both venvs)."""
 TEXT = "Request {i}: what is the weather like in Paris in spring, and what should I pack?"
 
 NEMO_YAML = """
@@ -105,6 +110,43 @@ async def _timed(call: Callable[[int], Awaitable[Any]], runs: int, concurrency: 
     return out
 
 
+def _turns(names: Sequence[str], k: int) -> list[str]:
+    """The order of turn ``k``: rotated by ``k`` and reversed every other lap (A B C, B C A, C A B, B A C...),
+    so every client goes first, last and in between equally often."""
+    n = len(names)
+    order = list(names[k % n :]) + list(names[: k % n])
+    return order[::-1] if (k // n) % 2 else order
+
+
+async def _measure(
+    calls: Mapping[str, Callable[[int], Awaitable[Any]]], runs: int, conc_runs: int, warmup: int, blocks: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per-call wall times (ms) of every client at concurrency 1 and 32, measured so that the VM's drift (its
+    speed wanders by up to a third over minutes, docs/performance.md) falls on all the clients alike.
+
+    - Concurrency 1, paired: the clients take turns call by call (:func:`_turns`), so each call of one client
+      has a call of every other within a millisecond or so of it.
+    - Concurrency 32: each client alone with 32 calls in flight (mixing them would share out one client's
+      queueing among the others), in ``blocks`` blocks per client whose turns rotate the same way.
+    """
+    names = list(calls)
+    for name in names:
+        await _timed(calls[name], warmup, 1, start=10**6)
+        await _timed(calls[name], 64, 32, start=2 * 10**6)
+    c1: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(runs):
+        for name in _turns(names, i):
+            t0 = time.perf_counter()
+            await calls[name](i)
+            c1[name].append((time.perf_counter() - t0) * 1e3)
+    c32: dict[str, list[float]] = {name: [] for name in names}
+    per_block = max(32, conc_runs // max(1, blocks))
+    for b in range(max(1, blocks)):
+        for name in _turns(names, b):
+            c32[name] += await _timed(calls[name], per_block, 32, start=10**5 + b * per_block)
+    return {name: {"c1": c1[name], "c32": c32[name]} for name in names}
+
+
 def _chat_body(text: str) -> dict[str, Any]:
     return {"model": GUARD_MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 16, "temperature": 0}
 
@@ -140,7 +182,7 @@ async def _raw_aiohttp(base_url: str) -> tuple[Callable[[int], Awaitable[Any]], 
 # ----------------------------------------------------------------------------- NeMo worker (runs in the NeMo venv)
 
 
-async def _nemo_worker(base_url: str, runs: int, conc_runs: int, warmup: int) -> dict[str, Any]:
+async def _nemo_worker(base_url: str, runs: int, conc_runs: int, warmup: int, blocks: int) -> dict[str, Any]:
     import logging
 
     logging.disable(logging.WARNING)
@@ -169,7 +211,8 @@ async def _nemo_worker(base_url: str, runs: int, conc_runs: int, warmup: int) ->
             raise RuntimeError(f"NeMo rail does not judge as expected: {sanity}")
 
     raw, close = await _raw_httpx(base_url)
-    calls: dict[str, Callable[[int], Awaitable[Any]]] = {"raw httpx (NeMo venv)": raw}
+    raw_aio, close_aio = await _raw_aiohttp(base_url)  # aiohttp is a dependency of nemoguardrails
+    calls: dict[str, Callable[[int], Awaitable[Any]]] = {"raw httpx (NeMo venv)": raw, NEMO_FLOOR: raw_aio}
     for name, eng in engines.items():
 
         def make(e: Any) -> Callable[[int], Awaitable[Any]]:
@@ -182,21 +225,16 @@ async def _nemo_worker(base_url: str, runs: int, conc_runs: int, warmup: int) ->
             return call
 
         calls[name] = make(eng)
-    results: dict[str, Any] = {}
-    for name, call in calls.items():
-        await _timed(call, warmup, 1, start=10**6)
-        await _timed(call, 64, 32, start=2 * 10**6)
-        c1 = await _timed(call, runs, 1)
-        c32 = await _timed(call, conc_runs, 32, start=10**5)
-        results[name] = {"c1": c1, "c32": c32}
+    results = await _measure(calls, runs, conc_runs, warmup, blocks)
     await close()
+    await close_aio()
     return {"version": nemoguardrails.__version__, "sanity": sanity, "results": results}
 
 
 # ----------------------------------------------------------------------------- project side
 
 
-async def _project_round(base_url: str, runs: int, conc_runs: int, warmup: int) -> dict[str, Any]:
+async def _project_round(base_url: str, runs: int, conc_runs: int, warmup: int, blocks: int) -> dict[str, Any]:
     from flexguard_integrations import Guard
 
     guard = Guard.from_endpoint(base_url, GUARD_MODEL, cache=False, concurrency=64)
@@ -218,17 +256,13 @@ async def _project_round(base_url: str, runs: int, conc_runs: int, warmup: int) 
             raise RuntimeError(f"unexpected {d}")
         return d
 
-    results: dict[str, Any] = {}
     clients = {
         "raw httpx (project venv)": raw,
         FLOOR: raw_aio,
         "Guard.acheck (httpx)": gcall,
         "Guard.acheck (aiohttp)": fcall,
     }
-    for name, call in clients.items():
-        await _timed(call, warmup, 1, start=10**6)
-        await _timed(call, 64, 32, start=2 * 10**6)
-        results[name] = {"c1": await _timed(call, runs, 1), "c32": await _timed(call, conc_runs, 32, start=10**5)}
+    results = await _measure(clients, runs, conc_runs, warmup, blocks)
     await close()
     await close_aio()
     await guard.aclose()
@@ -293,9 +327,9 @@ async def _timed_one(guard: Any, i: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _run_nemo(python: str, base_url: str, runs: int, conc_runs: int, warmup: int) -> dict[str, Any]:
+def _run_nemo(python: str, base_url: str, runs: int, conc_runs: int, warmup: int, blocks: int) -> dict[str, Any]:
     cmd = [python, str(Path(__file__).resolve()), "--nemo-worker", "--base-url", base_url]
-    cmd += ["--runs", str(runs), "--conc-runs", str(conc_runs), "--warmup", str(warmup)]
+    cmd += ["--runs", str(runs), "--conc-runs", str(conc_runs), "--warmup", str(warmup), "--blocks", str(blocks)]
     taskset = shutil.which("taskset")
     if taskset and (os.cpu_count() or 1) > 1:
         cmd = [taskset, "-c", "0", *cmd]
@@ -323,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=300, help="checks per client per round at concurrency 1")
     ap.add_argument("--conc-runs", type=int, default=640, help="checks per client per round at concurrency 32")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--blocks", type=int, default=4, help="blocks per client per round at concurrency 32")
     ap.add_argument("--latency", type=float, default=0.02, help="guard server latency, s")
     ap.add_argument("--breaker-calls", type=int, default=5000)
     ap.add_argument("--nemo-python", default=DEFAULT_NEMO_PYTHON)
@@ -336,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.runs, args.conc_runs, args.rounds, args.breaker_calls = 50, 160, 1, 1000
     if args.nemo_worker:
-        print(json.dumps(asyncio.run(_nemo_worker(args.base_url, args.runs, args.conc_runs, args.warmup))))
+        worker = _nemo_worker(args.base_url, args.runs, args.conc_runs, args.warmup, args.blocks)
+        print(json.dumps(asyncio.run(worker)))
         return 0
 
     from benchmarks.agent_step import GuardServer, machine, pin_client, write_json
@@ -349,11 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with GuardServer(args.latency) as srv:
         for r in range(args.rounds):
             entry: dict[str, Any] = {
-                "project": asyncio.run(_project_round(srv.base_url, args.runs, args.conc_runs, args.warmup))
+                "project": asyncio.run(
+                    _project_round(srv.base_url, args.runs, args.conc_runs, args.warmup, args.blocks)
+                )
             }
             if nemo_error is None:
                 try:
-                    entry["nemo"] = _run_nemo(args.nemo_python, srv.base_url, args.runs, args.conc_runs, args.warmup)
+                    entry["nemo"] = _run_nemo(
+                        args.nemo_python, srv.base_url, args.runs, args.conc_runs, args.warmup, args.blocks
+                    )
                 except Exception as exc:  # reported, and the breaker item is still measured
                     nemo_error = f"{type(exc).__name__}: {exc}"
             rounds.append(entry)
@@ -363,18 +403,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # per client and concurrency: p50/p99 per round, overhead = p50 - latency, and - the raw floor of its venv
     per: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    floor_of = {"project": "raw httpx (project venv)", "nemo": "raw httpx (NeMo venv)"}
+    httpx_of = {"project": "raw httpx (project venv)", "nemo": "raw httpx (NeMo venv)"}
+    floor_of = {"project": FLOOR, "nemo": NEMO_FLOOR}
     for entry in rounds:
         for side in ("project", "nemo"):
             if side not in entry:
                 continue
             res = entry[side]["results"]
-            common = entry["project"]["results"][FLOOR]  # the same round's fastest plain client
             for name, by_c in res.items():
                 for c in ("c1", "c32"):
                     s = _summary(by_c[c])
-                    floor = _summary(res[floor_of[side]][c])
-                    best = _summary(common[c])
+                    floor = _summary(res[httpx_of[side]][c])
+                    best = _summary(res[floor_of[side]][c])  # same process, measured in turns with it
                     per.setdefault((name, c), []).append(
                         {
                             **s,
@@ -411,14 +451,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "p99 ms (per round)",
         "overhead p50 = p50 − latency, ms",
         "p50 − raw httpx p50 of its venv, ms",
-        "overhead = p50 − raw aiohttp p50 (same round), ms",
+        "overhead = p50 − raw aiohttp p50 of its venv (same round, in turns), ms",
     )
     table = _table(headers, rows)
 
     # the guard call's own latency = the round trip of the fastest plain client (raw aiohttp) to the same server
-    # at the same concurrency in the same round (it includes the server's fixed latency, its queueing and timer
-    # overshoot, loopback HTTP): overhead = p50 - that p50, for both sides. (A raw httpx floor is no floor at
-    # concurrency 32: httpx's own pool slows it down, docs/performance.md.)
+    # at the same concurrency, in the same process and round, taking turns with the clients measured against it
+    # (it includes the server's fixed latency, its queueing and timer overshoot, loopback HTTP): overhead = p50 -
+    # that p50, for both sides. (A raw httpx floor is no floor at concurrency 32: httpx's own pool slows it
+    # down, docs/performance.md.)
     targets: dict[str, Any] = {}
     for c, transport in itertools.product(("c1", "c32"), ("httpx", "aiohttp")):
         g = per.get((f"Guard.acheck ({transport})", c), [])
