@@ -14,7 +14,8 @@ per configuration, over ``--runs`` streams in interleaved rounds, verdict cache 
   the stream keeps being pulled while they run).
 
 Configurations: ``guarded(model)`` (input check, then the output held until checked) for a few
-``stream_chunk_chars``, ``parallel_input=True`` (the stream starts with the input check),
+``stream_chunk_chars`` (the first window 50 characters, ``stream_first_chunk_chars``' default, or as big as
+the others with ``stream_first_chunk_chars=None``), ``parallel_input=True`` (the stream starts with the input check),
 ``stream_first=True``, and ``check_input=False`` (output moderation only).
 
     python -m benchmarks.streaming [--runs N] [--quick]
@@ -124,11 +125,16 @@ async def measure(base_url: str, n_tokens: int, ttft: float, delay: float, runs:
     guard = Guard.from_endpoint(base_url, GUARD_MODEL, cache=False)
     model = StreamingFakeModel(messages=iter([]), n_tokens=n_tokens, ttft=ttft, token_delay=delay)
     configs: dict[str, Any] = {"unguarded": model}
-    for cc in (50, 200, 800):
+    for cc in (50, 200, 800):  # the first window is 50 (stream_first_chunk_chars' default)
         configs[f"guarded chunk={cc}"] = recording_guarded(model, guard, stream_chunk_chars=cc)
-    configs["guarded chunk=50 parallel_input"] = recording_guarded(
-        model, guard, stream_chunk_chars=50, parallel_input=True
-    )
+    for cc in (200, 800):  # the first window as big as the others (the default before first_chunk_chars)
+        configs[f"guarded chunk={cc} first=None"] = recording_guarded(
+            model, guard, stream_chunk_chars=cc, stream_first_chunk_chars=None
+        )
+    for cc in (50, 200):
+        configs[f"guarded chunk={cc} parallel_input"] = recording_guarded(
+            model, guard, stream_chunk_chars=cc, parallel_input=True
+        )
     configs["guarded chunk=200 stream_first"] = recording_guarded(
         model, guard, stream_chunk_chars=200, stream_first=True
     )

@@ -4,7 +4,8 @@ Framework-agnostic; the LangChain and LlamaIndex streaming wrappers drive it. It
 type the wrapped stream yields) are held with their text. When the held text reaches ``chunk_chars`` at a
 sentence end (or twice that anywhere), it becomes a *window*: it is checked together with the last
 ``context_chars`` of the text before it (as NeMo Guardrails' ``chunk_size`` / ``context_size``), with the
-prompt as context.
+prompt as context. The first window is smaller (``first_chunk_chars``, 50 by default): nothing reaches the
+reader before the first check has passed, so its size sets the time to first token.
 
 Checks are pipelined: a window's check runs in the background (an asyncio task, or a worker thread for the
 blocking twins) while the wrapped stream keeps being pulled, so a slow guard never pauses the stream. At most
@@ -83,6 +84,10 @@ class StreamModerator(Generic[T]):
     policy: StrictnessPolicy | Mapping[str, Any] | str | Path | None = None
     chunk_chars: int = 200
     context_chars: int = 50
+    first_chunk_chars: int | None = 50
+    """Size of the first window (capped at ``chunk_chars``; None: the same as the others). The reader sees
+    nothing before the first window's check has passed, so a small one cuts the time to first token; later
+    windows are ``chunk_chars`` and give the guard more text at once."""
     stream_first: bool = False
     redact_item: Callable[[str], T] | None = None
     """Builds the item that replaces held text on REDACT (e.g. ``AIMessageChunk(content=text)``); without
@@ -97,6 +102,7 @@ class StreamModerator(Generic[T]):
     _buffer: str = ""
     _tail: str = ""
     _stopped: Decision | None = None
+    _taken: int = 0
     _windows: deque[_Window[T]] = field(default_factory=deque)
     _cancelled: list[asyncio.Future[Decision]] = field(default_factory=list)
     _executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -106,6 +112,8 @@ class StreamModerator(Generic[T]):
             raise ValueError("chunk_chars must be at least 1")
         if self.max_pending < 1:
             raise ValueError("max_pending must be at least 1")
+        if self.first_chunk_chars is not None and self.first_chunk_chars < 1:
+            raise ValueError("first_chunk_chars must be at least 1 (or None: the first window like the others)")
         self.context_chars = max(0, self.context_chars)
 
     @property
@@ -140,14 +148,18 @@ class StreamModerator(Generic[T]):
         n = len(self._buffer)
         if ended:
             return n > 0
-        if n >= 2 * self.chunk_chars:
+        size = self.chunk_chars
+        if not self._taken and self.first_chunk_chars is not None:
+            size = min(size, self.first_chunk_chars)
+        if n >= 2 * size:
             return True
-        return n >= self.chunk_chars and bool(_SENTENCE_END.search(self._buffer))
+        return n >= size and bool(_SENTENCE_END.search(self._buffer))
 
     def _take_window(self) -> tuple[str, str, list[T], int]:
         """(text to check, the earlier context it starts with, its items, its new characters)."""
         context = self._tail
         chars = len(self._buffer)
+        self._taken += 1
         window = context + self._buffer
         self._tail = window[-self.context_chars :] if self.context_chars else ""
         self.stats.released_chars += chars

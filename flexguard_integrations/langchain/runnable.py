@@ -111,6 +111,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     policy: Any = None
     stream_chunk_chars: int = 200
     stream_context_chars: int = 50
+    stream_first_chunk_chars: int | None = 50
     stream_first: bool = False
     name: str | None = None
 
@@ -328,6 +329,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             policy=policy,
             chunk_chars=self.stream_chunk_chars,
             context_chars=self.stream_context_chars,
+            first_chunk_chars=self.stream_first_chunk_chars,
             stream_first=self.stream_first,
             redact_item=lambda text: self._text_chunk(text, sample[0] if sample else None),
         )
@@ -622,6 +624,7 @@ def guarded(
     policy: Any = None,
     stream_chunk_chars: int = 200,
     stream_context_chars: int = 50,
+    stream_first_chunk_chars: int | None = 50,
     stream_first: bool = False,
 ) -> GuardedRunnable:
     """Wrap any Runnable with input and output guarding.
@@ -633,8 +636,9 @@ def guarded(
     - ``parallel_input=True`` checks the input while the wrapped run starts (speculative); on a block the
       run is cancelled (async) or its result discarded (sync) and nothing it produced is released; streams
       start with the check too and yield nothing before the input has passed.
-    - Streams hold text back until a check at a sentence or ``stream_chunk_chars`` boundary passed it;
-      ``stream_first=True`` releases text before its check (lower latency, leaky: documented as such).
+    - Streams hold text back until a check at a sentence or ``stream_chunk_chars`` boundary passed it; the
+      first window is ``stream_first_chunk_chars`` (50; None: like the others), so the first token waits
+      for a short check rather than a full window; ``stream_first=True`` releases text before its check (lower latency, leaky: documented as such).
     """
     return GuardedRunnable(
         bound=runnable,
@@ -651,5 +655,6 @@ def guarded(
         policy=policy,
         stream_chunk_chars=stream_chunk_chars,
         stream_context_chars=stream_context_chars,
+        stream_first_chunk_chars=stream_first_chunk_chars,
         stream_first=stream_first,
     )

@@ -61,6 +61,7 @@ class GuardedQueryEngine(BaseQueryEngine):
         policy: Any = None,
         stream_chunk_chars: int = 200,
         stream_context_chars: int = 50,
+        stream_first_chunk_chars: int | None = 50,
         callback_manager: CallbackManager | None = None,
     ) -> None:
         self.query_engine = query_engine
@@ -73,6 +74,7 @@ class GuardedQueryEngine(BaseQueryEngine):
         self.policy = policy
         self.stream_chunk_chars = stream_chunk_chars
         self.stream_context_chars = stream_context_chars
+        self.stream_first_chunk_chars = stream_first_chunk_chars
         super().__init__(callback_manager or getattr(query_engine, "callback_manager", None))
 
     def _get_prompt_modules(self) -> dict[str, Any]:
@@ -157,6 +159,7 @@ class GuardedQueryEngine(BaseQueryEngine):
             policy=self._policy,
             chunk_chars=self.stream_chunk_chars,
             context_chars=self.stream_context_chars,
+            first_chunk_chars=self.stream_first_chunk_chars,
             redact_item=lambda text: text,
             on_decision=record,
         )

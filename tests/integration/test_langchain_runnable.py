@@ -534,6 +534,39 @@ async def test_stream_never_yields_blocked_text(server: FakeGuardServer, mode: s
     _assert_checked_before_release(yielded[:-1], server)
 
 
+LONG_ANSWER = (
+    "Paris is the capital of France, and it is a lovely city. "
+    "It has many museums, among them the Louvre, the Musee d'Orsay and the Centre Pompidou, and most of them "
+    "open late on one evening a week. The metro reaches every district, and the river boats stop near the "
+    "big sights. Spring and autumn are the best seasons for a visit."
+)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("first", [50, None])
+async def test_stream_first_window_is_small_by_default(server: FakeGuardServer, mode: str, first: int | None) -> None:
+    """The first token waits for one short check (stream_first_chunk_chars), later windows are full size."""
+    kwargs: dict[str, Any] = {} if first == 50 else {"stream_first_chunk_chars": first}
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        chain = guarded(fake_model(LONG_ANSWER), g, check_input=False, **kwargs)
+        if mode == "sync":
+            got = "".join(c.text for c in chain.stream("tell me about Paris"))
+        else:
+            got = "".join([c.text async for c in chain.astream("tell me about Paris")])
+    assert got == LONG_ANSWER
+    # windows in stream order (their checks run concurrently, so the server may receive them in any order)
+    windows = sorted(
+        (r.moderated_text or "" for r in server.requests if r.mode == "response"),
+        key=lambda w: LONG_ANSWER.index(w.strip()),
+    )
+    if first == 50:
+        assert windows[0].strip() == "Paris is the capital of France, and it is a lovely city."
+        assert all(len(w) >= 200 for w in windows[1:-1])  # then full windows (plus their context)
+    else:
+        assert len(windows[0]) >= 200  # the first window like the others
+    assert len(windows) >= 2
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_stream_of_a_chat_model_keeps_the_chunk_type(server: FakeGuardServer, mode: str) -> None:
     answer = f"{SAFE_SENTENCE} Museums are open late on Fridays."

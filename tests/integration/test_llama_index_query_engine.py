@@ -294,6 +294,27 @@ async def test_clean_stream_passes_unchanged(server: FakeGuardServer, guard: Gua
     await guard.aclose()
 
 
+@pytest.mark.parametrize("first", [50, None])
+async def test_stream_first_window_is_small_by_default(server: FakeGuardServer, guard: Guard, first: int | None) -> None:
+    kwargs: dict[str, Any] = {} if first == 50 else {"stream_first_chunk_chars": first}
+    index = index_of(OPENING * 5, TICKETS * 8)
+    engine = GuardedQueryEngine(index.as_query_engine(llm=MockLLM(), streaming=True), guard, **kwargs)
+    answer = "".join(engine.query(BENIGN_Q).response_gen)
+    response = await engine.aquery(BENIGN_Q)
+    assert "".join([t async for t in response.async_response_gen()]) == answer
+    checked = [r.moderated_text or "" for r in response_requests(server)]
+    half = len(checked) // 2
+    # the checks run concurrently (any arrival order): compare the windows as multisets
+    assert sorted(checked[:half]) == sorted(checked[half:])  # sync and async cut the same windows
+    opening = [w for w in checked[:half] if answer.startswith(w.strip())]  # the first: no context before it
+    assert len(opening) == 1
+    if first == 50:
+        assert 50 <= len(opening[0]) < 100  # at the first sentence end past 50 characters
+        assert half >= 3
+    else:
+        assert len(opening[0]) >= 200
+
+
 def test_clean_stream_reports_its_verdicts(
     server: FakeGuardServer, guard: Guard, verdicts: list[GuardVerdictEvent]
 ) -> None:

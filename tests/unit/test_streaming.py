@@ -285,6 +285,54 @@ def test_arguments_are_validated() -> None:
         _moderator(ScriptedGuard(), max_pending=0)
     with pytest.raises(ValueError, match="chunk_chars"):
         _moderator(ScriptedGuard(), chunk_chars=0)
+    with pytest.raises(ValueError, match="first_chunk_chars must be at least 1"):
+        _moderator(ScriptedGuard(), first_chunk_chars=0)
+
+
+# a short first sentence, then a long one: the first window closes at the first sentence end past
+# first_chunk_chars, the next at the first past chunk_chars
+SENTENCES = ["Hi there", " friend.", " This is a longer", " sentence that goes", " on and on.", " And the end."]
+SMALL_FIRST = ["Hi there friend.", " This is a longer sentence that goes on and on.", " And the end."]
+FIRST_LIKE_OTHERS = ["Hi there friend. This is a longer sentence that goes on and on.", " And the end."]
+
+
+@pytest.mark.parametrize(
+    ("first", "windows"),
+    [(10, SMALL_FIRST), (None, FIRST_LIKE_OTHERS), (500, FIRST_LIKE_OTHERS)],  # capped at chunk_chars
+)
+async def test_the_first_window_is_first_chunk_chars(first: int | None, windows: list[str]) -> None:
+    guard = ScriptedGuard()
+    guard.open_all = True
+    mod = _moderator(guard, chunk_chars=40, first_chunk_chars=first)
+    assert [item async for item in mod.amoderate(_agen(SENTENCES), str)] == SENTENCES
+    assert guard.seen == windows
+
+
+@pytest.mark.parametrize(("first", "windows"), [(10, SMALL_FIRST), (None, FIRST_LIKE_OTHERS)])
+def test_sync_the_first_window_is_first_chunk_chars(first: int | None, windows: list[str]) -> None:
+    guard = ScriptedGuard()
+    guard.open_all = True
+    mod = _moderator(guard, chunk_chars=40, first_chunk_chars=first)
+    assert list(mod.moderate(iter(SENTENCES), str)) == SENTENCES
+    assert guard.seen == windows
+
+
+async def test_a_small_first_window_releases_the_first_sentence_before_the_rest_arrives() -> None:
+    guard = ScriptedGuard()
+    guard.open_all = True
+    mod = _moderator(guard, chunk_chars=40, first_chunk_chars=10)
+    src = Source(SENTENCES, stall_after=2)  # the model stalls after its first sentence
+    gen = mod.amoderate(src.agen(), str)
+    assert [await asyncio.wait_for(gen.__anext__(), 5) for _ in range(2)] == SENTENCES[:2]
+    assert src.pulled == 2
+    src.go_on()
+    assert [item async for item in gen] == SENTENCES[2:]
+    assert guard.seen == SMALL_FIRST
+
+
+async def _agen(items: list[str]) -> AsyncIterator[str]:
+    for item in items:
+        yield item
 
 
 async def test_item_by_item_api_never_waits_for_a_check() -> None:
