@@ -45,6 +45,15 @@ async def main(guard: Guard) -> None:
         if moderator.stopped is not None:
             print(f"{name}: stopped ({moderator.stopped.action.value}: {moderator.stopped.reason})")
         print(f"{name}: {moderator.stats.checks} checks, at most {moderator.stats.max_held_chars} chars held back")
+    # the first window sets the time to first token: nothing goes out before its check has passed
+    for first in (50, None):  # 50 is the default; None makes the first window as big as the others (200)
+        moderator = StreamModerator(guard, prompt="Tell me about Paris.", first_chunk_chars=first)
+        started = time.perf_counter()
+        async for _ in moderator.amoderate(tokens(SAFE * 3), str):
+            ttft = (time.perf_counter() - started) * 1e3
+            break
+        await moderator.aclose()
+        print(f"first_chunk_chars={first}: first token after {ttft:.0f} ms")
     await guard.aclose()  # release this event loop's connections
 
 

@@ -638,7 +638,8 @@ def guarded(
       start with the check too and yield nothing before the input has passed.
     - Streams hold text back until a check at a sentence or ``stream_chunk_chars`` boundary passed it; the
       first window is ``stream_first_chunk_chars`` (50; None: like the others), so the first token waits
-      for a short check rather than a full window; ``stream_first=True`` releases text before its check (lower latency, leaky: documented as such).
+      for a short check rather than a full window; ``stream_first=True`` releases text before its check
+      (lower latency, leaky: documented as such).
     """
     return GuardedRunnable(
         bound=runnable,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def test_stream_moderation_example() -> None:
     assert "unsafe: released 'Paris is lovely in spring. '" in out
     assert "unsafe: stopped (block:" in out and "VIOLENCE" in out
     assert "sync unsafe: released 'Paris is lovely in spring. ', stopped=True" in out
+    # both first-window sizes streamed (which is faster is measured by benchmarks/streaming.py, not here)
+    assert set(re.findall(r"first_chunk_chars=(\w+): first token after \d+ ms", out)) == {"50", "None"}
     for line in out.splitlines():
         if "released" in line:
             assert "bomb" not in line and "Enjoy" not in line

@@ -295,7 +295,9 @@ async def test_clean_stream_passes_unchanged(server: FakeGuardServer, guard: Gua
 
 
 @pytest.mark.parametrize("first", [50, None])
-async def test_stream_first_window_is_small_by_default(server: FakeGuardServer, guard: Guard, first: int | None) -> None:
+async def test_stream_first_window_is_small_by_default(
+    server: FakeGuardServer, guard: Guard, first: int | None
+) -> None:
     kwargs: dict[str, Any] = {} if first == 50 else {"stream_first_chunk_chars": first}
     index = index_of(OPENING * 5, TICKETS * 8)
     engine = GuardedQueryEngine(index.as_query_engine(llm=MockLLM(), streaming=True), guard, **kwargs)
