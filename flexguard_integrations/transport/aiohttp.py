@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from ..errors import ConfigurationError, GuardConnectionError, GuardTimeoutError
-from .base import decode_completion, error_from_response, prune_closed_loops, remaining
+from .base import close_at_loop_shutdown, decode_completion, error_from_response, prune_closed_loops, remaining
 from .http import HTTPTransport
 
 
@@ -37,7 +37,10 @@ class AiohttpTransport(HTTPTransport):
                 "the aiohttp transport needs the 'fast' extra: pip install 'flexguard-integrations[fast]'"
             ) from exc
         super().__init__(base_url, **kwargs)
-        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # each loop's session, with the keeper that closes it when the loop shuts down (close_at_loop_shutdown)
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, AsyncGenerator[None, None]]] = (
+            weakref.WeakKeyDictionary()
+        )
         # the session of the loop that asked last (most programs run one loop; the weak-key lookup costs a
         # weakref per request)
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], Any] | None = None
@@ -55,12 +58,14 @@ class AiohttpTransport(HTTPTransport):
         last = self._last  # one read: another thread's loop may replace it
         if last is not None and last[0]() is loop and not last[1].closed:
             return last[1]
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
+        entry = self._sessions.get(loop)
+        if entry is None or entry[0].closed:
             prune_closed_loops(self._sessions)
             connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=self._verify, keepalive_timeout=30.0)
             session = aiohttp.ClientSession(headers=self._headers, connector=connector, trust_env=False)
-            self._sessions[loop] = session
+            entry = (session, close_at_loop_shutdown(session.close))
+            self._sessions[loop] = entry
+        session = entry[0]
         self._last = (weakref.ref(loop), session)
         return session
 
@@ -119,9 +124,9 @@ class AiohttpTransport(HTTPTransport):
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        for owner, session in list(self._sessions.items()):
+        for owner, (_, keeper) in list(self._sessions.items()):
             if owner is loop:
-                await session.close()
                 del self._sessions[owner]
+                await keeper.aclose()  # closes the session
         self._last = None
         await super().aclose()

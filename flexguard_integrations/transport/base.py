@@ -14,7 +14,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, runtime_checkable
@@ -226,6 +226,32 @@ def prune_closed_loops(per_loop: MutableMapping[Any, Any]) -> None:
     """
     for loop in [loop for loop in list(per_loop) if loop.is_closed()]:
         per_loop.pop(loop, None)
+
+
+def close_at_loop_shutdown(close: Callable[[], Awaitable[None]]) -> AsyncGenerator[None, None]:
+    """Have the running event loop's shutdown await ``close()``; call from a coroutine of that loop.
+
+    Returns a started async generator whose ``finally`` awaits ``close()``. The loop tracks it (its first
+    iteration runs the loop's async-generator hook), so ``asyncio.run``, ``asyncio.Runner`` and
+    ``loop.shutdown_asyncgens()`` close it while the loop still runs: connections a program never closed
+    are shut down properly rather than dropped with the loop (aiohttp then logs "Unclosed client
+    session" for each). Keep a reference as long as the resource lives (the loop holds only a weak one);
+    ``await keeper.aclose()`` closes early, once. Dropped while its loop runs, asyncio schedules its close;
+    dropped after the loop closed without that shutdown, nothing runs.
+    """
+
+    async def keeper() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await close()
+
+    gen = keeper()
+    try:
+        gen.__anext__().send(None)  # runs to the yield (no await before it), so no await is needed here
+    except StopIteration:  # it yielded: started, and registered with the loop
+        return gen
+    raise AssertionError("the keeper suspended before its yield")  # pragma: no cover - cannot happen
 
 
 def remaining(deadline: float) -> float:

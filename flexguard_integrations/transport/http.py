@@ -12,7 +12,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -22,6 +22,7 @@ from .. import __version__
 from ..errors import GuardConnectionError, GuardTimeoutError, GuardTransportError
 from .base import (
     RetryPolicy,
+    close_at_loop_shutdown,
     decode_completion,
     encode_body,
     env_proxy_for,
@@ -103,7 +104,7 @@ class HTTPTransport:
         self._sync_lock = threading.Lock()
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pools[httpx.AsyncHTTPTransport]] = (
             weakref.WeakKeyDictionary()
-        )
+        )  # each loop's pools; their keeper closes them when the loop shuts down (close_at_loop_shutdown)
 
     def __repr__(self) -> str:
         auth = ", api_key=***" if "authorization" in self._headers else ""
@@ -142,6 +143,7 @@ class HTTPTransport:
             prune_closed_loops(self._async)
             options = self._pool_options()
             pools = _Pools([httpx.AsyncHTTPTransport(**options) for _ in range(self._shard_count)])
+            pools.keeper = close_at_loop_shutdown(pools.aclose)
             self._async[loop] = pools
         return pools
 
@@ -265,8 +267,10 @@ class HTTPTransport:
         for owner, pools in list(self._async.items()):
             if owner is loop:
                 del self._async[owner]
-                for pool in pools.pools:
-                    await pool.aclose()
+                if pools.keeper is not None:
+                    await pools.keeper.aclose()  # closes the pools
+                else:
+                    await pools.aclose()
         self.close()
 
     # ----------------------------------------------------------------- sync
@@ -325,12 +329,19 @@ P = TypeVar("P")
 class _Pools(Generic[P]):
     """Connection pools and the requests in flight on each: :meth:`take` picks the least busy pool."""
 
-    __slots__ = ("busy", "lock", "pools")
+    __slots__ = ("busy", "keeper", "lock", "pools")
 
     def __init__(self, pools: list[P]) -> None:
         self.pools = pools
         self.busy = [0] * len(pools)
         self.lock = threading.Lock()  # blocking calls only; an event loop's pools are touched by one thread
+        self.keeper: AsyncGenerator[None, None] | None = None
+        """An event loop's pools: what closes them when the loop shuts down (close_at_loop_shutdown)."""
+
+    async def aclose(self) -> None:
+        """Close every pool (async pools; the blocking ones are closed by ``HTTPTransport.close``)."""
+        for pool in self.pools:
+            await pool.aclose()  # type: ignore[attr-defined]
 
     def take(self) -> int:
         """Index of the pool with the fewest requests in flight, counted in (the caller counts it out)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import time
 
 import pytest
 
@@ -492,6 +494,45 @@ def test_loops_that_ended_without_aclose_are_let_go(server: FakeGuardServer, tra
         alive = [ref for ref in loops if ref() is not None]
         assert len(alive) <= 1, f"{len(alive)} of 5 finished loops are still referenced"
         assert len(guard._sems) <= 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count sockets")
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+def test_a_loop_that_ends_without_aclose_closes_its_connections(
+    server: FakeGuardServer, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncio.run() shutting its loop down closes the connections that loop opened (no aclose() needed):
+    they are not left open until the next loop or the garbage collector, and aiohttp logs no "Unclosed
+    client session"."""
+    if transport == "aiohttp":
+        pytest.importorskip("aiohttp")
+    import gc
+    import warnings
+
+    from tests.integration.test_soak import open_sockets
+
+    async def one(guard: Guard) -> Action:
+        return (await asyncio.gather(*(guard.acheck(f"{BENIGN} {i}") for i in range(3))))[0].action
+
+    def settled(expected: int) -> int:  # the server thread closes its side once it reads the EOF
+        for _ in range(200):
+            if (n := open_sockets()) == expected:
+                return n
+            time.sleep(0.01)
+        return open_sockets()
+
+    guard = Guard.from_endpoint(server.base_url, QWEN, transport=transport, concurrency=3, cache=False)
+    before = open_sockets()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.ERROR, logger="asyncio"):
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(3):
+            assert asyncio.run(one(guard)) is Action.ALLOW
+            assert server.stats["model_requests"] > 0
+            assert settled(before) == before, "the finished loop's connections are still open"
+        del guard
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert "Unclosed" not in caplog.text
 
 
 async def test_a_chunk_allowed_without_a_verdict_marks_the_whole_decision_fail_open(
