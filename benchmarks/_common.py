@@ -57,6 +57,8 @@ LABELS: dict[str, str] = {
     "guard_aiohttp_noenv": "Guard.acheck (aiohttp, trust_env=False)",
     "guard_aiohttp_nogc": "Guard.acheck (aiohttp), garbage collector off while measured",
     "guard_httpx_c16": "Guard.acheck (httpx, concurrency=16 whatever the load)",
+    "guard_httpx_c64": "Guard.acheck (httpx, concurrency=64 whatever the load)",
+    "guard_aiohttp_c64": "Guard.acheck (aiohttp, concurrency=64 whatever the load)",
     "transport_httpx": "HTTPTransport.acomplete (Guard's httpx layer alone)",
     "transport_aiohttp": "AiohttpTransport.acomplete (Guard's aiohttp layer alone)",
 }
@@ -64,10 +66,15 @@ DIAGNOSTIC_CLIENTS: tuple[str, ...] = (
     "guard_aiohttp_noenv",
     "guard_aiohttp_nogc",
     "guard_httpx_c16",
+    "guard_httpx_c64",
+    "guard_aiohttp_c64",
     "transport_httpx",
     "transport_aiohttp",
 )
 """Not in the issue's list: configurations that isolate a cost found while profiling."""
+GUARD_KINDS: tuple[str, ...] = ("guard_httpx", "guard_aiohttp", "guard_aiohttp_noenv", "guard_aiohttp_nogc")
+FIXED_CONCURRENCY: dict[str, int] = {"guard_httpx_c16": 16, "guard_httpx_c64": 64, "guard_aiohttp_c64": 64}
+"""Guard configurations whose ``concurrency`` stays put whatever the number of callers (as one deployed Guard's)."""
 HEADERS = {"content-type": "application/json", "accept": "application/json"}
 
 Call = Callable[[], Awaitable[None]]
@@ -377,13 +384,13 @@ async def open_client(kind: str, base_url: str, concurrency: int) -> AsyncIterat
                         raise BenchmarkError(f"raw aiohttp: HTTP {resp.status}")
 
             yield call_aiohttp
-    elif kind in ("guard_httpx", "guard_aiohttp", "guard_aiohttp_noenv", "guard_aiohttp_nogc", "guard_httpx_c16"):
+    elif kind in FIXED_CONCURRENCY or kind in GUARD_KINDS:
         transport = "aiohttp" if kind.startswith("guard_aiohttp") else "httpx"
         guard = Guard.from_endpoint(
             base_url,
             MODEL,
             cache=False,
-            concurrency=16 if kind == "guard_httpx_c16" else concurrency,
+            concurrency=FIXED_CONCURRENCY.get(kind, concurrency),
             transport=transport,
             trust_env=not kind.endswith("_noenv"),
         )

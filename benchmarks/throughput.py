@@ -4,9 +4,10 @@ At each level ``N`` workers share a fixed number of requests (one request in fli
 client gets a pool (or Guard ``concurrency``) of ``N`` (the openai SDK and ChatOpenAI: ``max(N, 100)``, 100
 being the SDK's default keep-alive pool): raw httpx, Guard on httpx (default), raw aiohttp, Guard on aiohttp,
 the openai SDK, LangChain's ``ChatOpenAI``, plus a raw-socket client that shows the emulated server's ceiling.
-Two diagnostic Guard configurations isolate costs found while profiling: ``concurrency=16`` whatever the load
-(the semaphore queues the callers, the httpx pool stays small) and aiohttp with the garbage collector disabled
-while measured (what the collector's passes cost at high concurrency). Every measurement also records the time
+Diagnostic Guard configurations (at c=64 and c=256) isolate costs found while profiling: a fixed
+``concurrency`` whatever the load (16 or 64 on httpx, 64 on aiohttp: one deployed Guard under a rising load,
+its semaphore queueing the callers beyond it) and aiohttp with the garbage collector disabled while measured
+(what the collector's passes cost at high concurrency). Every measurement also records the time
 spent in the collector and its collections per 1,000 checks (``gc.callbacks``), shown in their own table.
 
 Each measurement has only its own client open (opened, warmed up, measured, closed), after a ``gc.collect()``:
@@ -38,7 +39,7 @@ from ._common import (
 
 LEVELS: tuple[int, ...] = (1, 16, 64, 256)
 CEILING = ("raw_socket",)
-DIAGNOSTIC = ("guard_httpx_c16", "guard_aiohttp_nogc")
+DIAGNOSTIC = ("guard_httpx_c16", "guard_httpx_c64", "guard_aiohttp_c64", "guard_aiohttp_nogc")
 
 
 def plan(quick: bool) -> dict[str, int]:
@@ -53,7 +54,7 @@ def plan(quick: bool) -> dict[str, int]:
 def _kinds(level: int, quick: bool) -> tuple[str, ...]:
     if quick:
         return CEILING + CLIENTS
-    diagnostic = DIAGNOSTIC if level > 16 else ()
+    diagnostic = DIAGNOSTIC if level >= 64 else ()
     return CEILING + CLIENTS + diagnostic
 
 
@@ -258,6 +259,7 @@ def _targets(results: dict[int, dict[str, Any]], levels: tuple[int, ...]) -> lis
                 f"c=256 / c=64 = {fall:.2f}×",
                 "≥ 0.95× (5% noise allowance)",
                 fall >= 0.95,
+                note=_fixed_note(results, "guard_httpx_c64"),
                 source="issue; reference §6.2.2",
             )
         )
@@ -298,10 +300,18 @@ def _targets(results: dict[int, dict[str, Any]], levels: tuple[int, ...]) -> lis
     return targets
 
 
+def _fixed_note(results: dict[int, dict[str, Any]], kind: str) -> str:
+    """c=256 / c=64 of a Guard whose concurrency stays 64 (callers beyond it queue on its semaphore)."""
+    rates = [results[lv].get(kind) for lv in (64, 256)]
+    if not (rates[0] and rates[1]):
+        return "fixed concurrency=64 not measured"
+    return f"with concurrency=64 whatever the load: {rates[1]['rate'] / rates[0]['rate']:.2f}×"
+
+
 def _aiohttp_fall_note(results: dict[int, dict[str, Any]]) -> str:
     raw = results[256]["raw_aiohttp"]["rate"] / results[64]["raw_aiohttp"]["rate"]
     gc_pct = f"{results[64]['guard_aiohttp']['gc_pct']:.1f}% → {results[256]['guard_aiohttp']['gc_pct']:.1f}%"
-    note = f"raw aiohttp: {raw:.2f}×; time in the collector {gc_pct}"
+    note = f"raw aiohttp: {raw:.2f}×; time in the collector {gc_pct}; {_fixed_note(results, 'guard_aiohttp_c64')}"
     nogc = [results[lv].get("guard_aiohttp_nogc") for lv in (64, 256)]
     if nogc[0] and nogc[1]:
         note += f"; collector off: {nogc[1]['rate'] / nogc[0]['rate']:.2f}×"
