@@ -124,9 +124,11 @@ class AiohttpTransport(HTTPTransport):
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        for owner, (_, keeper) in list(self._sessions.items()):
+        for owner, (session, _) in list(self._sessions.items()):
             if owner is loop:
                 del self._sessions[owner]
-                await keeper.aclose()  # closes the session
+                # directly, not through the keeper: the loop's shutdown may be closing the keeper right now
+                # (this aclose running in an async generator it closes); closing a session twice is harmless
+                await session.close()
         self._last = None
         await super().aclose()

@@ -235,9 +235,11 @@ def close_at_loop_shutdown(close: Callable[[], Awaitable[None]]) -> AsyncGenerat
     iteration runs the loop's async-generator hook), so ``asyncio.run``, ``asyncio.Runner`` and
     ``loop.shutdown_asyncgens()`` close it while the loop still runs: connections a program never closed
     are shut down properly rather than dropped with the loop (aiohttp then logs "Unclosed client
-    session" for each). Keep a reference as long as the resource lives (the loop holds only a weak one);
-    ``await keeper.aclose()`` closes early, once. Dropped while its loop runs, asyncio schedules its close;
-    dropped after the loop closed without that shutdown, nothing runs.
+    session" for each). Keep a reference as long as the resource lives (the loop holds only a weak one).
+    ``close()`` must be safe to call twice: to close early, call it directly rather than through the keeper
+    (the loop's shutdown closes every generator at once, and a second ``aclose()`` of a generator being
+    closed raises RuntimeError). Dropped while its loop runs, asyncio schedules its close; dropped after the
+    loop closed without that shutdown, nothing runs.
     """
 
     async def keeper() -> AsyncGenerator[None, None]:

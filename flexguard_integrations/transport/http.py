@@ -12,7 +12,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -143,7 +143,7 @@ class HTTPTransport:
             prune_closed_loops(self._async)
             options = self._pool_options()
             pools = _Pools([httpx.AsyncHTTPTransport(**options) for _ in range(self._shard_count)])
-            pools.keeper = close_at_loop_shutdown(pools.aclose)
+            pools.keeper = close_at_loop_shutdown(_closer(pools.pools))  # not pools.aclose: no reference cycle
             self._async[loop] = pools
         return pools
 
@@ -267,10 +267,9 @@ class HTTPTransport:
         for owner, pools in list(self._async.items()):
             if owner is loop:
                 del self._async[owner]
-                if pools.keeper is not None:
-                    await pools.keeper.aclose()  # closes the pools
-                else:
-                    await pools.aclose()
+                # directly, not through the keeper: the loop's shutdown may be closing the keeper right now
+                # (this aclose running in an async generator it closes); closing a pool twice is harmless
+                await pools.aclose()
         self.close()
 
     # ----------------------------------------------------------------- sync
@@ -340,8 +339,7 @@ class _Pools(Generic[P]):
 
     async def aclose(self) -> None:
         """Close every pool (async pools; the blocking ones are closed by ``HTTPTransport.close``)."""
-        for pool in self.pools:
-            await pool.aclose()  # type: ignore[attr-defined]
+        await _closer(self.pools)()
 
     def take(self) -> int:
         """Index of the pool with the fewest requests in flight, counted in (the caller counts it out)."""
@@ -353,6 +351,16 @@ class _Pools(Generic[P]):
     def release(self, i: int) -> None:
         """Count out a request :meth:`take` counted in on pool ``i``."""
         self.busy[i] -= 1
+
+
+def _closer(pools: list[Any]) -> Callable[[], Awaitable[None]]:
+    """What closes these async pools (it holds the list, not the :class:`_Pools` that owns the keeper)."""
+
+    async def close() -> None:
+        for pool in pools:
+            await pool.aclose()
+
+    return close
 
 
 def _models_from(resp: httpx.Response) -> list[dict[str, Any]]:

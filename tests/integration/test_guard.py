@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -522,6 +523,7 @@ def test_a_loop_that_ends_without_aclose_closes_its_connections(
         return open_sockets()
 
     guard = Guard.from_endpoint(server.base_url, QWEN, transport=transport, concurrency=3, cache=False)
+    gc.collect()  # sockets earlier tests left to the collector must not close while this one counts
     before = open_sockets()
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.ERROR, logger="asyncio"):
         warnings.simplefilter("always", ResourceWarning)
@@ -533,6 +535,39 @@ def test_a_loop_that_ends_without_aclose_closes_its_connections(
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
     assert "Unclosed" not in caplog.text
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+def test_a_guard_closed_by_an_abandoned_async_generator_at_loop_shutdown(
+    server: FakeGuardServer, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An abandoned stream whose generator owns a Guard (``async with``) is closed by the same loop shutdown
+    that closes the Guard's connections: the two closes must not collide (asyncio would log an error)."""
+    if transport == "aiohttp":
+        pytest.importorskip("aiohttp")
+    closed: list[bool] = []
+
+    async def answers() -> Any:
+        try:
+            async with Guard.from_endpoint(server.base_url, QWEN, transport=transport, cache=False) as guard:
+                for i in range(10):
+                    yield (await guard.acheck(f"{BENIGN} {i}")).action
+        finally:
+            closed.append(True)
+
+    held: list[Any] = []
+
+    async def main() -> Action:
+        gen = answers()
+        held.append(gen)  # the consumer stops after one item, without aclose()
+        action: Action = await gen.__anext__()
+        return action
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert asyncio.run(main()) is Action.ALLOW
+    assert closed == [True]  # the loop's shutdown closed the abandoned generator, Guard included
+    assert "error occurred during closing" not in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 async def test_a_chunk_allowed_without_a_verdict_marks_the_whole_decision_fail_open(
