@@ -49,6 +49,20 @@ T = TypeVar("T")
 _SENTENCE_END = re.compile(r"[.!?。！？…;:\n]['\")\]”’]*\s*$")
 
 
+def check_window_sizes(chunk_chars: int, first_chunk_chars: int | None, prefix: str = "") -> None:
+    """ValueError naming the option (``prefix`` + its name, as the caller spells it) unless the sizes are valid.
+
+    The streaming wrappers call it when they are built, so a bad size fails there, not at the first stream.
+    """
+    if not isinstance(chunk_chars, int) or chunk_chars < 1:
+        raise ValueError(f"{prefix}chunk_chars must be an integer of at least 1, got {chunk_chars!r}")
+    if first_chunk_chars is not None and (not isinstance(first_chunk_chars, int) or first_chunk_chars < 1):
+        raise ValueError(
+            f"{prefix}first_chunk_chars must be an integer of at least 1 (or None: the first window like the "
+            f"others), got {first_chunk_chars!r}"
+        )
+
+
 @dataclass
 class StreamStats:
     """What the moderation cost: checks made, the most text held back at once, the most checks in flight."""
@@ -108,12 +122,9 @@ class StreamModerator(Generic[T]):
     _executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
-        if self.chunk_chars < 1:
-            raise ValueError("chunk_chars must be at least 1")
+        check_window_sizes(self.chunk_chars, self.first_chunk_chars)
         if self.max_pending < 1:
             raise ValueError("max_pending must be at least 1")
-        if self.first_chunk_chars is not None and self.first_chunk_chars < 1:
-            raise ValueError("first_chunk_chars must be at least 1 (or None: the first window like the others)")
         self.context_chars = max(0, self.context_chars)
 
     @property

@@ -19,11 +19,11 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import ContextThreadPoolExecutor, patch_config
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from ..errors import GuardBlockedError
 from ..guard import Guard, scoped_policy
-from ..streaming import StreamModerator
+from ..streaming import StreamModerator, check_window_sizes
 from ..verdict import Action, Decision, Surface
 from ._common import (
     DEFAULT_REFUSAL,
@@ -114,6 +114,11 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     stream_first_chunk_chars: int | None = 50
     stream_first: bool = False
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _check_stream_windows(self) -> GuardedRunnable:
+        check_window_sizes(self.stream_chunk_chars, self.stream_first_chunk_chars, prefix="stream_")
+        return self
 
     def get_name(self, suffix: str | None = None, *, name: str | None = None) -> str:
         return name or self.name or f"Guarded[{self.bound.get_name()}]"

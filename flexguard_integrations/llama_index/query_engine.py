@@ -26,7 +26,7 @@ from llama_index.core.schema import QueryBundle, QueryType
 
 from ..errors import GuardBlockedError, GuardInputError
 from ..guard import Guard, policy_scope, scoped_policy
-from ..streaming import StreamModerator
+from ..streaming import StreamModerator, check_window_sizes
 from ..verdict import Action, Decision, Surface, Verdict
 from .events import emit
 
@@ -64,6 +64,7 @@ class GuardedQueryEngine(BaseQueryEngine):
         stream_first_chunk_chars: int | None = 50,
         callback_manager: CallbackManager | None = None,
     ) -> None:
+        check_window_sizes(stream_chunk_chars, stream_first_chunk_chars, prefix="stream_")
         self.query_engine = query_engine
         self.guard = guard
         self.fallback_engines = dict(fallback_engines or {})

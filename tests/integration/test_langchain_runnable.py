@@ -542,6 +542,19 @@ LONG_ANSWER = (
 )
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stream_first_chunk_chars": 0}, "stream_first_chunk_chars must be an integer of at least 1"),
+        ({"stream_chunk_chars": 0}, "stream_chunk_chars must be an integer of at least 1"),
+    ],
+)
+def test_bad_stream_window_sizes_fail_when_the_wrapper_is_built(kwargs: dict[str, Any], message: str) -> None:
+    guard = Guard.from_endpoint("http://127.0.0.1:9/v1", FLEX)
+    with pytest.raises(ValueError, match=message):
+        guarded(fake_model("hi"), guard, **kwargs)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("first", [50, None])
 async def test_stream_first_window_is_small_by_default(server: FakeGuardServer, mode: str, first: int | None) -> None:

@@ -294,6 +294,13 @@ async def test_clean_stream_passes_unchanged(server: FakeGuardServer, guard: Gua
     await guard.aclose()
 
 
+def test_bad_stream_window_sizes_fail_when_the_engine_is_built(guard: Guard) -> None:
+    with pytest.raises(ValueError, match=r"stream_first_chunk_chars must be an integer of at least 1 .*got 0"):
+        GuardedQueryEngine(stream_engine(), guard, stream_first_chunk_chars=0)
+    with pytest.raises(ValueError, match="stream_chunk_chars must be an integer of at least 1, got -5"):
+        GuardedQueryEngine(stream_engine(), guard, stream_chunk_chars=-5)
+
+
 @pytest.mark.parametrize("first", [50, None])
 async def test_stream_first_window_is_small_by_default(
     server: FakeGuardServer, guard: Guard, first: int | None

@@ -285,7 +285,7 @@ def test_arguments_are_validated() -> None:
         _moderator(ScriptedGuard(), max_pending=0)
     with pytest.raises(ValueError, match="chunk_chars"):
         _moderator(ScriptedGuard(), chunk_chars=0)
-    with pytest.raises(ValueError, match="first_chunk_chars must be at least 1"):
+    with pytest.raises(ValueError, match=r"^first_chunk_chars must be an integer of at least 1 .*got 0"):
         _moderator(ScriptedGuard(), first_chunk_chars=0)
 
 
