@@ -365,14 +365,6 @@ def _fake_server(argv: list[str]) -> int:
 # ===================================================================== doctor
 
 
-def _redact_url(url: str) -> str:
-    """The URL without user:password@ credentials."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        rest = rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
-
-
 def _line(ok: str, title: str, detail: str) -> None:
     print(f"{ok} {title}: {detail}", flush=True)
 
@@ -388,7 +380,7 @@ def _doctor(args: argparse.Namespace) -> int:
     except FlexGuardError as exc:
         _err(f"flexguard doctor: {exc}")
         return EXIT_ERROR
-    print(f"flexguard doctor: {_redact_url(transport.base_url)}", flush=True)
+    print(f"flexguard doctor: {transport.base_url}", flush=True)  # credentials are removed from it
 
     def deadline() -> float:
         return time.monotonic() + timeout

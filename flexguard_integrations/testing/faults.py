@@ -21,6 +21,8 @@ Fault kinds (the names also used by ``add_rule(fault=...)`` and ``fail_next(faul
 - ``empty``: 200 with an empty body
 - ``bad_shape``: 200 JSON that is not a completion (``{"result": "ok"}``)
 - ``slow``: sleep 0.5 s, then answer normally
+- ``trickle``: the normal answer, its headers at once and its body one byte every 0.2 s (a read timeout that
+  restarts at every byte never fires: only a total deadline ends the check)
 """
 
 from __future__ import annotations

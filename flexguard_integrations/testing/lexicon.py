@@ -106,6 +106,7 @@ FAULT_NAMES: frozenset[str] = frozenset(
         "empty",
         "bad_shape",
         "slow",
+        "trickle",
     }
 )
 

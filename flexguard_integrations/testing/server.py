@@ -62,8 +62,8 @@ Faults
 ------
 ``FaultPlan`` probabilities (drawn from ``random.Random(seed)``: deterministic), per-rule ``fault=``, and
 ``fail_next(n, fault)`` (highest precedence). Kinds: 503 (``Retry-After`` when ``retry_after`` is set), 502, 504,
-hang, reset, malformed, truncated, 400_overflow, 401, html, empty, bad_shape, slow; plus ``latency``. See
-``faults.py``. Faults and latency only touch the two model endpoints.
+hang, reset, malformed, truncated, 400_overflow, 401, html, empty, bad_shape, slow, trickle; plus ``latency``.
+See ``faults.py``. Faults and latency only touch the two model endpoints.
 
 The server is a raw ``asyncio.Protocol`` HTTP/1.1 implementation (keep-alive, pipelining, ``Content-Length`` and
 chunked request bodies) running its event loop in a daemon thread: several thousand requests per second on one
@@ -101,6 +101,8 @@ _MAX_HEADER = 64 * 1024
 _MAX_BODY = 64 * 1024 * 1024
 _MAX_LOGPROBS = 20
 _SLOW_SECONDS = 0.5
+_TRICKLE_SECONDS = 0.2
+"""The ``trickle`` fault: the headers at once, then the body one byte per this many seconds."""
 _LABEL_SCORES = {"Safe": 3, "Controversial": 50, "Unsafe": 90}
 
 _REASONS = {
@@ -208,13 +210,15 @@ class _HttpError(Exception):
 class _Reply:
     """What to send: ``data`` (None = reset the connection) after ``delay`` seconds (None = never)."""
 
-    __slots__ = ("close", "data", "delay", "status")
+    __slots__ = ("close", "data", "delay", "status", "trickle")
 
     def __init__(self, status: int, data: bytes | None, delay: float | None = 0.0, close: bool = False) -> None:
         self.status = status
         self.data = data
         self.delay = delay
         self.close = close
+        self.trickle = 0.0
+        """Seconds between the body's bytes (0: all at once); the headers always go at once."""
 
 
 class _Request:
@@ -364,7 +368,7 @@ class _Connection(asyncio.Protocol):
                     ),
                     close=not keep_alive,
                 )
-            if reply.delay == 0.0:
+            if reply.delay == 0.0 and not reply.trickle:
                 self._send(reply)
             else:
                 self._busy = True
@@ -401,6 +405,8 @@ class _Connection(asyncio.Protocol):
                 await asyncio.get_running_loop().create_future()
             elif reply.delay > 0:
                 await asyncio.sleep(reply.delay)
+            if reply.trickle and reply.data is not None and not self._closed and self._transport is not None:
+                await self._trickle(reply)
         except asyncio.CancelledError:
             return
         self._task = None
@@ -408,6 +414,21 @@ class _Connection(asyncio.Protocol):
         self._send(reply)
         if not self._closed:
             self._process()
+
+    async def _trickle(self, reply: _Reply) -> None:
+        """Write the headers at once, then the body one byte per ``reply.trickle`` seconds, all but the last
+        byte, which :meth:`_send` writes (and counts)."""
+        data, transport = reply.data, self._transport
+        assert data is not None and transport is not None
+        start = data.find(b"\r\n\r\n") + 4
+        transport.write(data[:start])
+        for i in range(start, len(data) - 1):
+            await asyncio.sleep(reply.trickle)
+            if self._closed:
+                return
+            transport.write(data[i : i + 1])
+        await asyncio.sleep(reply.trickle)
+        reply.data = data[max(start, len(data) - 1) :]
 
 
 @dataclass(frozen=True)
@@ -1016,8 +1037,12 @@ class FakeGuardServer:
         self._record(req, obj, mods[0], family, fault)
         if fault is not None:
             self._incr(f"fault_{fault}")
+        trickle = 0.0
         if fault == "slow":
             delay += _SLOW_SECONDS
+            fault = None
+        elif fault == "trickle":
+            trickle = _TRICKLE_SECONDS
             fault = None
         if fault == "hang":
             hang = self._faults.hang_seconds
@@ -1034,6 +1059,7 @@ class FakeGuardServer:
         except _HttpError as err:
             reply = self._error(req, err)
         reply.delay = delay
+        reply.trickle = trickle
         return reply
 
     def _fault_reply(self, req: _Request, fault: str | None, rendered: list[str]) -> _Reply | None:

@@ -61,7 +61,8 @@ class AiohttpTransport(HTTPTransport):
         entry = self._sessions.get(loop)
         if entry is None or entry[0].closed:
             prune_closed_loops(self._sessions)
-            connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=self._verify, keepalive_timeout=30.0)
+            # the SSL context the httpx pools use too: the same CA store for acheck() and check()
+            connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=self._ssl_context(), keepalive_timeout=30.0)
             session = aiohttp.ClientSession(headers=self._headers, connector=connector, trust_env=False)
             entry = (session, close_at_loop_shutdown(session.close))
             self._sessions[loop] = entry

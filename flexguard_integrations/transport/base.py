@@ -298,6 +298,30 @@ def env_proxy_for(url: str) -> str | None:
     return proxies.get(parts.scheme) or proxies.get("all")
 
 
+def redact_url(url: str) -> str:
+    """``url`` without ``user:password@`` credentials (for reprs, logs and messages)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if sep and "@" in netloc:
+        netloc = netloc.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{netloc}{slash}{path}"
+
+
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """(``url`` without ``user:password@``, a ``Basic`` authorization value for them or None)."""
+    import base64
+    from urllib.parse import unquote
+
+    _, sep, rest = url.partition("://")
+    netloc = rest.partition("/")[0]
+    if not sep or "@" not in netloc:
+        return url, None
+    userinfo = netloc.rsplit("@", 1)[0]
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    return redact_url(url), f"Basic {token}"
+
+
 def normalise_base_url(base_url: str) -> tuple[str, str]:
     """(API base ending in /v1, server root). Accepts ``http://host:8000``, ``.../v1`` or ``.../v1/``."""
     from ..errors import ConfigurationError

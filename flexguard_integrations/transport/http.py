@@ -15,11 +15,12 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
+import httpcore
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 
 from .. import __version__
-from ..errors import GuardConnectionError, GuardTimeoutError, GuardTransportError
+from ..errors import ConfigurationError, GuardConnectionError, GuardTimeoutError, GuardTransportError
 from .base import (
     RetryPolicy,
     close_at_loop_shutdown,
@@ -30,6 +31,7 @@ from .base import (
     normalise_base_url,
     prune_closed_loops,
     remaining,
+    split_credentials,
     ssl_verify,
 )
 
@@ -41,6 +43,8 @@ request start and end, so a request costs more the bigger the pool: one pool of 
 of what 16 pools of 4 do (docs/performance.md). The transport splits ``concurrency`` connections over
 pools of at most this many and sends each request to the least busy one."""
 _JSON = {"content-type": "application/json", "accept": "application/json"}
+_DEADLINE = threading.local()
+"""The deadline (``time.monotonic()``) of the blocking request this thread is sending, if any."""
 
 
 def _map_httpx_error(exc: httpx.HTTPError, what: str) -> GuardTransportError:
@@ -54,7 +58,9 @@ def _map_httpx_error(exc: httpx.HTTPError, what: str) -> GuardTransportError:
 class HTTPTransport:
     """OpenAI-compatible HTTP transport for vLLM, SGLang or a router in front of them.
 
-    ``api_key`` is sent as a Bearer header and never appears in a repr or a log. ``verify`` takes a bool,
+    ``api_key`` is sent as a Bearer header and never appears in a repr or a log; so are ``user:password@``
+    credentials in ``base_url``, which become a Basic authorization header (on both the async and the
+    blocking path) and are removed from the URL. ``verify`` takes a bool,
     a CA bundle path (file or directory) or an ``ssl.SSLContext``. ``headers`` are added to every request
     (gateway auth, a tenant header...). With ``trust_env`` the proxy the environment gives for the server
     (``HTTP(S)_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY``) is resolved once, here, and ``SSL_CERT_FILE`` /
@@ -81,12 +87,20 @@ class HTTPTransport:
         trust_env: bool = True,
         connect_timeout: float = 5.0,
     ) -> None:
+        base_url, basic = split_credentials(base_url)
+        if basic is not None and (api_key or any(k.lower() == "authorization" for k in headers or {})):
+            raise ConfigurationError(
+                "base_url carries user:password credentials and api_key or an authorization header is set too: "
+                "give one of them"
+            )
         self.base_url, self.root_url = normalise_base_url(base_url)
         self.retry = retry or RetryPolicy()
         self.concurrency = max(1, int(concurrency))
         self._headers = {"user-agent": f"flexguard-integrations/{__version__}", **_JSON, **(headers or {})}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
+        elif basic is not None:
+            self._headers["authorization"] = basic
         self._request_headers = httpx.Headers(self._headers)
         self._verify = ssl_verify(verify)
         self._ssl: ssl.SSLContext | None = None
@@ -107,7 +121,7 @@ class HTTPTransport:
         )  # each loop's pools; their keeper closes them when the loop shuts down (close_at_loop_shutdown)
 
     def __repr__(self) -> str:
-        auth = ", api_key=***" if "authorization" in self._headers else ""
+        auth = ", auth=***" if "authorization" in self._headers else ""
         return f"HTTPTransport({self.base_url!r}{auth}, concurrency={self.concurrency})"
 
     # ----------------------------------------------------------------- connection pools and requests
@@ -133,7 +147,9 @@ class HTTPTransport:
             with self._sync_lock:
                 if self._sync is None:
                     options = self._pool_options()
-                    self._sync = _Pools([httpx.HTTPTransport(**options) for _ in range(self._shard_count)])
+                    self._sync = _Pools(
+                        [_bound_by_deadline(httpx.HTTPTransport(**options)) for _ in range(self._shard_count)]
+                    )
         return self._sync
 
     def _async_pools(self) -> _Pools[httpx.AsyncHTTPTransport]:
@@ -181,11 +197,15 @@ class HTTPTransport:
             pools.release(i)
         return resp
 
-    def _send(self, request: httpx.Request, what: str) -> httpx.Response:
-        """Blocking twin of :meth:`_asend`."""
+    def _send(self, request: httpx.Request, what: str, deadline: float) -> httpx.Response:
+        """Blocking twin of :meth:`_asend`. httpx's timeouts apply to each socket operation, so a server that
+        trickles its answer would outlast them; every socket operation of this request is bounded by what is
+        left of ``deadline`` instead (:class:`_DeadlineBackend`)."""
         pools = self._sync_pools()
         with pools.lock:
             i = pools.take()
+        outer = getattr(_DEADLINE, "value", None)
+        _DEADLINE.value = deadline
         try:
             resp = pools.pools[i].handle_request(request)
             try:
@@ -195,6 +215,7 @@ class HTTPTransport:
         except httpx.HTTPError as exc:
             raise _map_httpx_error(exc, what) from exc
         finally:
+            _DEADLINE.value = outer
             with pools.lock:
                 pools.release(i)
         return resp
@@ -278,7 +299,7 @@ class HTTPTransport:
         if remaining(deadline) <= 0:
             raise GuardTimeoutError("guard check deadline passed before the request was sent")
         target = self._chat if url == self._chat_url else url
-        resp = self._send(self._request("POST", target, deadline, payload, headers), "a check")
+        resp = self._send(self._request("POST", target, deadline, payload, headers), "a check", deadline)
         if resp.status_code != 200:
             raise error_from_response(resp.status_code, resp.headers, resp.content)
         return decode_completion(resp.content, resp.headers.get("content-type"))
@@ -303,16 +324,16 @@ class HTTPTransport:
         return retrying(self._post, self._chat_url, payload, deadline, headers)
 
     def models(self, *, deadline: float) -> list[dict[str, Any]]:
-        return _models_from(self._send(self._request("GET", self._models_url, deadline), "GET /v1/models"))
+        return _models_from(self._send(self._request("GET", self._models_url, deadline), "GET /v1/models", deadline))
 
     def get(self, path: str, *, deadline: float) -> httpx.Response:
         """GET a path under the server root (``/health``...); used by diagnostics."""
-        return self._send(self._request("GET", self.root_url + path, deadline), f"GET {path}")
+        return self._send(self._request("GET", self.root_url + path, deadline), f"GET {path}", deadline)
 
     def post_json(self, path: str, body: Mapping[str, Any], *, deadline: float) -> httpx.Response:
         """POST JSON to a path under the server root (``/tokenize``); used by diagnostics."""
         request = self._request("POST", self.root_url + path, deadline, encode_body(body))
-        return self._send(request, f"POST {path}")
+        return self._send(request, f"POST {path}", deadline)
 
     def close(self) -> None:
         with self._sync_lock:
@@ -374,3 +395,88 @@ def _models_from(resp: httpx.Response) -> list[dict[str, Any]]:
         raise GuardResponseError("GET /v1/models did not answer JSON") from None
     items = data.get("data") if isinstance(data, dict) else None
     return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
+
+
+def _left(timeout: float | None, expired: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left of this thread's request deadline; ``expired`` raised when none is left."""
+    deadline: float | None = getattr(_DEADLINE, "value", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise expired("the guard check's deadline passed during the request")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A blocking socket stream whose every read and write ends by the request's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        tls = self._stream.start_tls(ssl_context, server_hostname, _left(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(tls)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's blocking network backend with every connection's socket operations bounded by the deadline
+    of the request that uses them (a connection outlives requests: the bound is read at each operation)."""
+
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._backend.connect_tcp(
+            host, port, _left(timeout, httpcore.ConnectTimeout), local_address, socket_options
+        )
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.NetworkStream:
+        stream = self._backend.connect_unix_socket(path, _left(timeout, httpcore.ConnectTimeout), socket_options)
+        return _DeadlineStream(stream)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _bound_by_deadline(transport: httpx.HTTPTransport) -> httpx.HTTPTransport:
+    """Give a blocking httpx transport's connection pool the :class:`_DeadlineBackend`.
+
+    httpx does not take a network backend, so it is set on the pool it built (httpcore's ``ConnectionPool`` and
+    its proxy subclasses keep it as ``_network_backend`` and hand it to every connection they open). If a future
+    httpcore moves it, a check's deadline is no longer bounded on the blocking path: that is an error here,
+    not a silent downgrade.
+    """
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if not isinstance(backend, httpcore.NetworkBackend):
+        raise GuardTransportError(
+            f"httpcore {httpcore.__version__} keeps no _network_backend on its pool: the blocking transport "
+            "cannot bound a check by its deadline"
+        )
+    pool._network_backend = _DeadlineBackend(backend)  # type: ignore[union-attr]
+    return transport

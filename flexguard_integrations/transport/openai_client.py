@@ -1,14 +1,19 @@
 """A transport over a user's own ``openai`` client, for teams that already configure one (extra ``openai``).
 
 Slower than the default httpx transport (the SDK adds about 0.8 ms per call, reference/performance.md
-§5) but it reuses the client's base URL, key, proxies and hooks. The SDK's own retries apply (its
-``max_retries``); each attempt is bounded by what is left of the check's deadline.
+§5) but it reuses the client's base URL, key, proxies and hooks. The transport sends through copies of the
+clients with the SDK's own retries off and retries itself with the Guard's :class:`RetryPolicy`, so retries,
+``Retry-After`` waits and backoff all fit in the check's one deadline; each attempt gets what is left of it as
+its timeout. The SDK's timeouts apply to each socket operation: a server that trickles its answer byte by byte
+can hold a blocking ``check()`` past its deadline on this transport (``acheck()`` is bounded by the Guard).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from ..errors import (
     ConfigurationError,
@@ -16,7 +21,9 @@ from ..errors import (
     GuardTimeoutError,
     GuardTransportError,
 )
-from .base import check_completion_shape, error_from_response, remaining
+from .base import RetryPolicy, check_completion_shape, error_from_response, redact_url, remaining
+
+T = TypeVar("T")
 
 
 def _map_openai_error(exc: Exception) -> GuardTransportError:
@@ -35,7 +42,7 @@ def _map_openai_error(exc: Exception) -> GuardTransportError:
 class OpenAITransport:
     """Send guard requests through ``openai.OpenAI`` (sync) and/or ``openai.AsyncOpenAI`` (async)."""
 
-    def __init__(self, client: Any = None, async_client: Any = None) -> None:
+    def __init__(self, client: Any = None, async_client: Any = None, *, retry: RetryPolicy | None = None) -> None:
         try:
             import openai
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -56,12 +63,45 @@ class OpenAITransport:
                 )
         if sync is None and aclient is None:
             raise ConfigurationError("OpenAITransport needs an openai.OpenAI or openai.AsyncOpenAI client")
-        self._sync = sync
-        self._async = aclient
+        # copies sharing the user's connection pools, with the SDK's retries off: ours fit in the deadline
+        self._sync = sync.with_options(max_retries=0) if sync is not None else None
+        self._async = aclient.with_options(max_retries=0) if aclient is not None else None
+        self.retry = retry or RetryPolicy()
 
     def __repr__(self) -> str:
         client = self._async or self._sync
-        return f"OpenAITransport({str(getattr(client, 'base_url', '?'))!r})"
+        return f"OpenAITransport({redact_url(str(getattr(client, 'base_url', '?')))!r})"
+
+    def _next_wait(self, exc: GuardTransportError, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before retrying after failed attempt ``attempt`` (1-based), or None: give up."""
+        if not exc.retryable or attempt > self.retry.max_retries:
+            return None
+        delay = self.retry.wait(attempt, exc)
+        return delay if remaining(deadline) > delay + 0.005 else None
+
+    def _retrying(self, send: Callable[[], T], deadline: float) -> T:
+        attempt = 1
+        while True:
+            try:
+                return send()
+            except GuardTransportError as exc:
+                delay = self._next_wait(exc, attempt, deadline)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            attempt += 1
+
+    async def _aretrying(self, send: Callable[[], Awaitable[T]], deadline: float) -> T:
+        attempt = 1
+        while True:
+            try:
+                return await send()
+            except GuardTransportError as exc:
+                delay = self._next_wait(exc, attempt, deadline)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
 
     @staticmethod
     def _kwargs(body: Mapping[str, Any], deadline: float, headers: Mapping[str, str] | None) -> dict[str, Any]:
@@ -82,26 +122,36 @@ class OpenAITransport:
     ) -> dict[str, Any]:
         if self._async is None:
             raise ConfigurationError("acheck() needs an openai.AsyncOpenAI client; pass one to from_openai_client")
-        if remaining(deadline) <= 0:
-            raise GuardTimeoutError("guard check deadline passed before the request was sent")
-        try:
-            result = await self._async.chat.completions.create(**self._kwargs(body, deadline, headers))
-        except Exception as exc:
-            raise _map_openai_error(exc) from exc
-        return self._dump(result)
+        client = self._async
+
+        async def send() -> dict[str, Any]:
+            if remaining(deadline) <= 0:
+                raise GuardTimeoutError("guard check deadline passed before the request was sent")
+            try:
+                result = await client.chat.completions.create(**self._kwargs(body, deadline, headers))
+            except Exception as exc:
+                raise _map_openai_error(exc) from exc
+            return self._dump(result)
+
+        return await self._aretrying(send, deadline)
 
     def complete(
         self, body: Mapping[str, Any], *, deadline: float, headers: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
         if self._sync is None:
             raise ConfigurationError("check() needs an openai.OpenAI client; pass one to from_openai_client")
-        if remaining(deadline) <= 0:
-            raise GuardTimeoutError("guard check deadline passed before the request was sent")
-        try:
-            result = self._sync.chat.completions.create(**self._kwargs(body, deadline, headers))
-        except Exception as exc:
-            raise _map_openai_error(exc) from exc
-        return self._dump(result)
+        client = self._sync
+
+        def send() -> dict[str, Any]:
+            if remaining(deadline) <= 0:
+                raise GuardTimeoutError("guard check deadline passed before the request was sent")
+            try:
+                result = client.chat.completions.create(**self._kwargs(body, deadline, headers))
+            except Exception as exc:
+                raise _map_openai_error(exc) from exc
+            return self._dump(result)
+
+        return self._retrying(send, deadline)
 
     async def amodels(self, *, deadline: float) -> list[dict[str, Any]]:
         if self._async is None:

@@ -102,3 +102,19 @@ def test_unreadable_ca_bundle_is_a_configuration_error(tmp_path: Path) -> None:
     bad.write_text("not a certificate\n")
     with pytest.raises(ConfigurationError, match=r"bad\.pem.*not a readable PEM CA bundle"):
         Guard.from_endpoint("https://127.0.0.1:9/v1", QWEN, verify=str(bad))
+
+
+@pytest.mark.parametrize("trust_env", [True, False])
+async def test_async_and_blocking_paths_trust_the_same_ca_store(
+    tls_server: FakeGuardServer, ca_file: Path, monkeypatch: pytest.MonkeyPatch, trust_env: bool
+) -> None:
+    # the throwaway CA is known only through SSL_CERT_FILE, which counts only with trust_env; aiohttp's own
+    # default context read it (and the system store) whatever trust_env said, the httpx path did not
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    async with Guard.from_endpoint(
+        tls_server.base_url, QWEN, cache=False, transport="aiohttp", trust_env=trust_env, max_retries=0, timeout=5
+    ) as guard:
+        async_decision = await guard.acheck("What is a nice name for a goldfish?")
+        blocking_decision = guard.check("What is a nice name for a goldfish?")
+    assert (async_decision.verdict.error is None) is trust_env
+    assert (blocking_decision.verdict.error is None) is trust_env
