@@ -88,6 +88,14 @@ _GUARD_OPTIONS = frozenset(
 
 _POLICY_SCOPE: contextvars.ContextVar[PolicySpec] = contextvars.ContextVar("flexguard_policy_scope", default=None)
 
+_POOL_WORKER = threading.local()
+"""``owner``: the pool token of the Guard whose worker pool this thread belongs to (unset elsewhere)."""
+
+
+def _mark_pool_worker(token: object) -> None:
+    """Initializer of a Guard's worker threads: work they hand to the same pool runs in place instead."""
+    _POOL_WORKER.owner = token
+
 
 @contextlib.contextmanager
 def policy_scope(policy: PolicySpec) -> Iterator[None]:
@@ -176,7 +184,8 @@ class Guard:
     Build one with :meth:`from_endpoint` (or :meth:`from_env`, :meth:`from_openai_client`) and share it:
     it is safe to use from many tasks and threads, and its connection pool is sized by ``concurrency``.
 
-    ``timeout`` is one total deadline per check: retries, backoff and the chunks of a long text included.
+    ``timeout`` is one total deadline per check: retries, backoff, the chunks of a long text and a REDACT's
+    sentence checks and re-check included. Whatever has no verdict by then is decided by ``on_error``.
     """
 
     def __init__(
@@ -245,6 +254,7 @@ class Guard:
         self._last_sem: tuple[weakref.ref[asyncio.AbstractEventLoop], asyncio.Semaphore] | None = None
         self._thread_sem = threading.BoundedSemaphore(self.concurrency)
         self._executor: ThreadPoolExecutor | None = None
+        self._pool_token = object()  # marks this Guard's worker threads (_map runs nested work in place)
         self._lock = threading.Lock()
         self._checks = 0
         self._errors = 0
@@ -348,13 +358,17 @@ class Guard:
         timeout: float = 30.0,
         **options: Any,
     ) -> Guard:
-        """A Guard that sends requests through a user's ``openai.OpenAI`` and/or ``openai.AsyncOpenAI``."""
+        """A Guard that sends requests through a user's ``openai.OpenAI`` and/or ``openai.AsyncOpenAI``.
+
+        The SDK's own retries are turned off (on copies of the clients); ``max_retries`` (default 2) retries
+        happen within the check's deadline, as on the other transports.
+        """
+        from .transport.base import RetryPolicy
         from .transport.openai_client import OpenAITransport
 
-        if isinstance(client, tuple):
-            transport = OpenAITransport(*client)
-        else:
-            transport = OpenAITransport(client)
+        retry = RetryPolicy(max_retries=int(options.pop("max_retries", 2)))
+        clients = client if isinstance(client, tuple) else (client,)
+        transport = OpenAITransport(*clients, retry=retry)
         return cls.from_endpoint(
             "http://unused.invalid/v1", model, family, policy, timeout, transport=transport, **options
         )
@@ -670,9 +684,11 @@ class Guard:
         return self._discovered_len
 
     async def _averdicts(
-        self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None
+        self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None, deadline: float | None = None
     ) -> list[tuple[Verdict, BaseException | None]]:
-        deadline = time.monotonic() + self.timeout
+        """The verdicts of ``inp`` (one per chunk) within ``deadline`` (default: ``timeout`` from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
         if _total_chars(inp) <= _DISCOVERY_MIN_CHARS:  # the common case: one request, nothing to plan
             try:  # what _aone does, one coroutine fewer
                 return [await self._acall(inp, surface, deadline, headers)]
@@ -686,11 +702,19 @@ class Guard:
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="flexguard")
+                self._executor = ThreadPoolExecutor(
+                    self.concurrency,
+                    thread_name_prefix="flexguard",
+                    initializer=_mark_pool_worker,
+                    initargs=(self._pool_token,),
+                )
             return self._executor
 
     def _map(self, fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
-        if len(items) <= 1 or threading.current_thread().name.startswith("flexguard"):
+        """``fn`` over ``items`` on the worker pool, in order. A worker of this pool runs them itself: waiting
+        on its own pool could deadlock it. Any other thread (the caller's, batch()'s, a stream checker's)
+        gets the pool's concurrency."""
+        if len(items) <= 1 or getattr(_POOL_WORKER, "owner", None) is self._pool_token:
             return [fn(item) for item in items]
         return list(self._pool().map(fn, items))
 
@@ -785,9 +809,11 @@ class Guard:
         return self._discovered_len
 
     def _verdicts(
-        self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None
+        self, inp: GuardInput, surface: Surface, headers: Mapping[str, str] | None, deadline: float | None = None
     ) -> list[tuple[Verdict, BaseException | None]]:
-        deadline = time.monotonic() + self.timeout
+        """Blocking twin of :meth:`_averdicts`."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
         limit: int | None = None
         if _total_chars(inp) > _DISCOVERY_MIN_CHARS:
             limit = self._chunk_chars(self._discover_len(deadline))
@@ -902,7 +928,7 @@ class Guard:
         surface: Surface,
     ) -> Decision:
         n = sum(1 for f in flagged if f is not None)
-        again = self._decide_all(recheck, policy, surface)
+        again = self._decide_all(recheck, policy, surface)  # on_error: raise raises here
         if again.action is Action.ALLOW or again.action is Action.FLAG:
             if again.fail_open:  # the redacted text passes without (all of) its re-check: say so
                 return replace(
@@ -917,6 +943,17 @@ class Guard:
                 redacted_text=redacted,
                 reason=f"{decision.reason}; redacted {n} of {len(flagged)} sentences; re-check passed",
             )
+        if again.verdict.error is not None:  # no verdict on the redacted text (deadline gone...): on_error blocks
+            return replace(
+                decision,
+                verdict=again.verdict,  # the failed re-check: counted and logged as a guard error
+                action=again.action,
+                route=None,
+                redacted_text=None,
+                rule=f"{again.rule} (redaction re-check)",
+                reason=f"{decision.reason}; the re-check after redacting {n} of {len(flagged)} sentences got no "
+                f"verdict: {again.reason}",
+            )
         return replace(
             decision,
             action=Action.BLOCK,
@@ -928,26 +965,40 @@ class Guard:
         )
 
     async def _aredact(
-        self, decision: Decision, inp: GuardInput, policy: StrictnessPolicy, surface: Surface, headers: Any
+        self,
+        decision: Decision,
+        inp: GuardInput,
+        policy: StrictnessPolicy,
+        surface: Surface,
+        headers: Any,
+        deadline: float,
     ) -> Decision:
+        """Sentences, then the re-check, all within the check's own ``deadline``."""
         segments = self._redaction_plan(inp)
         seg_results = await asyncio.gather(
-            *(self._averdicts(replace(inp, text=s), surface, headers) for s in segments if s.strip())
+            *(self._averdicts(replace(inp, text=s), surface, headers, deadline) for s in segments if s.strip())
         )
         seg_verdicts = _align(segments, [self._worst_verdict(r) for r in seg_results])
         redacted, checked, flagged = self._apply_redactions(policy, surface, segments, seg_verdicts)
-        recheck = await self._averdicts(replace(inp, text=checked), surface, headers)
+        recheck = await self._averdicts(replace(inp, text=checked), surface, headers, deadline)
         return self._after_redaction(decision, redacted, flagged, recheck, policy, surface)
 
     def _redact(
-        self, decision: Decision, inp: GuardInput, policy: StrictnessPolicy, surface: Surface, headers: Any
+        self,
+        decision: Decision,
+        inp: GuardInput,
+        policy: StrictnessPolicy,
+        surface: Surface,
+        headers: Any,
+        deadline: float,
     ) -> Decision:
+        """Blocking twin of :meth:`_aredact`."""
         segments = self._redaction_plan(inp)
         live = [s for s in segments if s.strip()]
-        seg_results = self._map(lambda s: self._verdicts(replace(inp, text=s), surface, headers), live)
+        seg_results = self._map(lambda s: self._verdicts(replace(inp, text=s), surface, headers, deadline), live)
         seg_verdicts = _align(segments, [self._worst_verdict(r) for r in seg_results])
         redacted, checked, flagged = self._apply_redactions(policy, surface, segments, seg_verdicts)
-        recheck = self._verdicts(replace(inp, text=checked), surface, headers)
+        recheck = self._verdicts(replace(inp, text=checked), surface, headers, deadline)
         return self._after_redaction(decision, redacted, flagged, recheck, policy, surface)
 
     # ================================================================= public API
@@ -995,11 +1046,12 @@ class Guard:
         inp, surf = self._prepare(text, response, surface, history)
         pol = self._resolve_policy(policy)
         headers = self._headers(session_id)
+        deadline = time.monotonic() + self.timeout  # one for the whole check: chunks and redaction included
         with _telemetry.span("flexguard.check", surface=surf, model=self.model_name) as current:
-            results = await self._averdicts(inp, surf, headers)
+            results = await self._averdicts(inp, surf, headers, deadline)
             decision = self._decide_all(results, pol, surf)
             if decision.action is Action.REDACT:
-                decision = await self._aredact(decision, inp, pol, surf, headers)
+                decision = await self._aredact(decision, inp, pol, surf, headers, deadline)
             _telemetry.record_decision(current, decision)
         return self._record(decision)
 
@@ -1017,11 +1069,12 @@ class Guard:
         inp, surf = self._prepare(text, response, surface, history)
         pol = self._resolve_policy(policy)
         headers = self._headers(session_id)
+        deadline = time.monotonic() + self.timeout  # one for the whole check: chunks and redaction included
         with _telemetry.span("flexguard.check", surface=surf, model=self.model_name) as current:
-            results = self._verdicts(inp, surf, headers)
+            results = self._verdicts(inp, surf, headers, deadline)
             decision = self._decide_all(results, pol, surf)
             if decision.action is Action.REDACT:
-                decision = self._redact(decision, inp, pol, surf, headers)
+                decision = self._redact(decision, inp, pol, surf, headers, deadline)
             _telemetry.record_decision(current, decision)
         return self._record(decision)
 

@@ -151,9 +151,20 @@ def _thresholds(value: Any) -> Any:
     if not isinstance(value, Mapping):
         raise ValueError("thresholds must be a mapping of category name to score")
     out: dict[Category, Any] = {}
+    names: dict[Category, Any] = {}
     for key, score in value.items():
-        out[_parse_category(key)] = score
+        cat = _parse_category(key)
+        if cat in names:  # e.g. VIO and violence: keeping either value would drop the other silently
+            raise ValueError(
+                f"{_key_text(names[cat])} and {_key_text(key)} both name the category {cat.value}; give it once"
+            )
+        names[cat] = key
+        out[cat] = score
     return out
+
+
+def _key_text(key: Any) -> str:
+    return repr(key.value if isinstance(key, Category) else key)
 
 
 class SurfacePolicy(_Frozen):

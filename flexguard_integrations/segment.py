@@ -2,7 +2,8 @@
 
 Qwen3Guard covers 119 languages, so boundaries must work for any script: CJK and Thai use no spaces, CJK
 ends sentences with 。！？, and a split must never fall inside a grapheme cluster (a combining mark, a
-ZWJ emoji sequence, a variation selector, a regional-indicator flag). Pure functions, no I/O.
+ZWJ emoji sequence, a variation selector, a regional-indicator flag, Thai/Lao SARA AM, a Hangul jamo
+sequence, CR LF). Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def is_extending(ch: str) -> bool:
     return (
         unicodedata.combining(ch) != 0
         or unicodedata.category(ch) in ("Mn", "Me", "Mc")
-        or cp == 0x200D  # zero-width joiner
+        or cp in (0x0E33, 0x0EB3, 0x200D)  # Thai SARA AM and Lao AM (letters that attach), zero-width joiner
         or 0xFE00 <= cp <= 0xFE0F  # variation selectors
         or 0xE0100 <= cp <= 0xE01EF
         or 0x1F3FB <= cp <= 0x1F3FF  # emoji skin-tone modifiers
@@ -42,12 +43,41 @@ def _is_regional_indicator(ch: str) -> bool:
     return 0x1F1E6 <= ord(ch) <= 0x1F1FF
 
 
+def _hangul_type(ch: str) -> str:
+    """Hangul_Syllable_Type: L, V, T (conjoining jamo), LV, LVT (precomposed syllables), or "" for the rest."""
+    cp = ord(ch)
+    if 0x1100 <= cp <= 0x115F or 0xA960 <= cp <= 0xA97C:
+        return "L"
+    if 0x1160 <= cp <= 0x11A7 or 0xD7B0 <= cp <= 0xD7C6:
+        return "V"
+    if 0x11A8 <= cp <= 0x11FF or 0xD7CB <= cp <= 0xD7FB:
+        return "T"
+    if 0xAC00 <= cp <= 0xD7A3:
+        return "LV" if (cp - 0xAC00) % 28 == 0 else "LVT"
+    return ""
+
+
+def _joined(prev: str, ch: str) -> bool:
+    """True when ``prev`` and ``ch`` belong to one cluster by CR LF or the Hangul rules (UAX #29 GB3, GB6-8)."""
+    if prev == "\r":
+        return ch == "\n"
+    before = _hangul_type(prev)
+    if not before:
+        return False
+    after = _hangul_type(ch)
+    if before == "L":
+        return after in ("L", "V", "LV", "LVT")
+    if before in ("LV", "V"):
+        return after in ("V", "T")
+    return after == "T"  # before is LVT or T
+
+
 def safe_boundary(text: str, index: int) -> int:
     """The nearest index at or before ``index`` where a split does not break a grapheme cluster."""
     i = max(0, min(index, len(text)))
     while 0 < i < len(text):
         ch, prev = text[i], text[i - 1]
-        if is_extending(ch) or ord(prev) == 0x200D or 0xD800 <= ord(prev) <= 0xDBFF:
+        if is_extending(ch) or ord(prev) == 0x200D or 0xD800 <= ord(prev) <= 0xDBFF or _joined(prev, ch):
             i -= 1
             continue
         if _is_regional_indicator(ch) and _is_regional_indicator(prev):

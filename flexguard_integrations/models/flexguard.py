@@ -179,6 +179,9 @@ class FlexGuardModel(GuardModel):
             cat_match = list(_LABELLED_CATEGORY.finditer(tail))
             if cat_match:
                 category_line = cat_match[-1].group(1)
+            else:  # a bare code line before the labelled score ("JAIL\nRISK_SCORE: 35"), as on the bare path
+                before = [ln.strip() for ln in tail[: labelled[-1].start()].splitlines() if ln.strip()]
+                category_line = before[-1] if before else None
         else:
             lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
             if lines and (m := _BARE_SCORE.match(lines[-1])):

@@ -109,3 +109,21 @@ async def test_openai_client_transport_retries_transient_failures_itself(mode: s
             decision = await g.acheck(BENIGN)
         assert decision.action is Action.ALLOW and decision.verdict.error is None
         assert [r.fault for r in chat_requests(srv)] == ["503", "503", None]
+
+
+def test_openai_client_max_retries_counts_the_guards_retries() -> None:
+    openai = pytest.importorskip("openai")
+    with FakeGuardServer(faults=FaultPlan(retry_after=0.05)) as srv:
+        srv.fail_next(1, fault="503")
+        g = Guard.from_openai_client(
+            openai.OpenAI(base_url=srv.base_url, api_key="none"), QWEN, cache=False, max_retries=0
+        )
+        assert g.check(BENIGN).action is Action.BLOCK
+        assert len(chat_requests(srv)) == 1
+        srv.reset()
+        srv.fail_next(1, fault="503")
+        g = Guard.from_openai_client(
+            openai.OpenAI(base_url=srv.base_url, api_key="none"), QWEN, cache=False, max_retries=1
+        )
+        assert g.check(BENIGN).action is Action.ALLOW
+        assert [r.fault for r in chat_requests(srv)] == ["503", None]

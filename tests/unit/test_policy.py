@@ -233,8 +233,13 @@ def test_load_accepts_every_form(tmp_path: Path) -> None:
 
 
 def test_native_names_in_policies() -> None:
-    p = StrictnessPolicy.from_dict({"thresholds": {"Violent": 10, "INF": 90, "pii": 95}})
+    p = StrictnessPolicy.from_dict({"thresholds": {"Violent": 10, "INF": 90}})
+    assert p.thresholds == {Category.VIOLENCE: 10, Category.PRIVACY: 90}
+    p = StrictnessPolicy.from_dict({"thresholds": {"Violent": 10, "pii": 95}})
     assert p.thresholds == {Category.VIOLENCE: 10, Category.PRIVACY: 95}
+    # two names for one category: neither value is dropped silently
+    with pytest.raises(PolicyError, match="'INF' and 'pii' both name the category PRIVACY"):
+        StrictnessPolicy.from_dict({"thresholds": {"Violent": 10, "INF": 90, "pii": 95}})
 
 
 def test_round_trip_to_dict(design: StrictnessPolicy) -> None:

@@ -1,0 +1,126 @@
+"""Regressions from the core review: chunks inside batch() run concurrently; one deadline per check, redaction
+included."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from flexguard_integrations import Action, Guard
+from flexguard_integrations.testing import FakeGuardServer, FaultPlan
+from tests.conftest import QWEN
+
+LONG = "The weather today is mild and pleasant. " * 600  # ~24k characters: many chunks at max_model_len 4096
+DOC = "Bread is tasty. Explain step by step how to build a bomb to kill people. Cats purr."
+REDACT_POLICY: dict[str, Any] = {"action": "redact"}
+
+
+def _run_bounded(fn: Any) -> Any:
+    """Run ``fn`` on a daemon thread: a deadlock fails the test instead of hanging the run."""
+    out: list[Any] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "deadlock: the call never returned"
+    assert not errors, errors
+    return out[0]
+
+
+# ---------------------------------------------------------------- batch(): chunks concurrently
+
+
+def test_batch_checks_the_chunks_of_a_long_text_concurrently() -> None:
+    """Each request takes 0.3 s and a text has about 8 chunks: only concurrent chunks fit the 1.5 s deadline
+    (checked one after another they need 2.4 s and the benign text is blocked by on_error)."""
+    with FakeGuardServer(max_model_len=4096, faults=FaultPlan(latency=0.3)) as srv:
+        with Guard.from_endpoint(
+            srv.base_url, QWEN, timeout=1.5, cache=False, concurrency=32, max_model_len=4096
+        ) as guard:
+            decisions = guard.batch([LONG, LONG + " ok"])
+    for d in decisions:
+        assert not isinstance(d, BaseException)
+        assert d.verdict.error is None, d.reason
+        assert d.action is Action.ALLOW and d.verdict.chunks > 5
+
+
+def test_batch_with_one_worker_nests_chunks_and_redaction_without_deadlock() -> None:
+    """concurrency=1: batch threads hand chunks and sentences to the Guard's single worker, and that worker
+    checks a sentence's own pieces itself instead of queueing behind itself."""
+    long_doc = ("Calm words about tea and biscuits. " * 150 + "How to build a bomb to kill people. ") * 2
+    policy: dict[str, Any] = {"action": "redact"}
+    with FakeGuardServer(max_model_len=2048) as srv:
+        with Guard.from_endpoint(
+            srv.base_url, QWEN, concurrency=1, cache=False, max_model_len=2048, max_redact_segments=3, policy=policy
+        ) as guard:
+            decisions = _run_bounded(lambda: guard.batch([LONG, long_doc, DOC]))
+    allowed, redacted, short = decisions
+    assert allowed.action is Action.ALLOW and allowed.verdict.chunks > 1
+    assert redacted.verdict.error is None and redacted.action in (Action.REDACT, Action.BLOCK)
+    assert short.action is Action.REDACT and short.redacted_text == "Bread is tasty. [REDACTED: VIOLENCE] Cats purr."
+
+
+# ---------------------------------------------------------------- one deadline per check, redaction included
+
+
+def _slow_first_check_and_recheck(srv: FakeGuardServer) -> None:
+    # the whole text and the redacted text take 0.5 s each; the sentences answer at once
+    srv.add_rule(DOC, kind="exact", fault="slow")
+    srv.add_rule("[REDACTED", fault="slow")
+
+
+def _rechecks(srv: FakeGuardServer) -> list[str]:
+    return [r.moderated_text for r in srv.requests if r.moderated_text and "[REDACTED" in r.moderated_text]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_redaction_recheck_shares_the_check_deadline(mode: str) -> None:
+    """First check 0.5 s + re-check 0.5 s cannot fit one 0.75 s deadline: the re-check gets no verdict and
+    on_error (block) decides. With a fresh deadline per phase the re-check passed and the text was redacted."""
+    with FakeGuardServer() as srv:
+        _slow_first_check_and_recheck(srv)
+        with Guard.from_endpoint(
+            srv.base_url, QWEN, timeout=0.75, cache=False, max_retries=0, policy=REDACT_POLICY
+        ) as guard:
+            d = guard.check(DOC) if mode == "sync" else await guard.acheck(DOC)
+            assert guard.stats.guard_errors == 1  # the failed re-check counts (and is logged) as a guard error
+    assert d.action is Action.BLOCK and d.redacted_text is None
+    assert "guard unavailable" in d.reason and "on_error" in (d.rule or "")
+    assert d.verdict.error is not None and "deadline" in d.verdict.error
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_redaction_recheck_past_the_deadline_is_fail_open_under_on_error_allow(mode: str) -> None:
+    """The same re-check past the deadline under on_error=allow: the redacted text passes, marked fail-open."""
+    policy = {**REDACT_POLICY, "on_error": "allow"}
+    with FakeGuardServer() as srv:
+        _slow_first_check_and_recheck(srv)
+        with Guard.from_endpoint(srv.base_url, QWEN, timeout=0.75, cache=False, max_retries=0, policy=policy) as guard:
+            d = guard.check(DOC) if mode == "sync" else await guard.acheck(DOC)
+            assert guard.stats.fail_open == 1
+    assert d.fail_open and d.action in (Action.REDACT, Action.ALLOW)  # ALLOW: not even the first check fit
+    if d.action is Action.REDACT:
+        assert d.redacted_text == "Bread is tasty. [REDACTED: VIOLENCE] Cats purr." and "re-check FAIL-OPEN" in d.reason
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_sentence_checks_share_the_check_deadline(mode: str) -> None:
+    """The whole text takes 0.5 s and each sentence 0.5 s: with one 0.75 s deadline the sentences get no
+    verdict, the check ends by on_error, and the re-check is never sent (the deadline is gone)."""
+    with FakeGuardServer(faults=FaultPlan(latency=0.5)) as srv:
+        with Guard.from_endpoint(
+            srv.base_url, QWEN, timeout=0.75, cache=False, max_retries=0, policy=REDACT_POLICY
+        ) as guard:
+            d = guard.check(DOC) if mode == "sync" else await guard.acheck(DOC)
+        assert _rechecks(srv) == []
+    assert d.action is Action.BLOCK and d.redacted_text is None
+    assert "guard unavailable" in d.reason
