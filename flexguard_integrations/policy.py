@@ -13,6 +13,7 @@ How a decision is made (DESIGN.md, "The strictness policy"):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -388,7 +389,7 @@ class StrictnessPolicy(_Frozen):
         except OSError as exc:
             raise PolicyError(f"cannot read policy file {str(path)!r}: {exc}") from exc
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -422,3 +423,30 @@ class StrictnessPolicy(_Frozen):
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that :meth:`from_dict` reads back to an equal policy."""
         return self.model_dump(mode="json", exclude_defaults=True)
+
+
+@functools.cache
+def _unique_key_loader() -> type[Any]:
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    value silently: ``VIO: 30`` then ``VIO: 60`` would drop a threshold without a word)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # "<<": merged keys may be overridden
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        line = first.setdefault(key, key_node.start_mark.line)
+                    except TypeError:  # an unhashable key: the base constructor reports it
+                        continue
+                    if line != key_node.start_mark.line:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice (first at line {line + 1})", key_node.start_mark
+                        )
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader

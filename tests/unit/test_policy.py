@@ -207,6 +207,24 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
         StrictnessPolicy.from_yaml(path)
 
 
+def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path: Path) -> None:
+    # PyYAML alone keeps the last value: the first threshold would vanish without a word
+    path = tmp_path / "twice.yaml"
+    path.write_text("preset: moderate\nthresholds:\n  VIO: 30\n  SEX: 61\n  VIO: 60\n", encoding="utf-8")
+    with pytest.raises(PolicyError, match=r"twice\.yaml.*line 5.*'VIO' is given twice \(first at line 3\)"):
+        StrictnessPolicy.load(path)
+    path.write_text("preset: strict\non_error: allow\npreset: loose\n", encoding="utf-8")
+    with pytest.raises(PolicyError, match="'preset' is given twice"):
+        StrictnessPolicy.load(path)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("surfaces:\n  tool_call: &base {preset: strict}\n  prompt:\n    <<: *base\n    preset: loose\n")
+    policy = StrictnessPolicy.load(path)
+    assert policy.surfaces[Surface.PROMPT].preset == "loose"
+
+
 def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- strict\n- loose\n")
