@@ -9,7 +9,10 @@
 BLOCK on the input answers with the refusal and ends the run; a blocked tool call is never executed (the
 agent receives a ``ToolMessage(status="error")``); a blocked response is replaced (same message id).
 REDACT replaces content in place (same id). REROUTE to ``human_review`` raises a LangGraph interrupt
-carrying the decision (needs a checkpointer); other route names call ``route_handlers[name]``.
+carrying the decision (needs a checkpointer); other route names call ``route_handlers[name]``. A rerouted
+response is never put back in the visible messages; a rerouted tool result is routed in ``before_model``.
+A structured answer (``response_format``) is checked on the response surface; when it does not pass,
+``structured_response`` is cleared.
 Both sync and async hooks are implemented, and ``can_jump_to`` is declared (an undeclared ``jump_to`` is
 silently ignored by LangChain).
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import json
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -107,6 +111,18 @@ class _Plan:
     update: dict[str, Any] = field(default_factory=dict)  # replacements by id and other keys (a Command)
 
 
+@dataclass
+class _Answer:
+    """A model node's response as the held-output check sees it."""
+
+    response: Any  # the ModelResponse (ids given to the answer's messages)
+    last: AIMessage | None = None  # its last AIMessage (None: nothing to check)
+    trailing: list[ToolMessage] = field(default_factory=list)  # ToolMessages answering a structured call
+    tasks: list[tuple[str, Surface, str]] = field(default_factory=list)
+    prompt: str = " "
+    structured: bool = False  # the response carries a structured answer (response_format)
+
+
 class GuardMiddleware(AgentMiddleware):
     """Agent middleware that checks prompts, responses, tool calls and tool results with a Guard.
 
@@ -129,10 +145,11 @@ class GuardMiddleware(AgentMiddleware):
     the model node (on resume LangGraph runs the whole node again, model call included): the node writes a
     placeholder ``AIMessage`` (``HELD_FOR_REVIEW``, no tool calls), keeps the response in the private state
     key ``flexguard_held_output``, and ``after_model`` resolves the route on it: approval puts the response
-    back in place of the placeholder, rejection writes the refusal, a handler's update is applied with the
-    response put back. ``after_model`` does not check again what the node checked; it still checks an
-    ``AIMessage`` the node did not see (written by another node, or by a middleware listed before this one
-    that answered without calling the model).
+    back in place of the placeholder (with a structured answer's ToolMessage and ``structured_response``),
+    rejection writes the refusal, a handler's update is applied without the response (its messages, or the
+    refusal, take its place; the handler gets the response in ``state``). ``after_model`` does not check
+    again what the node checked; it still checks an ``AIMessage`` the node did not see (written by another
+    node, or by a middleware listed before this one that answered without calling the model).
 
     ``speculative_input=True`` checks the input (the new user message, surface ``prompt``, and the unchecked
     tool results, ``tool_result``: the same checks ``before_model`` makes) **while the model runs**, in
@@ -211,6 +228,7 @@ class GuardMiddleware(AgentMiddleware):
         self._held_checked: OrderedDict[str, None] = OrderedDict()
         self._call_decisions: OrderedDict[str, Decision] = OrderedDict()
         self._checked_results: OrderedDict[str, None] = OrderedDict()
+        self._result_decisions: OrderedDict[str, Decision] = OrderedDict()  # rerouted in the tool node
 
     @property
     def name(self) -> str:
@@ -257,19 +275,26 @@ class GuardMiddleware(AgentMiddleware):
                 tasks.append((msg, Surface.TOOL_RESULT, text))
         return tasks
 
-    def _output_tasks(self, messages: Sequence[BaseMessage]) -> tuple[AIMessage | None, list[tuple[str, Surface, str]]]:
-        last = messages[-1] if messages else None
-        if not isinstance(last, AIMessage):
-            return None, []
+    def _output_tasks(
+        self, messages: Sequence[BaseMessage]
+    ) -> tuple[AIMessage | None, list[ToolMessage], list[tuple[str, Surface, str]]]:
+        """(the last AIMessage, the ToolMessages after it that answer its calls, what to check).
+
+        The answered calls are structured answers (``ToolStrategy``): part of the response, not tool calls.
+        """
+        last, trailing = _last_answer(messages)
+        if last is None:
+            return None, [], []
         tasks: list[tuple[str, Surface, str]] = []
-        text = message_text(last)
+        text = _answer_text(last, trailing)
         if self.check_output and text.strip():
             tasks.append(("", Surface.RESPONSE, text))
+        answered = {m.tool_call_id for m in trailing}
         if self.check_tool_calls:
             for call in last.tool_calls:
-                if call.get("id"):
+                if call.get("id") and call["id"] not in answered:
                     tasks.append((str(call["id"]), Surface.TOOL_CALL, render_tool_call(call["name"], call["args"])))
-        return last, tasks
+        return last, trailing, tasks
 
     # ================================================================= outcomes
 
@@ -315,15 +340,18 @@ class GuardMiddleware(AgentMiddleware):
     ) -> dict[str, Any] | None:
         replaced: list[BaseMessage] = []
         for (msg, surface, text), raw_decision in zip(tasks, decisions, strict=True):
+            # an interrupt (human review) leaves the text unchecked: on resume it is decided again
+            decision, handled = self._resolve_route(raw_decision, text, surface.value, state)
             if isinstance(msg, ToolMessage):
                 self._remember(self._checked_results, _seen_key(msg.tool_call_id, text), None)
-            decision, handled = self._resolve_route(raw_decision, text, surface.value, state)
+                self._result_decisions.pop(_seen_key(msg.tool_call_id, text), None)
             if handled is not None:
                 update = dict(handled)
+                if surface is Surface.TOOL_RESULT:  # the handler took it over: the model does not read it
+                    content = self._fmt(self.tool_result_violation_message, decision)
+                    replaced.append(self._checked(msg.model_copy(update={"content": content, "status": "error"})))
                 if replaced:  # keep what was already redacted or withheld: the model must not read it
-                    extra = update.get("messages")
-                    more = [] if extra is None else list(extra) if isinstance(extra, list | tuple) else [extra]
-                    update["messages"] = [*replaced, *more]
+                    update["messages"] = [*replaced, *_as_list(update.get("messages"))]
                 return update
             if decision.action.passes:
                 continue
@@ -350,7 +378,17 @@ class GuardMiddleware(AgentMiddleware):
         last: AIMessage,
         tasks: list[tuple[str, Surface, str]],
         decisions: list[Decision],
+        trailing: Sequence[ToolMessage] = (),
+        structured: bool = False,
     ) -> dict[str, Any] | None:
+        """The update carrying out the response's decisions.
+
+        ``trailing``: the ToolMessages (in the state) answering a structured answer's tool call; ``structured``:
+        the response carries a structured answer. A structured answer that does not pass is the final answer:
+        ``structured_response`` is cleared, its ToolMessages removed, and the run ends (even with "replace").
+        """
+        for tm in trailing:  # framework answers to a checked structured call: not tool results to check again
+            self._checked(tm)
         update: dict[str, Any] | None = None
         for (call_id, surface, text), raw_decision in zip(tasks, decisions, strict=True):
             if surface is Surface.TOOL_CALL:
@@ -358,27 +396,69 @@ class GuardMiddleware(AgentMiddleware):
                 continue
             decision, handled = self._resolve_route(raw_decision, text, surface.value, state)
             if handled is not None:
-                return dict(handled)
+                return self._routed(handled, decision, last, [m.id for m in trailing if m.id], True, structured)
             if decision.action.passes:
                 continue
             if decision.action is Action.REDACT and decision.redacted_text is not None:
-                update = {"messages": [with_text(last, decision.redacted_text)]}
-                continue
+                if not structured:
+                    update = {"messages": [with_text(last, decision.redacted_text)]}
+                    continue
+                redacted = with_text(last, decision.redacted_text)
+                return self._withheld(redacted, decision, trailing, structured=True, end=True)
             if self.exit_behavior == "error":
                 raise GuardBlockedError(decision)
-            refusal = self._fmt(self.violation_message, decision)
-            replacement = last.model_copy(
-                update={
-                    "content": refusal,
-                    "tool_calls": [],
-                    "invalid_tool_calls": [],
-                    "response_metadata": {**last.response_metadata, "flexguard": decision.to_dict()},
-                }
-            )
-            result: dict[str, Any] = {"messages": [replacement]}
-            if self.exit_behavior == "end":
-                result["jump_to"] = "end"
-            return result
+            refused = last.model_copy(update={"content": self._fmt(self.violation_message, decision)})
+            return self._withheld(refused, decision, trailing, structured, end=self.exit_behavior == "end")
+        return update
+
+    @staticmethod
+    def _withheld(
+        message: BaseMessage, decision: Decision, trailing: Sequence[ToolMessage], structured: bool, end: bool
+    ) -> dict[str, Any]:
+        """``message`` (same id) without tool calls, in place of a response that did not pass."""
+        replacement = message.model_copy(
+            update={
+                "tool_calls": [],
+                "invalid_tool_calls": [],
+                "response_metadata": {**message.response_metadata, "flexguard": decision.to_dict()},
+            }
+        )
+        result: dict[str, Any] = {"messages": [replacement, *(RemoveMessage(id=m.id) for m in trailing if m.id)]}
+        if structured:
+            result["structured_response"] = None
+        if end or structured:
+            result["jump_to"] = "end"
+        return result
+
+    def _routed(
+        self,
+        handled: Mapping[str, Any],
+        decision: Decision,
+        original: AIMessage,
+        remove: Sequence[str],
+        in_state: bool,
+        structured: bool,
+    ) -> dict[str, Any]:
+        """A route handler's update for a response: the response is never put back in the visible messages.
+
+        The handler's messages take its place (``remove``: ids to drop, e.g. a placeholder; ``in_state``: the
+        response itself is in the state and is removed too); a handler that writes no message leaves the
+        refusal in its place (same id, no tool calls). A structured answer is cleared and the run ends unless
+        the handler says otherwise.
+        """
+        update = dict(handled)
+        more = _as_list(update.get("messages"))
+        drops: list[BaseMessage] = [RemoveMessage(id=i) for i in remove]
+        if more:
+            if in_state and original.id:
+                drops.insert(0, RemoveMessage(id=original.id))
+            update["messages"] = [*drops, *more]
+        else:
+            refused = original.model_copy(update={"content": self._fmt(self.violation_message, decision)})
+            update["messages"] = [*drops, *self._withheld(refused, decision, (), False, False)["messages"]]
+        if structured:
+            update.setdefault("structured_response", None)
+            update.setdefault("jump_to", "end")
         return update
 
     # ================================================================= model hooks
@@ -390,9 +470,11 @@ class GuardMiddleware(AgentMiddleware):
         tasks = self._input_tasks(state["messages"])
         if not tasks:
             return None
-        decisions = [self.guard.check(text, surface=surface, policy=self._policy) for _, surface, text in tasks]
-        for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
-            dispatch_verdict(decision, f"before_model:{surface.value}")
+        stored = self._stored(tasks)
+        decisions = self._check_inputs(tasks, self._policy, stored)
+        for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
+            if known is None:
+                dispatch_verdict(decision, f"before_model:{surface.value}")
         return self._before_update(state, tasks, decisions)
 
     @hook_config(can_jump_to=["end"])
@@ -402,13 +484,11 @@ class GuardMiddleware(AgentMiddleware):
         tasks = self._input_tasks(state["messages"])
         if not tasks:
             return None
-        decisions = list(
-            await asyncio.gather(
-                *(self.guard.acheck(text, surface=surface, policy=self._policy) for _, surface, text in tasks)
-            )
-        )
-        for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
-            await adispatch_verdict(decision, f"before_model:{surface.value}")
+        stored = self._stored(tasks)
+        decisions = await self._acheck_inputs(tasks, self._policy, stored)
+        for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
+            if known is None:
+                await adispatch_verdict(decision, f"before_model:{surface.value}")
         return self._before_update(state, tasks, decisions)
 
     @staticmethod
@@ -443,26 +523,31 @@ class GuardMiddleware(AgentMiddleware):
         """Resolve the route of a response the model node held (hold_output) and put the outcome in its place.
 
         Approved: the response replaces the placeholder. Rejected: the refusal does (as ``_after_update`` builds
-        it). A route handler: its update, with the response put back before the handler's messages.
+        it). A route handler: its update, the response not put back (see ``_routed``).
         """
         original = messages_from_dict([held["message"]])[0]
         if not isinstance(original, AIMessage):  # pragma: no cover - the node only holds AI messages
             raise TypeError(f"held message is not an AIMessage: {type(original).__name__}")
+        trailing = [m for m in messages_from_dict(list(held.get("trailing") or [])) if isinstance(m, ToolMessage)]
+        answer = held.get("structured")
+        structured = bool(trailing) or answer is not None
         decision = _decision_from_dict(held["decision"])
-        text = message_text(original)
+        text = _answer_text(original, trailing)
         restored = {**state, "messages": [*state["messages"][:-1], original]}
-        remove = RemoveMessage(id=str(held["placeholder"]))
+        placeholder = str(held["placeholder"])
         decision, handled = self._resolve_route(decision, text, Surface.RESPONSE.value, restored)
         if handled is not None:
-            update = dict(handled)
-            extra = update.get("messages")
-            more = [] if extra is None else list(extra) if isinstance(extra, list | tuple) else [extra]
-            update["messages"] = [remove, original, *more]
+            update = self._routed(handled, decision, original, [placeholder], False, structured)
         elif decision.action.passes:
-            update = {"messages": [remove, original]}
+            for tm in trailing:
+                self._checked(tm)
+            update = {"messages": [RemoveMessage(id=placeholder), original, *trailing]}
+            if answer is not None:
+                update["structured_response"] = answer
         else:
-            blocked = self._after_update(restored, original, [("", Surface.RESPONSE, text)], [decision]) or {}
-            update = {**blocked, "messages": [remove, *blocked.get("messages", [])]}
+            tasks = [("", Surface.RESPONSE, text)]
+            blocked = self._after_update(restored, original, tasks, [decision], (), structured) or {}
+            update = {**blocked, "messages": [RemoveMessage(id=placeholder), *blocked.get("messages", [])]}
         update[_HELD] = None
         return update
 
@@ -481,23 +566,25 @@ class GuardMiddleware(AgentMiddleware):
         ended, done = self._after_model_pending(state)
         if done:
             return ended
-        last, tasks = self._output_tasks(state["messages"])
+        last, trailing, tasks = self._output_tasks(state["messages"])
         if last is None or not tasks or self._held_seen(last):
             return ended  # nothing to check, or the model node checked it already (hold_output)
+        structured = bool(trailing) or state.get("structured_response") is not None
         prompt = last_human_text(state["messages"]) or " "
         decisions = [self.guard.check(prompt, response=text, surface=s, policy=self._policy) for _, s, text in tasks]
         for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
             dispatch_verdict(decision, f"after_model:{surface.value}")
-        return self._merge(self._after_update(state, last, tasks, decisions), ended)
+        return self._merge(self._after_update(state, last, tasks, decisions, trailing, structured), ended)
 
     @hook_config(can_jump_to=["end"])
     async def aafter_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         ended, done = self._after_model_pending(state)
         if done:
             return ended
-        last, tasks = self._output_tasks(state["messages"])
+        last, trailing, tasks = self._output_tasks(state["messages"])
         if last is None or not tasks or self._held_seen(last):
             return ended
+        structured = bool(trailing) or state.get("structured_response") is not None
         prompt = last_human_text(state["messages"]) or " "
         decisions = list(
             await asyncio.gather(
@@ -506,7 +593,7 @@ class GuardMiddleware(AgentMiddleware):
         )
         for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
             await adispatch_verdict(decision, f"after_model:{surface.value}")
-        return self._merge(self._after_update(state, last, tasks, decisions), ended)
+        return self._merge(self._after_update(state, last, tasks, decisions, trailing, structured), ended)
 
     # ================================================================= speculative input (wrap_model_call)
 
@@ -516,19 +603,39 @@ class GuardMiddleware(AgentMiddleware):
         state = request.state or {}
         return self._input_tasks(state.get("messages", []) if isinstance(state, Mapping) else [])
 
-    def _check_inputs(self, tasks: list[tuple[BaseMessage, Surface, str]], policy: Any) -> list[Decision]:
-        return [self.guard.check(text, surface=surface, policy=policy) for _, surface, text in tasks]
+    def _stored(self, tasks: list[tuple[BaseMessage, Surface, str]]) -> list[Decision | None]:
+        """The decisions the tool node left for a rerouted tool result (None: check the text)."""
+        return [
+            self._result_decisions.get(_seen_key(msg.tool_call_id, text)) if isinstance(msg, ToolMessage) else None
+            for msg, _, text in tasks
+        ]
 
-    async def _acheck_inputs(self, tasks: list[tuple[BaseMessage, Surface, str]], policy: Any) -> list[Decision]:
-        if len(tasks) == 1:
-            _, surface, text = tasks[0]
-            return [await self.guard.acheck(text, surface=surface, policy=policy)]
-        checks = [asyncio.ensure_future(self.guard.acheck(t, surface=s, policy=policy)) for _, s, t in tasks]
-        try:
-            return list(await asyncio.gather(*checks))
-        except BaseException:
-            await _cancel(*checks)  # gather does not cancel the others when one fails
-            raise
+    def _check_inputs(
+        self, tasks: list[tuple[BaseMessage, Surface, str]], policy: Any, stored: list[Decision | None]
+    ) -> list[Decision]:
+        return [
+            known or self.guard.check(text, surface=surface, policy=policy)
+            for known, (_, surface, text) in zip(stored, tasks, strict=True)
+        ]
+
+    async def _acheck_inputs(
+        self, tasks: list[tuple[BaseMessage, Surface, str]], policy: Any, stored: list[Decision | None]
+    ) -> list[Decision]:
+        fresh = [(i, s, t) for i, ((_, s, t), known) in enumerate(zip(tasks, stored, strict=True)) if known is None]
+        decisions: list[Decision | None] = list(stored)
+        if len(fresh) == 1:
+            i, surface, text = fresh[0]
+            decisions[i] = await self.guard.acheck(text, surface=surface, policy=policy)
+        elif fresh:
+            checks = [asyncio.ensure_future(self.guard.acheck(t, surface=s, policy=policy)) for _, s, t in fresh]
+            try:
+                answers = await asyncio.gather(*checks)
+            except BaseException:
+                await _cancel(*checks)  # gather does not cancel the others when one fails
+                raise
+            for (i, _, _), answer in zip(fresh, answers, strict=True):
+                decisions[i] = answer
+        return [d for d in decisions if d is not None]
 
     def _plan(self, request: Any, update: Mapping[str, Any]) -> _Plan:
         """Translate ``before_model``'s state update into what the model node can do with it.
@@ -600,33 +707,32 @@ class GuardMiddleware(AgentMiddleware):
             return False
         return decision.route == HUMAN_REVIEW or (decision.route or "") in self.route_handlers
 
-    def _hold_tasks(
-        self, request: Any, response: Any
-    ) -> tuple[Any, AIMessage | None, list[tuple[str, Surface, str]], str]:
-        """(the response as a ModelResponse, its last AIMessage with an id, what to check, the prompt)."""
+    def _hold_tasks(self, request: Any, response: Any) -> _Answer:
+        """The response as a ModelResponse, its answer (last AIMessage and the ToolMessages after it, with ids),
+        what to check and the prompt."""
         if isinstance(response, AIMessage):
             response = ModelResponse(result=[response])
         result = list(response.result)
-        last = result[-1] if result else None
-        if not isinstance(last, AIMessage):
-            return response, None, [], ""
-        if last.id is None:  # the marker and the memory of what was checked go by id
-            last = last.model_copy(update={"id": str(uuid.uuid4())})
-            response = ModelResponse(result=[*result[:-1], last], structured_response=response.structured_response)
-        _, tasks = self._output_tasks([last])
+        last, trailing = _last_answer(result)
+        if last is None:
+            return _Answer(response)
+        start = len(result) - len(trailing) - 1
+        if last.id is None or any(m.id is None for m in trailing):  # the marker, RemoveMessage, memory go by id
+            last = last if last.id is not None else last.model_copy(update={"id": str(uuid.uuid4())})
+            trailing = [m if m.id is not None else m.model_copy(update={"id": str(uuid.uuid4())}) for m in trailing]
+            result = [*result[:start], last, *trailing]
+            response = ModelResponse(result=result, structured_response=response.structured_response)
+        _, _, tasks = self._output_tasks([last, *trailing])
         state = request.state or {}
         history = list(state.get("messages", [])) if isinstance(state, Mapping) else []
-        return response, last, tasks, last_human_text([*history, *result]) or " "
+        structured = bool(trailing) or response.structured_response is not None
+        prompt = last_human_text([*history, *result]) or " "
+        return _Answer(response, last, trailing, tasks, prompt, structured)
 
-    def _hold_outcome(
-        self,
-        request: Any,
-        response: Any,
-        last: AIMessage,
-        tasks: list[tuple[str, Surface, str]],
-        decisions: list[Decision],
-    ) -> tuple[Any, dict[str, Any]]:
+    def _hold_outcome(self, request: Any, answer: _Answer, decisions: list[Decision]) -> tuple[Any, dict[str, Any]]:
         """Carry out the response's decisions in the model node: (the response to return, the state keys)."""
+        response, last, tasks = answer.response, answer.last, answer.tasks
+        assert last is not None
         said = next((d for (_, s, _), d in zip(tasks, decisions, strict=True) if s is Surface.RESPONSE), None)
         if said is not None and self._deferred(said):
             for (call_id, surface, text), decision in zip(tasks, decisions, strict=True):
@@ -635,45 +741,58 @@ class GuardMiddleware(AgentMiddleware):
             meta = {"flexguard": {"held": True, "action": said.action.value, "route": said.route}}
             placeholder = AIMessage(content=HELD_FOR_REVIEW, id=str(uuid.uuid4()), response_metadata=meta)
             self._remember_held(placeholder)
-            held = {"placeholder": placeholder.id, "message": message_to_dict(last), "decision": said.to_dict()}
-            return _with_last(response, placeholder), {_HELD: held}
-        update = self._after_update(request.state or {}, last, tasks, decisions)  # may raise GuardBlockedError
+            held: dict[str, Any] = {
+                "placeholder": placeholder.id,
+                "message": message_to_dict(last),
+                "decision": said.to_dict(),
+            }
+            if answer.trailing:
+                held["trailing"] = [message_to_dict(m) for m in answer.trailing]
+            if response.structured_response is not None:
+                held["structured"] = response.structured_response
+            start = len(response.result) - len(answer.trailing) - 1
+            return ModelResponse(result=[*response.result[:start], placeholder]), {_HELD: held}
+        state = request.state or {}
+        # may raise GuardBlockedError
+        update = self._after_update(state, last, tasks, decisions, answer.trailing, answer.structured)
         if update is None:
             self._remember_held(last)
             return response, {}
         written = update["messages"][0]
         self._remember_held(written)
-        extra = {_END_AFTER: written.id} if update.get("jump_to") == "end" else {}
-        return _with_last(response, written), extra
+        result = convert_to_messages(add_messages(list(response.result), update["messages"]))  # type: ignore[arg-type]
+        structured = None if "structured_response" in update else response.structured_response
+        extra = {_END_AFTER: result[-1].id} if update.get("jump_to") == "end" else {}
+        return ModelResponse(result=result, structured_response=structured), extra
 
     def _hold(self, request: Any, response: Any) -> tuple[Any, dict[str, Any]]:
         """Check the response of a hidden model call (hold_output); a pass is returned as it came."""
         if not self._holds:
             return response, {}
-        response, last, tasks, prompt = self._hold_tasks(request, response)
-        if last is None or not tasks:
-            return response, {}
-        policy = self._policy
-        decisions = [self.guard.check(prompt, response=text, surface=s, policy=policy) for _, s, text in tasks]
-        for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
+        answer = self._hold_tasks(request, response)
+        if answer.last is None or not answer.tasks:
+            return answer.response, {}
+        policy, prompt = self._policy, answer.prompt
+        decisions = [self.guard.check(prompt, response=text, surface=s, policy=policy) for _, s, text in answer.tasks]
+        for decision, (_, surface, _) in zip(decisions, answer.tasks, strict=True):
             dispatch_verdict(decision, f"after_model:{surface.value}")
-        return self._hold_outcome(request, response, last, tasks, decisions)
+        return self._hold_outcome(request, answer, decisions)
 
     async def _ahold(self, request: Any, response: Any) -> tuple[Any, dict[str, Any]]:
         if not self._holds:
             return response, {}
-        response, last, tasks, prompt = self._hold_tasks(request, response)
-        if last is None or not tasks:
-            return response, {}
-        policy = self._policy
+        answer = self._hold_tasks(request, response)
+        if answer.last is None or not answer.tasks:
+            return answer.response, {}
+        policy, prompt = self._policy, answer.prompt
         decisions = list(
             await asyncio.gather(
-                *(self.guard.acheck(prompt, response=text, surface=s, policy=policy) for _, s, text in tasks)
+                *(self.guard.acheck(prompt, response=text, surface=s, policy=policy) for _, s, text in answer.tasks)
             )
         )
-        for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
+        for decision, (_, surface, _) in zip(decisions, answer.tasks, strict=True):
             await adispatch_verdict(decision, f"after_model:{surface.value}")
-        return self._hold_outcome(request, response, last, tasks, decisions)
+        return self._hold_outcome(request, answer, decisions)
 
     def _call(self, handler: Callable[[Any], Any], request: Any) -> Any:
         """Call the model; hidden from stream_mode="messages" when its response is held for its check."""
@@ -701,14 +820,16 @@ class GuardMiddleware(AgentMiddleware):
         response: Any = None
         model_error: Exception | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="speculative-input-check") as pool:
-            check = pool.submit(contextvars.copy_context().run, self._check_inputs, tasks, policy)
+            stored = self._stored(tasks)
+            check = pool.submit(contextvars.copy_context().run, self._check_inputs, tasks, policy, stored)
             try:
                 response = contextvars.copy_context().run(_hidden_call, handler, request)
             except Exception as exc:  # the input's decision comes first: a blocked input ends the same way
                 model_error = exc
             decisions = check.result()  # shutdown(wait=True) on exit: the worker never outlives the call
-        for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
-            dispatch_verdict(decision, f"before_model:{surface.value}")
+        for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
+            if known is None:
+                dispatch_verdict(decision, f"before_model:{surface.value}")
         update = self._before_update(request.state, tasks, decisions)
         plan = None if update is None else self._plan(request, update)
         if plan is None or (not plan.end and plan.rerun is None):
@@ -732,9 +853,11 @@ class GuardMiddleware(AgentMiddleware):
         policy = self._policy
         model = asyncio.ensure_future(_ahidden_call(handler, request))
         try:
-            decisions = await self._acheck_inputs(tasks, policy)
-            for decision, (_, surface, _) in zip(decisions, tasks, strict=True):
-                await adispatch_verdict(decision, f"before_model:{surface.value}")
+            stored = self._stored(tasks)
+            decisions = await self._acheck_inputs(tasks, policy, stored)
+            for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
+                if known is None:
+                    await adispatch_verdict(decision, f"before_model:{surface.value}")
             update = self._before_update(request.state, tasks, decisions)  # may raise or interrupt
             plan = None if update is None else self._plan(request, update)
             if plan is None or (not plan.end and plan.rerun is None):
@@ -768,6 +891,16 @@ class GuardMiddleware(AgentMiddleware):
             content = handled["content"]
         # the agent will see this message as the tool's result: do not send it back to the guard
         return self._checked(tool_message_error(str(call["id"]), call.get("name"), content))
+
+    def _defer_result(self, result: ToolMessage, text: str, decision: Decision) -> ToolMessage:
+        """A tool result rerouted to human review or a route handler: its route runs in ``before_model``.
+
+        Not here: an interrupt in the tool node would run the tool again on resume, and a tool node cannot
+        jump. The result goes into the state unmarked, so ``before_model`` (or the speculative check in the
+        model node) takes it up before the model reads it, with this decision (no second guard call).
+        """
+        self._remember(self._result_decisions, _seen_key(result.tool_call_id, text), decision)
+        return result
 
     def _result_outcome(self, result: Any, decision: Decision) -> Any:
         if decision.action.passes:
@@ -806,6 +939,8 @@ class GuardMiddleware(AgentMiddleware):
             return result
         decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         dispatch_verdict(decision, "tool_result")
+        if self._deferred(decision):
+            return self._defer_result(result, text, decision)
         outcome = self._checked(self._result_outcome(result, decision))
         if outcome is not result:  # the original text was checked too (it may come back in a replay)
             self._checked(result)
@@ -833,6 +968,8 @@ class GuardMiddleware(AgentMiddleware):
             return result
         decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         await adispatch_verdict(decision, "tool_result")
+        if self._deferred(decision):
+            return self._defer_result(result, text, decision)
         outcome = self._checked(self._result_outcome(result, decision))
         if outcome is not result:  # the original text was checked too (it may come back in a replay)
             self._checked(result)
@@ -888,9 +1025,37 @@ def _response_text(msg: BaseMessage) -> str:
     return "\n".join([message_text(msg), *(f"{c.get('id')}:{render_tool_call(c['name'], c['args'])}" for c in calls)])
 
 
-def _with_last(response: Any, message: BaseMessage) -> Any:
-    """The ModelResponse with its last message replaced."""
-    return ModelResponse(result=[*response.result[:-1], message], structured_response=response.structured_response)
+def _last_answer(messages: Sequence[BaseMessage]) -> tuple[AIMessage | None, list[ToolMessage]]:
+    """The last AIMessage and the ToolMessages after it answering its tool calls (a model node writes them for a
+    ``ToolStrategy`` structured answer); (None, []) when the messages do not end that way."""
+    i = len(messages) - 1
+    while i >= 0 and isinstance(messages[i], ToolMessage):
+        i -= 1
+    last = messages[i] if i >= 0 else None
+    if not isinstance(last, AIMessage):
+        return None, []
+    trailing = [m for m in messages[i + 1 :] if isinstance(m, ToolMessage)]
+    ids = {c.get("id") for c in last.tool_calls}
+    if any(m.tool_call_id not in ids for m in trailing):
+        return None, []
+    return last, trailing
+
+
+def _answer_text(last: AIMessage, trailing: Sequence[ToolMessage]) -> str:
+    """What the response surface checks: the message text and the arguments of its structured-answer calls."""
+    answered = {m.tool_call_id for m in trailing}
+    parts = [message_text(last)]
+    for call in last.tool_calls:
+        if call.get("id") in answered:
+            parts.append(json.dumps(call["args"], ensure_ascii=False, sort_keys=True, default=str))
+    return "\n".join(p for p in parts if p.strip())
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A state update's ``messages`` value as a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _decision_from_dict(data: Mapping[str, Any]) -> Decision:

@@ -16,12 +16,13 @@ from typing import Any, Literal, get_origin
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk, convert_to_messages
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import ContextThreadPoolExecutor, patch_config
+from langgraph.pregel import Pregel
 from pydantic import ConfigDict, Field, model_validator
 
-from ..errors import GuardBlockedError
+from ..errors import ConfigurationError, GuardBlockedError, GuardInputError
 from ..guard import Guard, scoped_policy
 from ..streaming import StreamModerator, check_window_sizes
 from ..verdict import Action, Decision, Surface
@@ -36,6 +37,7 @@ from ._common import (
     policy_from_config,
     replace_input_text,
     replace_output_text,
+    with_text,
 )
 
 OnBlock = Literal["raise", "refuse"]
@@ -364,6 +366,75 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             raise GuardBlockedError(decision)
         return self._text_chunk(format_refusal(self.refusal, decision), sample, decision)
 
+    def _input_refusal_chunk(self, decision: Decision, input_value: Any) -> Any:
+        """The refusal a stream yields for a blocked input, as a chunk of the wrapped stream's type."""
+        if self.on_block == "raise":
+            raise GuardBlockedError(decision)
+        if _graph_of(self.bound) is not None:
+            text = format_refusal(self.refusal, decision)
+            answer = AIMessage(content=text, response_metadata={"flexguard": decision.to_dict()})
+            return {GUARD_NODE: {"messages": [answer]}}
+        refusal = self._refusal_value(decision, input_value)
+        if isinstance(refusal, AIMessage) and not isinstance(refusal, AIMessageChunk):
+            return AIMessageChunk(content=refusal.content, response_metadata=refusal.response_metadata)
+        return refusal
+
+    def _stream_redirect(self, result: _Redirect, value: Any, child: RunnableConfig) -> Iterator[Any]:
+        """A stream ended by an input decision: the route's own stream, else the refusal (or raise)."""
+        if result.route is not None:
+            yield from result.route.stream(value, child)
+        else:
+            yield self._input_refusal_chunk(result.decision, value)
+
+    async def _astream_redirect(self, result: _Redirect, value: Any, child: RunnableConfig) -> AsyncIterator[Any]:
+        """Async twin of :meth:`_stream_redirect`."""
+        if result.route is not None:
+            async for chunk in result.route.astream(value, child):
+                yield chunk
+        else:
+            yield self._input_refusal_chunk(result.decision, value)
+
+    def _output_moderator(self, prompt: str, policy: Any, sample: list[Any]) -> _OutputModerator | None:
+        if not self.check_output:
+            return None
+        graph = _graph_of(self.bound)
+        if graph is None:
+            return self._moderator(prompt, policy, sample)
+        if graph.stream_mode != "updates":
+            raise ConfigurationError(
+                f"guarded() streams a LangGraph graph only with stream_mode='updates' (this graph streams "
+                f"{graph.stream_mode!r}): set the graph's stream_mode, use invoke(), or guard the agent with "
+                "GuardMiddleware"
+            )
+        return _GraphUpdateModerator(self.guard, prompt, policy)
+
+    def _released(self, moderator: _OutputModerator | None, stream: Any, sample: list[Any]) -> Any:
+        if moderator is None:
+            return stream
+        if isinstance(moderator, _GraphUpdateModerator):
+            return moderator.moderate(stream)
+        return moderator.moderate(stream, self._sampler(sample))
+
+    def _areleased(self, moderator: _OutputModerator | None, stream: Any, sample: list[Any]) -> Any:
+        if moderator is None:
+            return stream
+        if isinstance(moderator, _GraphUpdateModerator):
+            return moderator.amoderate(stream)
+        return moderator.amoderate(stream, self._sampler(sample))
+
+    def _stopped_output(self, moderator: _OutputModerator, sample: list[Any]) -> tuple[Runnable[Any, Any] | None, Any]:
+        """After an output stop: (the route to stream, None) or (None, the refusal chunk); raises on "raise"."""
+        decision = moderator.stopped
+        assert decision is not None
+        route = self._route(decision) if decision.action is Action.REROUTE else None
+        if route is not None:
+            return route, None
+        if isinstance(moderator, _GraphUpdateModerator):
+            if self.on_block == "raise":
+                raise GuardBlockedError(decision)
+            return None, moderator.refusal_chunk(format_refusal(self.refusal, decision), decision)
+        return None, self._stop_chunk(decision, sample[0] if sample else None)
+
     def _stream(
         self, inputs: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig
     ) -> Iterator[Any]:
@@ -380,13 +451,14 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             dispatch_verdict(decision, "input", config)
             step, result = self._input_outcome(decision, value, config)
             if step == "done":
-                yield self._resolve(result, value, child)
+                yield from self._stream_redirect(result, value, child)
                 return
             run_value = result
-        yield from self._moderated(run_value, prompt, policy, child, config)
+        yield from self._moderated(value, run_value, prompt, policy, child, config)
 
     def _moderated(
         self,
+        value: Any,
         run_value: Any,
         prompt: str,
         policy: Any,
@@ -397,12 +469,13 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         """The wrapped stream, output-moderated when ``check_output``.
 
         ``gate`` (speculative input) is asked once, before anything is released or raised; when it says no,
-        the stream ends there, silently: the caller carries out the input decision.
+        the stream ends there, silently: the caller carries out the input decision. An output REROUTE with
+        a route streams ``route.stream(value)`` (the original input) after what was already released.
         """
         sample: list[Any] = []
-        moderator = self._moderator(prompt, policy, sample) if self.check_output else None
+        moderator = self._output_moderator(prompt, policy, sample)
         stream = self.bound.stream(run_value, child)
-        released = moderator.moderate(stream, self._sampler(sample)) if moderator is not None else stream
+        released = self._released(moderator, stream, sample)
         dispatched = 0
         try:
             for item in released:
@@ -432,7 +505,11 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             for decision in moderator.decisions[dispatched:]:
                 dispatch_verdict(decision, "stream", config)
             if moderator.stopped is not None:
-                yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
+                route, refusal = self._stopped_output(moderator, sample)
+                if route is not None:
+                    yield from route.stream(value, child)
+                else:
+                    yield refusal
 
     def _stream_parallel(
         self, value: Any, prompt: str, policy: Any, child: RunnableConfig, config: RunnableConfig
@@ -453,15 +530,15 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return False
 
         try:
-            yield from self._moderated(value, prompt, policy, child, config, gate)
+            yield from self._moderated(value, value, prompt, policy, child, config, gate)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         if outcome:
             step, result = outcome[0]
             if step == "done":
-                yield self._resolve(result, value, child)
+                yield from self._stream_redirect(result, value, child)
             else:  # redacted input: the speculative run was stale
-                yield from self._moderated(result, prompt, policy, child, config)
+                yield from self._moderated(value, result, prompt, policy, child, config)
 
     async def _astream(
         self, inputs: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
@@ -482,14 +559,16 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             await adispatch_verdict(decision, "input", config)
             step, result = self._input_outcome(decision, value, config)
             if step == "done":
-                yield await self._aresolve(result, value, child)
+                async for chunk in self._astream_redirect(result, value, child):
+                    yield chunk
                 return
             run_value = result
-        async for chunk in self._amoderated(run_value, prompt, policy, child, config):
+        async for chunk in self._amoderated(value, run_value, prompt, policy, child, config):
             yield chunk
 
     async def _amoderated(
         self,
+        value: Any,
         run_value: Any,
         prompt: str,
         policy: Any,
@@ -499,9 +578,9 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     ) -> AsyncIterator[Any]:
         """Async twin of :meth:`_moderated`."""
         sample: list[Any] = []
-        moderator = self._moderator(prompt, policy, sample) if self.check_output else None
+        moderator = self._output_moderator(prompt, policy, sample)
         stream = self.bound.astream(run_value, child)
-        released = moderator.amoderate(stream, self._sampler(sample)) if moderator is not None else stream
+        released = self._areleased(moderator, stream, sample)
         dispatched = 0
         try:
             async for item in released:
@@ -531,7 +610,12 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             for decision in moderator.decisions[dispatched:]:
                 await adispatch_verdict(decision, "stream", config)
             if moderator.stopped is not None:
-                yield self._stop_chunk(moderator.stopped, sample[0] if sample else None)
+                route, refusal = self._stopped_output(moderator, sample)
+                if route is not None:
+                    async for chunk in route.astream(value, child):
+                        yield chunk
+                else:
+                    yield refusal
 
     async def _astream_parallel(
         self, value: Any, prompt: str, policy: Any, child: RunnableConfig, config: RunnableConfig
@@ -553,7 +637,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return False
 
         try:
-            async for chunk in self._amoderated(value, prompt, policy, child, config, gate):
+            async for chunk in self._amoderated(value, value, prompt, policy, child, config, gate):
                 yield chunk
         finally:
             if not check.done():
@@ -562,9 +646,10 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         if outcome:
             step, result = outcome[0]
             if step == "done":
-                yield await self._aresolve(result, value, child)
+                async for chunk in self._astream_redirect(result, value, child):
+                    yield chunk
             else:  # redacted input: the speculative run was stale
-                async for chunk in self._amoderated(result, prompt, policy, child, config):
+                async for chunk in self._amoderated(value, result, prompt, policy, child, config):
                     yield chunk
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
@@ -593,6 +678,133 @@ class _Final:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+
+
+GUARD_NODE = "flexguard"
+"""The node name of the update a guarded graph stream yields when the input is refused."""
+
+
+def _graph_of(runnable: Runnable[Any, Any]) -> Pregel[Any, Any, Any, Any] | None:
+    """The LangGraph graph behind ``runnable`` (through ``with_config``/``bind`` wrappers), or None."""
+    while isinstance(runnable, RunnableBinding):
+        runnable = runnable.bound
+    return runnable if isinstance(runnable, Pregel) else None
+
+
+class _GraphUpdateModerator:
+    """Moderates a LangGraph ``stream_mode="updates"`` stream (``{node: {"messages": [...]}}`` chunks).
+
+    An update is released only after every AI message in it that carries text passed a response check
+    (a whole message at a time: updates are not token streams). REDACT replaces the message's text (same
+    id); any other decision stops the stream and closes the graph run (``stopped`` holds the decision).
+    """
+
+    def __init__(self, guard: Guard, prompt: str, policy: Any) -> None:
+        self.guard = guard
+        self.prompt = prompt or " "
+        self.policy = policy
+        self.decisions: list[Decision] = []
+        self.stopped: Decision | None = None
+        self._stop_at: tuple[str, Mapping[str, Any], int] | None = None
+
+    @staticmethod
+    def _messages(node: str, update: Any) -> list[BaseMessage] | None:
+        if not isinstance(update, Mapping) or "messages" not in update:
+            return None
+        raw = update["messages"]
+        try:
+            return convert_to_messages(raw if isinstance(raw, list | tuple) else [raw])
+        except Exception as exc:  # never release text that could not be read
+            raise GuardInputError(f"cannot read the messages of the update of graph node {node!r}: {exc}") from exc
+
+    def _pending(self, chunk: Any) -> list[tuple[str, int, str]]:
+        """(node, message index, text) of every AI message with text in an update chunk."""
+        if not isinstance(chunk, Mapping):
+            return []
+        found: list[tuple[str, int, str]] = []
+        for node, update in chunk.items():
+            for index, message in enumerate(self._messages(node, update) or []):
+                if isinstance(message, AIMessage) and message.text.strip():
+                    found.append((node, index, str(message.text)))
+        return found
+
+    def _edited(self, node: str, update: Mapping[str, Any], edits: Mapping[tuple[str, int], str]) -> dict[str, Any]:
+        messages = self._messages(node, update) or []
+        for (n, index), text in edits.items():
+            if n == node:
+                messages[index] = with_text(messages[index], text)
+        return {**update, "messages": messages}
+
+    def _apply(self, chunk: Any, checked: list[tuple[str, int, Decision]]) -> Any | None:
+        """The chunk to release (redactions applied), or None when a decision stops the stream."""
+        edits: dict[tuple[str, int], str] = {}
+        for node, index, decision in checked:
+            self.decisions.append(decision)
+            if decision.action.passes:
+                continue
+            if decision.action is Action.REDACT and decision.redacted_text is not None:
+                edits[(node, index)] = decision.redacted_text
+                continue
+            self.stopped = decision
+            self._stop_at = (node, self._edited(node, chunk[node], edits), index)
+            return None
+        if not edits:
+            return chunk
+        nodes = {node for node, _ in edits}
+        return {node: self._edited(node, u, edits) if node in nodes else u for node, u in chunk.items()}
+
+    def refusal_chunk(self, text: str, decision: Decision) -> dict[str, Any]:
+        """The stopped update, its blocked message replaced by the refusal (same id) and nothing after it."""
+        assert self._stop_at is not None
+        node, update, index = self._stop_at
+        messages = update["messages"]
+        blocked = messages[index]
+        refusal = replace_output_text(blocked, text).model_copy(
+            update={"response_metadata": {**blocked.response_metadata, "flexguard": decision.to_dict()}}
+        )
+        return {node: {**update, "messages": [*messages[:index], refusal]}}
+
+    def moderate(self, source: Iterator[Any]) -> Iterator[Any]:
+        try:
+            for chunk in source:
+                checked = [
+                    (
+                        node,
+                        index,
+                        self.guard.check(self.prompt, response=text, surface=Surface.RESPONSE, policy=self.policy),
+                    )
+                    for node, index, text in self._pending(chunk)
+                ]
+                released = self._apply(chunk, checked)
+                if released is None:
+                    return
+                yield released
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    async def amoderate(self, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for chunk in source:
+                pending = self._pending(chunk)
+                decisions = await asyncio.gather(
+                    *(
+                        self.guard.acheck(self.prompt, response=text, surface=Surface.RESPONSE, policy=self.policy)
+                        for _, _, text in pending
+                    )
+                )
+                released = self._apply(chunk, [(n, i, d) for (n, i, _), d in zip(pending, decisions, strict=True)])
+                if released is None:
+                    return
+                yield released
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+_OutputModerator = StreamModerator[Any] | _GraphUpdateModerator
 
 
 def _single(inputs: Iterator[Any]) -> Any:

@@ -18,7 +18,8 @@ from typing import Any
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict
+from pydantic import AliasChoices, AliasPath, ConfigDict
+from pydantic.fields import FieldInfo
 
 from ..guard import Guard, scoped_policy
 from ..verdict import Action, Decision, Surface
@@ -51,13 +52,22 @@ class GuardedTool(BaseTool):
         return None, input
 
     def _visible_args(self, args: Any) -> Any:
+        """The arguments without the injected ones (by name or alias); everything else is shown to the guard."""
         if not isinstance(args, Mapping):
             return args
+        hidden = self._injected_keys()
+        return {k: v for k, v in args.items() if k not in hidden}
+
+    def _injected_keys(self) -> set[str]:
+        """Names and aliases of the fields of the full args schema that the model does not see."""
         try:
-            visible = set(self.tool.tool_call_schema.model_fields)  # type: ignore[union-attr]
-        except Exception:  # a tool without a pydantic schema: show everything
-            return dict(args)
-        return {k: v for k, v in args.items() if k in visible}
+            full = self.tool.get_input_schema().model_fields  # type: ignore[union-attr]
+            model_facing = self.tool.tool_call_schema.model_fields  # type: ignore[union-attr]
+        except Exception:  # a tool without a pydantic schema: nothing is injected
+            return set()
+        facing = {key for name, info in model_facing.items() for key in _field_keys(name, info)}
+        injected = {key for name, info in full.items() if name not in model_facing for key in _field_keys(name, info)}
+        return injected - facing
 
     def _args_text(self, input: Any) -> str:
         _, args = self._split_input(input)
@@ -119,6 +129,21 @@ class GuardedTool(BaseTool):
     async def _arun(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("run_manager", None)
         return await self.ainvoke(kwargs if kwargs else (args[0] if args else ""))
+
+
+def _field_keys(name: str, info: FieldInfo) -> set[str]:
+    """The keys a pydantic field accepts: its name, its alias and its validation aliases."""
+    keys = {name}
+    if info.alias:
+        keys.add(info.alias)
+    aliases = info.validation_alias
+    choices = aliases.choices if isinstance(aliases, AliasChoices) else [aliases]
+    for choice in choices:
+        if isinstance(choice, str):
+            keys.add(choice)
+        elif isinstance(choice, AliasPath) and choice.path and isinstance(choice.path[0], str):
+            keys.add(choice.path[0])
+    return keys
 
 
 def _text_of(output: Any) -> str:

@@ -7,6 +7,7 @@ outputs, and retrieved documents, and dispatches a ``flexguard_verdict`` event f
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 from uuid import UUID
@@ -21,8 +22,8 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
-from langchain_core.tools import BaseTool, InjectedToolCallId, tool
-from pydantic import Field
+from langchain_core.tools import BaseTool, InjectedToolArg, InjectedToolCallId, StructuredTool, tool
+from pydantic import BaseModel, ConfigDict, Field
 
 from flexguard_integrations import Action, Guard, GuardBlockedError, Surface
 from flexguard_integrations.langchain import VERDICT_EVENT, GuardCallbackHandler, GuardedTool, guard_tool, guard_tools
@@ -360,3 +361,89 @@ def test_callbacks_with_switches_off(guard: Guard) -> None:
         {"q": HARMFUL}, config={"callbacks": [handler]}
     )
     assert "bomb" in out and handler.decisions == []
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+class AliasedArgs(BaseModel):
+    body: str = Field(alias="text")
+    channel: str = "general"
+
+
+def aliased_tool(ran: list[str]) -> BaseTool:
+    def post(body: str, channel: str = "general") -> str:
+        ran.append(body)
+        return "posted"
+
+    return StructuredTool.from_function(post, name="post_message", description="Post.", args_schema=AliasedArgs)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("key", ["text", "body"])
+async def test_guard_tool_shows_aliased_arguments_to_the_guard(server: FakeGuardServer, mode: str, key: str) -> None:
+    ran: list[str] = []
+    payload = {"type": "tool_call", "id": "p1", "name": "post_message", "args": {key: HARMFUL}}
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        wrapped = guard_tool(aliased_tool(ran), g)
+        out = wrapped.invoke(payload) if mode == "sync" else await wrapped.ainvoke(payload)
+    assert ran == [] and isinstance(out, ToolMessage) and out.status == "error"
+    assert server.requests[0].moderated_text == f'post_message({{"{key}": "{HARMFUL}"}})'
+
+
+def test_guard_tool_hides_injected_arguments_and_their_aliases(guard: Guard, server: FakeGuardServer) -> None:
+    """The other half of the alias fix: injected arguments stay hidden, under their name or their alias."""
+
+    class SendArgs(BaseModel):
+        model_config = ConfigDict(populate_by_name=True)
+        text: str
+        secret: Annotated[str, InjectedToolArg] = Field(alias="api_key")
+
+    def send(text: str, secret: str) -> str:
+        return f"sent {text}"
+
+    t = StructuredTool.from_function(send, name="send", description="Send.", args_schema=SendArgs)
+    wrapped = guard_tool(t, guard)
+    for key in ("api_key", "secret"):
+        out = wrapped.invoke({"type": "tool_call", "id": "s1", "name": "send", "args": {"text": "hi", key: "sk-1"}})
+        assert isinstance(out, ToolMessage) and out.text == "sent hi"
+    assert {r.moderated_text for r in server.requests if (r.moderated_text or "").startswith("send(")} == {
+        'send({"text": "hi"})'
+    }
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_callbacks_policy_per_call_on_a_chat_model_invoked_directly(server: FakeGuardServer, mode: str) -> None:
+    server.add_rule("greyzone", score=30, categories=["ILLEGAL"])
+    llm = fake_model("ok", "ok")
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        handler = GuardCallbackHandler(g)
+        config: Any = {"callbacks": [handler], "metadata": {"flexguard_policy": "strict"}}
+        call = llm.invoke if mode == "sync" else None
+        with pytest.raises(GuardBlockedError) as err:
+            await (
+                asyncio.to_thread(call, "greyzone question", config)
+                if call
+                else llm.ainvoke("greyzone question", config)
+            )
+    assert err.value.decision.policy == "strict" and llm.calls == []
+
+
+def test_callbacks_policy_per_call_on_a_tool_invoked_directly(guard: Guard, server: FakeGuardServer) -> None:
+    server.add_rule("greyzone", score=30, categories=["ILLEGAL"], mode="response")
+    tools = Tools()
+    handler = GuardCallbackHandler(guard)
+    assert tools.lookup.invoke({"query": "greyzone"}, config={"callbacks": [handler]}) == SAFE
+    strict: Any = {"callbacks": [handler], "metadata": {"flexguard_policy": "strict"}}
+    with pytest.raises(GuardBlockedError) as err:
+        tools.lookup.invoke({"query": "greyzone"}, config=strict)
+    assert err.value.decision.policy == "strict" and tools.ran == ["greyzone"]
+
+
+def test_callbacks_check_documents_once_behind_a_lambda(guard: Guard, server: FakeGuardServer) -> None:
+    handler, rec = GuardCallbackHandler(guard), Recorder()
+    chain = RunnableLambda(lambda x: x["q"]) | ListRetriever(docs=DOCS[:1])
+    outer = RunnableLambda(lambda x: x) | chain  # nested sequences return the same documents again
+    assert outer.invoke({"q": "paris"}, config={"callbacks": [handler, rec]}) == DOCS[:1]
+    assert len(handler.decisions) == 1 and len(server.requests) == 1
+    assert [(e["where"], e["action"]) for e in rec.events] == [("retriever_end", "allow")]
