@@ -1,6 +1,7 @@
 """``GuardedQueryEngine``: guard any query engine's question and answer.
 
-The query is checked first (surface ``prompt``): BLOCK answers with a refusal ``Response`` (or raises),
+The query is checked first (surface ``prompt``): BLOCK answers with a refusal (or raises) — a
+``Response``, or for an engine that streams a ``StreamingResponse`` / ``AsyncStreamingResponse`` yielding it,
 REROUTE sends it to ``fallback_engines[name]``, REDACT queries with the redacted text. The answer is then
 checked against the query (surface ``response``); every decision lands in ``response.metadata
 ["flexguard"]``. Streaming responses hold back text that has not been checked yet (as the LangChain
@@ -62,6 +63,7 @@ class GuardedQueryEngine(BaseQueryEngine):
         stream_chunk_chars: int = 200,
         stream_context_chars: int = 50,
         stream_first_chunk_chars: int | None = 50,
+        streaming: bool | None = None,
         callback_manager: CallbackManager | None = None,
     ) -> None:
         check_window_sizes(stream_chunk_chars, stream_first_chunk_chars, prefix="stream_")
@@ -76,6 +78,7 @@ class GuardedQueryEngine(BaseQueryEngine):
         self.stream_chunk_chars = stream_chunk_chars
         self.stream_context_chars = stream_context_chars
         self.stream_first_chunk_chars = stream_first_chunk_chars
+        self.streaming = streaming
         super().__init__(callback_manager or getattr(query_engine, "callback_manager", None))
 
     def _get_prompt_modules(self) -> dict[str, Any]:
@@ -113,12 +116,41 @@ class GuardedQueryEngine(BaseQueryEngine):
 
     # ----------------------------------------------------------------- decisions
 
+    @property
+    def streams(self) -> bool:
+        """Whether the wrapped engine answers with a stream: ``streaming=`` if given, else read from the engine.
+
+        Read from its response synthesizer (``as_query_engine(streaming=True)``), its own ``_streaming``
+        flag, or a wrapped GuardedQueryEngine; an engine that says nothing counts as not streaming.
+        """
+        if self.streaming is not None:
+            return self.streaming
+        return _engine_streams(self.query_engine)
+
     def _refuse(self, decision: Decision, decisions: dict[str, Any]) -> Response:
         if self.on_block == "raise":
             raise GuardBlockedError(decision)
         return Response(
             response=_refusal_text(self.refusal, decision), source_nodes=[], metadata={"flexguard": decisions}
         )
+
+    def _refuse_query(self, decision: Decision, decisions: dict[str, Any], *, is_async: bool) -> RESPONSE_TYPE:
+        """The refusal of a query, in the response type the wrapped engine answers with."""
+        refusal = self._refuse(decision, decisions)
+        if not self.streams:
+            return refusal
+        text = refusal.response or ""
+        if is_async:
+
+            async def agen() -> AsyncGenerator[str, None]:
+                yield text
+
+            return AsyncStreamingResponse(response_gen=agen(), source_nodes=[], metadata=refusal.metadata)
+
+        def gen() -> Generator[str, None, None]:
+            yield text
+
+        return StreamingResponse(response_gen=gen(), source_nodes=[], metadata=refusal.metadata)
 
     def _query_plan(self, bundle: QueryBundle, decision: Decision) -> tuple[str, Any]:
         """("run", bundle) to query, ("route", engine) for a fallback, or ("refuse", None)."""
@@ -181,7 +213,7 @@ class GuardedQueryEngine(BaseQueryEngine):
             decisions["query"] = decision.to_dict()
             step, target = self._query_plan(query_bundle, decision)
             if step == "refuse":
-                return self._refuse(decision, decisions)
+                return self._refuse_query(decision, decisions, is_async=False)
             if step == "route":
                 engine = target
             else:
@@ -226,7 +258,7 @@ class GuardedQueryEngine(BaseQueryEngine):
             decisions["query"] = decision.to_dict()
             step, target = self._query_plan(query_bundle, decision)
             if step == "refuse":
-                return self._refuse(decision, decisions)
+                return self._refuse_query(decision, decisions, is_async=True)
             if step == "route":
                 engine = target
             else:
@@ -264,6 +296,17 @@ class GuardedQueryEngine(BaseQueryEngine):
         return AsyncStreamingResponse(
             response_gen=gen(), source_nodes=response.source_nodes, metadata=_merged(response.metadata, decisions)
         )
+
+
+def _engine_streams(engine: Any) -> bool:
+    """True when ``engine`` is known to answer with a stream (see :attr:`GuardedQueryEngine.streams`)."""
+    if isinstance(engine, GuardedQueryEngine):
+        return engine.streams
+    for owner in (engine, getattr(engine, "_response_synthesizer", None)):
+        flag = getattr(owner, "_streaming", None)
+        if isinstance(flag, bool):
+            return flag
+    return False
 
 
 def _merged(metadata: dict[str, Any] | None, decisions: dict[str, Any]) -> dict[str, Any]:

@@ -277,7 +277,8 @@ def test_sync_call_blocks_and_checks_output(server: FakeGuardServer, guard: Guar
     box = Toolbox(page=INJECTION)
     delete, fetch = guard_tools(box.tools(), guard)
     blocked = delete(path="/")
-    assert blocked.is_error and blocked.content == TOOL_REFUSAL and blocked.raw_input == {"path": "/"}
+    assert blocked.is_error and blocked.content == TOOL_REFUSAL
+    assert blocked.raw_input == {"args": (), "kwargs": {"path": "/"}}  # FunctionTool's shape
     assert delete.call(path="/tmp").is_error
     assert box.ran == []
     out = fetch.call(url="x")
