@@ -671,13 +671,16 @@ class Guard:
         if self.max_model_len:
             return self.max_model_len
         if self._discovered_len is None:
+            until = min(deadline, time.monotonic() + 5.0)
             try:
-                models = await self.transport.amodels(deadline=min(deadline, time.monotonic() + 5.0))
+                # bounded here too: httpx's timeouts are per socket operation, so a trickling answer outlasts them
+                async with _timeout_cm(remaining(until)):
+                    models = await self.transport.amodels(deadline=until)
                 self._discovered_len = _pick_max_len(models, self.model_name)
-            except GuardTransportError as exc:
+            except (GuardTransportError, TimeoutError) as exc:
                 logger.info(
                     "could not read max_model_len from /v1/models (%s); assuming %d",
-                    exc,
+                    exc or "no answer before the check's deadline",
                     DEFAULT_MAX_MODEL_LEN,
                 )
                 self._discovered_len = DEFAULT_MAX_MODEL_LEN

@@ -428,25 +428,34 @@ class StrictnessPolicy(_Frozen):
 @functools.cache
 def _unique_key_loader() -> type[Any]:
     """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (PyYAML keeps the last
-    value silently: ``VIO: 30`` then ``VIO: 60`` would drop a threshold without a word)."""
+    value silently: ``VIO: 30`` then ``VIO: 60`` would drop a threshold without a word). Merge keys
+    (``<<: *anchor``) may still be overridden."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-            if isinstance(node, yaml.MappingNode):
-                first: dict[Any, int] = {}
+        def flatten_mapping(self, node: Any) -> None:
+            # the check runs on a mapping's own keys, before PyYAML merges anchors into it (in place, and
+            # possibly while loading another mapping that merges this one), and once per mapping node
+            seen: set[int] = self.__dict__.setdefault("_unique_checked", set())
+            if id(node) not in seen:
+                seen.add(id(node))
+                first: dict[Any, Any] = {}
                 for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":  # "<<": merged keys may be overridden
+                    if key_node.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"):
                         continue
-                    key = self.construct_object(key_node, deep=deep)
+                    key = self.construct_object(key_node, deep=False)
                     try:
-                        line = first.setdefault(key, key_node.start_mark.line)
+                        earlier = first.setdefault(key, key_node.start_mark)
                     except TypeError:  # an unhashable key: the base constructor reports it
                         continue
-                    if line != key_node.start_mark.line:
+                    if earlier is not key_node.start_mark:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key!r} is given twice (first at line {line + 1})", key_node.start_mark
+                            None,
+                            None,
+                            f"key {key!r} is given twice in one mapping (first at line {earlier.line + 1}, "
+                            f"column {earlier.column + 1})",
+                            key_node.start_mark,
                         )
-            return super().construct_mapping(node, deep)
+            super().flatten_mapping(node)
 
     return UniqueKeyLoader

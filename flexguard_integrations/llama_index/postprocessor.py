@@ -154,7 +154,10 @@ class GuardNodePostprocessor(BaseNodePostprocessor):
                     else redacted[: len(redacted) - len(body) - len(tail)] + tail
                 )
                 text = node.get_content(metadata_mode=MetadataMode.NONE)
-                hidden = [k for k in visible if _rendered(node, k) not in rest] or visible
+                # a key survives only if its whole rendered entry does: a flagged "z: X" must not pass for
+                # surviving because an unflagged "zz: X" contains it
+                entries = {piece.strip() for piece in rest.split(node.metadata_separator)}
+                hidden = [k for k in visible if _rendered(node, k).strip() not in entries] or visible
             else:
                 return None
         out = self._annotated(nws, decision.to_dict())

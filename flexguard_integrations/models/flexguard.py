@@ -96,6 +96,20 @@ def _parse_codes(line: str) -> tuple[list[Category], list[str], bool]:
     return cats, natives, True
 
 
+def _code_lines_above(lines: Sequence[str]) -> str | None:
+    """The category text just above the score: every consecutive line of codes there, merged ("VIO\nJAIL" is
+    both: keeping only the last would let a looser threshold decide alone), else the last line (which
+    :func:`_parse_codes` then reads as no category), else None."""
+    codes: list[str] = []
+    for line in reversed(lines):
+        if not _parse_codes(line)[2]:
+            break
+        codes.append(line)
+    if codes:
+        return ", ".join(reversed(codes))
+    return lines[-1] if lines else None
+
+
 @register
 class FlexGuardModel(GuardModel):
     """FlexGuard-Qwen3-8B / -4B / -LLaMA3.1-Instruct-8B behind an OpenAI-compatible server."""
@@ -179,16 +193,16 @@ class FlexGuardModel(GuardModel):
             cat_match = list(_LABELLED_CATEGORY.finditer(tail))
             if cat_match:
                 category_line = cat_match[-1].group(1)
-            else:  # a bare code line before the labelled score ("JAIL\nRISK_SCORE: 35"), as on the bare path
+            else:  # bare code lines before the labelled score ("JAIL\nRISK_SCORE: 35"), as on the bare path
                 before = [ln.strip() for ln in tail[: labelled[-1].start()].splitlines() if ln.strip()]
-                category_line = before[-1] if before else None
+                category_line = _code_lines_above(before)
         else:
             lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
             if lines and (m := _BARE_SCORE.match(lines[-1])):
                 score_text = m.group(1)
                 if len(lines) >= 2:
                     labelled_cat = _LABELLED_CATEGORY.match(lines[-2])
-                    category_line = labelled_cat.group(1) if labelled_cat else lines[-2]
+                    category_line = labelled_cat.group(1) if labelled_cat else _code_lines_above(lines[:-1])
         if score_text is None:
             snippet = tail.strip()[-80:] or "<empty>"
             return Verdict.failed(f"no RISK_SCORE in the guard answer: {snippet!r}", **base)

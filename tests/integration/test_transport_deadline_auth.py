@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from flexguard_integrations import Action, ConfigurationError, Decision, Guard
+from flexguard_integrations.models import create_model
 from flexguard_integrations.testing import FakeGuardServer, FaultPlan
+from flexguard_integrations.transport.http import HTTPTransport
 from tests.conftest import QWEN
 
 TRANSPORTS = ["httpx", "aiohttp"]
@@ -127,3 +129,22 @@ def test_openai_client_max_retries_counts_the_guards_retries() -> None:
         )
         assert g.check(BENIGN).action is Action.ALLOW
         assert [r.fault for r in chat_requests(srv)] == ["503", None]
+
+
+class _StalledModels(HTTPTransport):
+    """The real transport, except that ``GET /v1/models`` never finishes (what httpx sees of a server trickling
+    it: its timeouts restart at every byte)."""
+
+    async def amodels(self, *, deadline: float) -> list[dict[str, Any]]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_async_context_length_discovery_ends_at_the_check_deadline() -> None:
+    long_text = "The weather today is mild and pleasant. " * 60  # over the size that asks /v1/models first
+    with FakeGuardServer() as srv:
+        guard = Guard(create_model(None, QWEN), _StalledModels(srv.base_url), model_name=QWEN, timeout=1.0)
+        async with guard:
+            decision = await asyncio.wait_for(guard.acheck(long_text), LIVENESS)
+        assert decision.action is Action.BLOCK and not decision.fail_open
+        assert decision.verdict.error is not None and "deadline" in decision.verdict.error

@@ -52,6 +52,18 @@ def test_flexguard_labelled_category_line_still_wins() -> None:
     assert v.ok and v.categories == ()
 
 
+@pytest.mark.parametrize("score", ["RISK_SCORE: 70", "70"])
+def test_flexguard_codes_on_several_lines_above_the_score_all_count(score: str) -> None:
+    """Keeping only the last code line let a looser per-category threshold decide alone (fail-open)."""
+    v = FlexGuardModel().parse_output(f"<think>s</think>\nVIO\nJAIL\n{score}")
+    assert v.categories == (Category.VIOLENCE, Category.JAILBREAK) and v.native_categories == ("VIO", "JAIL")
+    policy = StrictnessPolicy.from_dict({"preset": "moderate", "thresholds": {"JAILBREAK": 90}})
+    assert policy.decide(v, "prompt").action is Action.BLOCK  # VIOLENCE at the preset's 41
+    # a prose line stops the walk: only the codes right above the score count
+    v = FlexGuardModel().parse_output(f"<think>s</think>\nI think this is violent.\nJAIL\n{score}")
+    assert v.categories == (Category.JAILBREAK,)
+
+
 def test_flexguard_per_category_threshold_applies_with_a_labelled_score() -> None:
     policy = StrictnessPolicy.from_dict({"preset": "moderate", "thresholds": {"JAILBREAK": 30}})
     v = FlexGuardModel().parse_output("<think>s</think>\nJAIL\nRISK_SCORE: 35")

@@ -211,7 +211,9 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path: Path) -> None:
     # PyYAML alone keeps the last value: the first threshold would vanish without a word
     path = tmp_path / "twice.yaml"
     path.write_text("preset: moderate\nthresholds:\n  VIO: 30\n  SEX: 61\n  VIO: 60\n", encoding="utf-8")
-    with pytest.raises(PolicyError, match=r"twice\.yaml.*line 5.*'VIO' is given twice \(first at line 3\)"):
+    with pytest.raises(
+        PolicyError, match=r"twice\.yaml.*line 5.*'VIO' is given twice in one mapping \(first at line 3"
+    ):
         StrictnessPolicy.load(path)
     path.write_text("preset: strict\non_error: allow\npreset: loose\n", encoding="utf-8")
     with pytest.raises(PolicyError, match="'preset' is given twice"):
@@ -223,6 +225,23 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
     path.write_text("surfaces:\n  tool_call: &base {preset: strict}\n  prompt:\n    <<: *base\n    preset: loose\n")
     policy = StrictnessPolicy.load(path)
     assert policy.surfaces[Surface.PROMPT].preset == "loose"
+    # an anchored mapping merged from a mapping loaded before it: PyYAML rewrites it in place, which is no
+    # duplicate of the file's own keys
+    path.write_text(
+        "preset: moderate\nsurfaces:\n  tool_call:\n    thresholds: &t\n"
+        "      <<: {JAILBREAK: 30, SEXUAL: 61}\n      SEXUAL: 50\nthresholds:\n  <<: *t\n",
+        encoding="utf-8",
+    )
+    policy = StrictnessPolicy.load(path)
+    assert policy.thresholds == {Category.JAILBREAK: 30.0, Category.SEXUAL: 50.0}
+    assert policy.surfaces[Surface.TOOL_CALL].thresholds == policy.thresholds
+
+
+def test_a_key_given_twice_on_one_line_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text("preset: moderate\nthresholds: {VIO: 30, VIO: 60}\n", encoding="utf-8")
+    with pytest.raises(PolicyError, match=r"line 2, column 23: key 'VIO' is given twice .*first at line 2, column 14"):
+        StrictnessPolicy.load(path)
 
 
 def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
