@@ -10,7 +10,10 @@ BLOCK on the input answers with the refusal and ends the run; a blocked tool cal
 agent receives a ``ToolMessage(status="error")``); a blocked response is replaced (same message id).
 REDACT replaces content in place (same id). REROUTE to ``human_review`` raises a LangGraph interrupt
 carrying the decision (needs a checkpointer); other route names call ``route_handlers[name]``. A rerouted
-response is never put back in the visible messages; a rerouted tool result is routed in ``before_model``.
+response is never put back in the visible messages; a rerouted tool result is routed in ``before_model``
+(that of a ``return_direct`` tool in the tool node, where human review cannot run: it is withheld). Several
+rerouted tool results are all resolved in one ``before_model`` pass: one review interrupt per result, in order,
+nothing written until every review has answered; the handlers' updates are merged (first ``jump_to`` wins).
 A structured answer (``response_format``) is checked on the response surface; when it does not pass,
 ``structured_response`` is cleared.
 Both sync and async hooks are implemented, and ``can_jump_to`` is declared (an undeclared ``jump_to`` is
@@ -80,6 +83,9 @@ _MAX_REMEMBERED = 10_000
 _END_AFTER = "flexguard_end_after"
 _HELD = "flexguard_held_output"
 HELD_FOR_REVIEW = "[response held for review by the safety guard]"
+RETURN_DIRECT_NO_REVIEW = (
+    "human review is not available for the result of a return_direct tool (the run ends after it): withheld"
+)
 _NOSTREAM = "nostream"  # langgraph.constants.TAG_NOSTREAM: the messages stream skips chat models tagged so
 
 
@@ -335,24 +341,75 @@ class GuardMiddleware(AgentMiddleware):
             return blocked, None
         return decision, handler(decision, state) or {}
 
+    def _ends(self, decision: Decision, surface: Surface) -> bool:
+        """Whether carrying out ``decision`` (not a REROUTE) ends the run: a raise, or a refusal with "end"."""
+        if decision.action.passes or decision.action is Action.REROUTE:
+            return False
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            return False
+        return self.exit_behavior == "error" or (surface is not Surface.TOOL_RESULT and self.exit_behavior == "end")
+
+    def _reviews(self, tasks: list[tuple[BaseMessage, Surface, str]], decisions: list[Decision]) -> list[Decision]:
+        """Every human review of the input, one interrupt per text in task order, before anything is written.
+
+        LangGraph matches resume values to a node's interrupts by their order and runs the node again from its
+        start on every resume; so this pass has no side effect (nothing marked, no handler run) until every
+        review has answered, and the same tasks come back in the same order each time. Reviews stop at a text
+        whose decision ends the run: the texts after it are not reviewed (see ``_before_update``).
+        """
+        resolved = list(decisions)
+        for i, ((_, surface, text), raw) in enumerate(zip(tasks, decisions, strict=True)):
+            if self._reviewed(raw):
+                resolved[i] = self._review(raw, text, surface.value)
+            if self._ends(resolved[i], surface):
+                break
+        return resolved
+
+    def _reviewed(self, decision: Decision) -> bool:
+        """A REROUTE to human review (an interrupt), not to a ``human_review`` route handler."""
+        return (
+            decision.action is Action.REROUTE
+            and decision.route == HUMAN_REVIEW
+            and HUMAN_REVIEW not in self.route_handlers
+        )
+
     def _before_update(
         self, state: Mapping[str, Any], tasks: list[tuple[BaseMessage, Surface, str]], decisions: list[Decision]
     ) -> dict[str, Any] | None:
+        """The state update carrying out the input's decisions (may interrupt for review, or raise).
+
+        Every text is resolved: each tool result that does not pass is withheld (a rerouted one too), and the
+        route handlers' updates are merged: their messages in task order, after the replacements; the other keys
+        (``jump_to`` included) from the first handler that sets them. A text whose decision ends the run (a
+        refusal with ``exit_behavior="end"``) ends it: the routes of the texts after it are not run, and the
+        tool results among them that do not pass are withheld; the refusal is the last message and the jump
+        is ``"end"``.
+        """
+        resolved = self._reviews(tasks, decisions)  # may interrupt: nothing is written before it returns
         replaced: list[BaseMessage] = []
-        for (msg, surface, text), raw_decision in zip(tasks, decisions, strict=True):
-            # an interrupt (human review) leaves the text unchecked: on resume it is decided again
-            decision, handled = self._resolve_route(raw_decision, text, surface.value, state)
+        added: list[Any] = []
+        extra: dict[str, Any] = {}
+        refusal: AIMessage | None = None
+        for (msg, surface, text), outcome in zip(tasks, resolved, strict=True):
+            decision = outcome
             if isinstance(msg, ToolMessage):
                 self._remember(self._checked_results, _seen_key(msg.tool_call_id, text), None)
                 self._result_decisions.pop(_seen_key(msg.tool_call_id, text), None)
+            if refusal is not None:  # the run ends: nothing more is routed, nothing unchecked is left for later
+                if surface is Surface.TOOL_RESULT and not decision.action.passes:
+                    replaced.append(self._withhold(msg, decision))
+                continue
+            handled: Mapping[str, Any] | None = None
+            if decision.action is Action.REROUTE:  # a route handler (reviews are resolved), or none: a block
+                decision, handled = self._resolve_route(decision, text, surface.value, state)
             if handled is not None:
                 update = dict(handled)
                 if surface is Surface.TOOL_RESULT:  # the handler took it over: the model does not read it
-                    content = self._fmt(self.tool_result_violation_message, decision)
-                    replaced.append(self._checked(msg.model_copy(update={"content": content, "status": "error"})))
-                if replaced:  # keep what was already redacted or withheld: the model must not read it
-                    update["messages"] = [*replaced, *_as_list(update.get("messages"))]
-                return update
+                    replaced.append(self._withhold(msg, decision))
+                added.extend(_as_list(update.pop("messages", None)))
+                for key, value in update.items():
+                    extra.setdefault(key, value)
+                continue
             if decision.action.passes:
                 continue
             if decision.action is Action.REDACT and decision.redacted_text is not None:
@@ -361,16 +418,24 @@ class GuardMiddleware(AgentMiddleware):
             if self.exit_behavior == "error":
                 raise GuardBlockedError(decision)
             if surface is Surface.TOOL_RESULT:
-                content = self._fmt(self.tool_result_violation_message, decision)
-                replaced.append(self._checked(msg.model_copy(update={"content": content, "status": "error"})))
+                replaced.append(self._withhold(msg, decision))
                 continue
-            refusal = self._fmt(self.violation_message, decision)
+            content = self._fmt(self.violation_message, decision)
             if self.exit_behavior == "replace":
-                replaced.append(msg.model_copy(update={"content": refusal}))
+                replaced.append(msg.model_copy(update={"content": content}))
                 continue
-            meta = {"flexguard": decision.to_dict()}
-            return {"messages": [*replaced, AIMessage(content=refusal, response_metadata=meta)], "jump_to": "end"}
-        return {"messages": replaced} if replaced else None
+            refusal = AIMessage(content=content, response_metadata={"flexguard": decision.to_dict()})
+        messages = [*replaced, *added, *([refusal] if refusal is not None else [])]
+        if refusal is not None:
+            extra["jump_to"] = "end"
+        if messages:
+            extra["messages"] = messages
+        return extra or None
+
+    def _withhold(self, msg: BaseMessage, decision: Decision) -> BaseMessage:
+        """A tool result that did not pass, withheld in place (same id, ``status="error"``), marked as checked."""
+        content = self._fmt(self.tool_result_violation_message, decision)
+        return self._checked(msg.model_copy(update={"content": content, "status": "error"}))
 
     def _after_update(
         self,
@@ -897,10 +962,56 @@ class GuardMiddleware(AgentMiddleware):
 
         Not here: an interrupt in the tool node would run the tool again on resume, and a tool node cannot
         jump. The result goes into the state unmarked, so ``before_model`` (or the speculative check in the
-        model node) takes it up before the model reads it, with this decision (no second guard call).
+        model node) takes it up before the model reads it, with this decision (no second guard call). While it
+        waits the raw result is in the state, so ``stream_mode="updates"``/``"values"``/``"messages"`` show the
+        tool node's write. Not for a ``return_direct`` tool (see ``_route_result_here``).
         """
         self._remember(self._result_decisions, _seen_key(result.tool_call_id, text), decision)
         return result
+
+    def _route_result_here(self, request: Any, result: ToolMessage, text: str, decision: Decision) -> Any:
+        """The route of a rerouted result of a ``return_direct`` tool, resolved in the tool node.
+
+        After a return_direct tool the agent may end without ``before_model``, so the result cannot wait there.
+        A route handler runs here (its ``state`` ends with the raw result); the result is withheld, and since it
+        is the run's final message it carries the handler's ``content`` (a str), else the text of the last
+        message the handler returned, else ``tool_result_violation_message``. The handler's other keys are
+        applied (a Command); its messages are not written (an AIMessage after the result would send the agent
+        back to the model) and ``jump_to`` is ignored (a tool node cannot jump). Human review cannot run here
+        (an interrupt in the tool node runs the tool again on resume): the result is withheld as a BLOCK whose
+        reason says so (``GuardBlockedError`` with ``exit_behavior="error"``).
+        """
+        from dataclasses import replace
+
+        self._checked(result)  # the original text was checked (it may come back in a replay)
+        if self._reviewed(decision):
+            blocked = replace(decision, action=Action.BLOCK, reason=f"{decision.reason}; {RETURN_DIRECT_NO_REVIEW}")
+            if self.exit_behavior == "error":
+                raise GuardBlockedError(blocked)
+            content = f"{self._fmt(self.tool_result_violation_message, blocked)} {RETURN_DIRECT_NO_REVIEW}"
+            return self._checked(_withheld_result(result, content, blocked))
+        state = request.state if isinstance(request.state, Mapping) else {}
+        seen = {**state, "messages": [*state.get("messages", []), result]}
+        decision, handled = self._resolve_route(decision, text, Surface.TOOL_RESULT.value, seen)
+        update = dict(handled or {})
+        said = update.pop("content", None)
+        messages = convert_to_messages(_as_list(update.pop("messages", None)))
+        update.pop("jump_to", None)
+        if not isinstance(said, str):
+            said = message_text(messages[-1]) if messages else ""
+        content = said if said.strip() else self._fmt(self.tool_result_violation_message, decision)
+        withheld = self._checked(_withheld_result(result, content, decision))
+        return Command(update={**update, "messages": [withheld]}) if update else withheld
+
+    def _tool_result_outcome(self, request: Any, result: ToolMessage, text: str, decision: Decision) -> Any:
+        if self._deferred(decision):
+            if getattr(request.tool, "return_direct", False):  # the agent may end after this tool node
+                return self._route_result_here(request, result, text, decision)
+            return self._defer_result(result, text, decision)
+        outcome = self._checked(self._result_outcome(result, decision))
+        if outcome is not result:  # the original text was checked too (it may come back in a replay)
+            self._checked(result)
+        return outcome
 
     def _result_outcome(self, result: Any, decision: Decision) -> Any:
         if decision.action.passes:
@@ -939,12 +1050,7 @@ class GuardMiddleware(AgentMiddleware):
             return result
         decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         dispatch_verdict(decision, "tool_result")
-        if self._deferred(decision):
-            return self._defer_result(result, text, decision)
-        outcome = self._checked(self._result_outcome(result, decision))
-        if outcome is not result:  # the original text was checked too (it may come back in a replay)
-            self._checked(result)
-        return outcome
+        return self._tool_result_outcome(request, result, text, decision)
 
     async def awrap_tool_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         call = request.tool_call
@@ -968,12 +1074,7 @@ class GuardMiddleware(AgentMiddleware):
             return result
         decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=self._policy)
         await adispatch_verdict(decision, "tool_result")
-        if self._deferred(decision):
-            return self._defer_result(result, text, decision)
-        outcome = self._checked(self._result_outcome(result, decision))
-        if outcome is not result:  # the original text was checked too (it may come back in a replay)
-            self._checked(result)
-        return outcome
+        return self._tool_result_outcome(request, result, text, decision)
 
 
 # ================================================================= helpers
@@ -1056,6 +1157,12 @@ def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _withheld_result(result: ToolMessage, content: str, decision: Decision) -> ToolMessage:
+    """``result`` withheld (same id, ``status="error"``) with ``content``; the decision in its metadata."""
+    meta = {**result.response_metadata, "flexguard": decision.to_dict()}
+    return result.model_copy(update={"content": content, "status": "error", "response_metadata": meta})
 
 
 def _decision_from_dict(data: Mapping[str, Any]) -> Decision:

@@ -17,6 +17,7 @@ import pytest
 from langchain.agents import create_agent
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 from pydantic import BaseModel
@@ -283,3 +284,137 @@ async def test_a_blocked_tool_result_raises_with_exit_behavior_error(guard: Guar
     with pytest.raises(GuardBlockedError):
         await run(agent, {"messages": [HumanMessage("search")]}, mode)
     assert tools.names() == ["search"] and len(llm.calls) == 1
+
+
+# ---------------------------------------------------------------- 5. rerouted tool results: return_direct, parallel
+
+
+def injected_search(runs: list[str], *, return_direct: bool = False) -> Any:
+    """A search tool whose result is an injection naming its query (``INJECTION (a)``)."""
+
+    @tool(return_direct=return_direct)
+    def search(query: str) -> str:
+        """Search the web."""
+        runs.append(query)
+        return f"{INJECTION} ({query})"
+
+    return search
+
+
+def two_searches() -> AIMessage:
+    return AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1"), call("search", {"query": "b"}, "c2")])
+
+
+@pytest.mark.parametrize("route", ["escalate", "human_review"])
+async def test_a_rerouted_result_of_a_return_direct_tool_is_resolved_in_the_tool_node(
+    guard: Guard, mode: str, route: str
+) -> None:
+    # after a return_direct tool the agent ends without before_model: the result must not be left raw
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": route}}}}
+    seen: list[Any] = []
+
+    def escalate(decision: Any, state: Any) -> dict[str, Any]:
+        seen.append((decision, [m.text for m in state["messages"] if isinstance(m, ToolMessage)]))
+        return {"messages": [AIMessage(ESCALATED)], "jump_to": "end"}
+
+    runs: list[str] = []
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "never")
+    mw = GuardMiddleware(guard, policy=policy, route_handlers={"escalate": escalate})
+    agent = create_agent(
+        llm, tools=[injected_search(runs, return_direct=True)], middleware=[mw], checkpointer=InMemorySaver()
+    )
+    cfg: Any = {"configurable": {"thread_id": f"return-direct-{route}-{mode}"}}
+    result = await run(agent, {"messages": [HumanMessage("search something")]}, mode, cfg)
+    assert "__interrupt__" not in result and runs == ["a"] and len(llm.calls) == 1
+    assert not leaked(result, INJECTION) and not leaked(agent.get_state(cfg).values, INJECTION)
+    last = msgs(result)[-1]
+    assert isinstance(last, ToolMessage) and last.status == "error"  # the run's final message, withheld
+    meta = last.response_metadata["flexguard"]
+    if route == "escalate":
+        assert len(seen) == 1 and seen[0][0].route == "escalate" and seen[0][1] == [f"{INJECTION} (a)"]
+        assert last.text == ESCALATED and meta["action"] == "reroute"  # the handler's word is the final answer
+    else:  # no review in the tool node (on resume the tool would run again): withheld, and it says why
+        assert meta["action"] == "block" and "return_direct" in meta["reason"]
+        assert "jailbreak" in last.text and "return_direct" in last.text
+
+
+async def test_a_return_direct_result_rerouted_to_review_raises_with_exit_behavior_error(
+    guard: Guard, mode: str
+) -> None:
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": "human_review"}}}}
+    runs: list[str] = []
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "never")
+    mw = GuardMiddleware(guard, policy=policy, exit_behavior="error")
+    agent = create_agent(
+        llm, tools=[injected_search(runs, return_direct=True)], middleware=[mw], checkpointer=InMemorySaver()
+    )
+    cfg: Any = {"configurable": {"thread_id": f"return-direct-error-{mode}"}}
+    with pytest.raises(GuardBlockedError, match="return_direct"):
+        await run(agent, {"messages": [HumanMessage("search something")]}, mode, cfg)
+    assert runs == ["a"] and len(llm.calls) == 1
+
+
+@pytest.mark.parametrize("ends", [False, True], ids=["goes-on", "ends"])
+@pytest.mark.parametrize("speculative", [False, True], ids=["sequential", "speculative"])
+async def test_parallel_tool_results_rerouted_to_a_handler_are_all_resolved(
+    guard: Guard, mode: str, speculative: bool, ends: bool
+) -> None:
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": "escalate"}}}}
+    seen: list[Any] = []
+
+    def escalate(decision: Any, state: Any) -> dict[str, Any]:
+        seen.append(decision.route)
+        if not ends:
+            return {}
+        return {"messages": [AIMessage(f"escalated {len(seen)}")], "jump_to": "end"}
+
+    runs: list[str] = []
+    llm = model(two_searches(), "Done.", "Done.", "Done.")
+    mw = GuardMiddleware(guard, policy=policy, route_handlers={"escalate": escalate}, speculative_input=speculative)
+    agent = create_agent(llm, tools=[injected_search(runs)], middleware=[mw])
+    result = await run(agent, {"messages": [HumanMessage("search something")]}, mode)
+    assert seen == ["escalate", "escalate"] and sorted(runs) == ["a", "b"]  # every result's route ran
+    results = [m for m in msgs(result) if isinstance(m, ToolMessage)]
+    assert len(results) == 2 and all(m.status == "error" and INJECTION not in m.text for m in results)
+    # sequential: no model call read one; speculative: a call that read them was dropped (its response is
+    # nowhere), and the rerun (when the run goes on) did not read them
+    read = llm.calls if not speculative else llm.calls[-1:] if not ends else []
+    assert all(INJECTION not in m.text for call_ in read for m in call_)
+    texts = [m.text for m in msgs(result)]
+    if ends:  # both handlers' messages, in order; the first jump wins (both say "end")
+        assert texts[-2:] == ["escalated 1", "escalated 2"] and "Done." not in texts
+    else:
+        assert texts[-1] == "Done."
+
+
+@pytest.mark.parametrize("answers", ["nn", "yn", "ny"])
+@pytest.mark.parametrize("speculative", [False, True], ids=["sequential", "speculative"])
+async def test_parallel_tool_results_under_review_each_get_their_own_answer(
+    guard: Guard, mode: str, speculative: bool, answers: str
+) -> None:
+    # one interrupt per result, in order; nothing is marked or replaced before every review has answered
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": "human_review"}}}}
+    runs: list[str] = []
+    llm = model(two_searches(), *["Done."] * 6)
+    mw = GuardMiddleware(guard, policy=policy, speculative_input=speculative)
+    agent = create_agent(llm, tools=[injected_search(runs)], middleware=[mw], checkpointer=InMemorySaver())
+    cfg: Any = {"configurable": {"thread_id": f"parallel-review-{mode}-{speculative}-{answers}"}}
+    result = await run(agent, {"messages": [HumanMessage("search something")]}, mode, cfg)
+    reviewed = []
+    for answer in answers:
+        (pending,) = result["__interrupt__"]
+        assert pending.value["where"] == "tool_result"
+        reviewed.append(pending.value["text"])
+        result = await run(agent, Command(resume={"approve": answer == "y"}), mode, cfg)
+    assert "__interrupt__" not in result and reviewed == [f"{INJECTION} (a)", f"{INJECTION} (b)"]
+    assert sorted(runs) == ["a", "b"] and msgs(result)[-1].text == "Done."
+    read = [m.text for m in llm.calls[-1] if isinstance(m, ToolMessage)]
+    by_call = {m.tool_call_id: m for m in msgs(result) if isinstance(m, ToolMessage)}
+    for call_id, query, answer in (("c1", "a", answers[0]), ("c2", "b", answers[1])):
+        original = f"{INJECTION} ({query})"
+        if answer == "y":
+            assert by_call[call_id].text == original and original in read
+        else:
+            assert (
+                by_call[call_id].status == "error" and original not in read and INJECTION not in by_call[call_id].text
+            )
