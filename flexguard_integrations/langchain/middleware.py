@@ -11,7 +11,10 @@ agent receives a ``ToolMessage(status="error")``); a blocked response is replace
 REDACT replaces content in place (same id). REROUTE to ``human_review`` raises a LangGraph interrupt
 carrying the decision (needs a checkpointer); other route names call ``route_handlers[name]``. A rerouted
 response is never put back in the visible messages; a rerouted tool result is routed in ``before_model``
-(that of a ``return_direct`` tool in the tool node, where human review cannot run: it is withheld). Several
+(in the tool node when every tool of the step is ``return_direct``, so the run ends after it: there human
+review cannot run, the result is withheld). A tool's ``Command`` result has each message of its
+``update["messages"]`` checked; a result of another shape is withheld. Review answers approve only when
+explicitly affirmative (``True``, ``{"approve": True}``, "approve"/"approved"/"yes"). Several
 rerouted tool results are all resolved in one ``before_model`` pass: one review interrupt per result, in order,
 nothing written until every review has answered; the handlers' updates are merged (first ``jump_to`` wins).
 A structured answer (``response_format``) is checked on the response surface; when it does not pass,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -52,6 +56,7 @@ from langchain_core.messages import (
     messages_from_dict,
 )
 from langchain_core.runnables.config import var_child_runnable_config
+from langchain_core.tools import BaseTool
 from langgraph.graph.message import add_messages
 from langgraph.types import Command
 from typing_extensions import NotRequired
@@ -84,7 +89,8 @@ _END_AFTER = "flexguard_end_after"
 _HELD = "flexguard_held_output"
 HELD_FOR_REVIEW = "[response held for review by the safety guard]"
 RETURN_DIRECT_NO_REVIEW = (
-    "human review is not available for the result of a return_direct tool (the run ends after it): withheld"
+    "human review is not available for the result of a return_direct tool (the run may end after this tool step,"
+    " with no model step to review it in): withheld"
 )
 _NOSTREAM = "nostream"  # langgraph.constants.TAG_NOSTREAM: the messages stream skips chat models tagged so
 
@@ -235,6 +241,8 @@ class GuardMiddleware(AgentMiddleware):
         self._call_decisions: OrderedDict[str, Decision] = OrderedDict()
         self._checked_results: OrderedDict[str, None] = OrderedDict()
         self._result_decisions: OrderedDict[str, Decision] = OrderedDict()  # rerouted in the tool node
+        self._return_direct: dict[str, bool] = {}  # tool name -> return_direct, from the model requests
+        self._step_owner: OrderedDict[str, str] = OrderedDict()  # tool step -> call whose handler keys apply
 
     @property
     def name(self) -> str:
@@ -312,10 +320,7 @@ class GuardMiddleware(AgentMiddleware):
         from langgraph.types import interrupt
 
         answer = interrupt({"type": "flexguard_review", "where": where, "text": text, "decision": decision.to_dict()})
-        approved = answer is True or (isinstance(answer, str) and answer.lower() in ("approve", "approved", "yes"))
-        if isinstance(answer, Mapping):
-            approved = bool(answer.get("approve") or answer.get("approved"))
-        if approved:
+        if _approves(answer):
             from dataclasses import replace
 
             return replace(decision, action=Action.ALLOW, reason=f"{decision.reason}; approved by human review")
@@ -874,18 +879,32 @@ class GuardMiddleware(AgentMiddleware):
         """With ``speculative_input``: the model runs in this thread while a worker thread checks the input.
 
         A thread cannot be cancelled: when the input does not pass, the model call has finished and its
-        response (or error) is dropped. A check that raises is re-raised (the response dropped too).
+        response (or error) is dropped. A check that raises is re-raised (the response dropped too). When a
+        tool result's stored decision (from the tool node) already does not pass, nothing is speculative: the
+        input is resolved first and the model only reads the outcome.
         """
+        self._note_tools(request)
         tasks = self._speculative_tasks(request)
         if not tasks:
             if not self._holds:
                 return handler(request)
             return self._respond(None, *self._hold(request, self._call(handler, request)))
         policy = self._policy
+        stored = self._stored(tasks)
+        if _known_not_passing(stored):  # the model must never read it: resolve it before the model call
+            decisions = self._check_inputs(tasks, policy, stored)
+            for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
+                if known is None:
+                    dispatch_verdict(decision, f"before_model:{surface.value}")
+            update = self._before_update(request.state, tasks, decisions)  # may raise or interrupt
+            plan = None if update is None else self._plan(request, update)
+            if plan is not None and plan.end:
+                return self._respond(plan)
+            rerun = request if plan is None or plan.rerun is None else plan.rerun
+            return self._respond(plan, *self._hold(rerun, self._call(handler, rerun)))
         response: Any = None
         model_error: Exception | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="speculative-input-check") as pool:
-            stored = self._stored(tasks)
             check = pool.submit(contextvars.copy_context().run, self._check_inputs, tasks, policy, stored)
             try:
                 response = contextvars.copy_context().run(_hidden_call, handler, request)
@@ -908,17 +927,30 @@ class GuardMiddleware(AgentMiddleware):
     async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         """With ``speculative_input``: the model call runs as a task while the input is checked.
 
-        The task is cancelled (and awaited) as soon as the input does not pass or the check raises.
+        The task is cancelled (and awaited) as soon as the input does not pass or the check raises. When a tool
+        result's stored decision already does not pass, the input is resolved before the model call starts.
         """
+        self._note_tools(request)
         tasks = self._speculative_tasks(request)
         if not tasks:
             if not self._holds:
                 return await handler(request)
             return self._respond(None, *await self._ahold(request, await self._acall(handler, request)))
         policy = self._policy
+        stored = self._stored(tasks)
+        if _known_not_passing(stored):  # the model must never read it: resolve it before the model call
+            decisions = await self._acheck_inputs(tasks, policy, stored)
+            for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
+                if known is None:
+                    await adispatch_verdict(decision, f"before_model:{surface.value}")
+            update = self._before_update(request.state, tasks, decisions)  # may raise or interrupt
+            plan = None if update is None else self._plan(request, update)
+            if plan is not None and plan.end:
+                return self._respond(plan)
+            rerun = request if plan is None or plan.rerun is None else plan.rerun
+            return self._respond(plan, *await self._ahold(rerun, await self._acall(handler, rerun)))
         model = asyncio.ensure_future(_ahidden_call(handler, request))
         try:
-            stored = self._stored(tasks)
             decisions = await self._acheck_inputs(tasks, policy, stored)
             for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
                 if known is None:
@@ -964,22 +996,77 @@ class GuardMiddleware(AgentMiddleware):
         jump. The result goes into the state unmarked, so ``before_model`` (or the speculative check in the
         model node) takes it up before the model reads it, with this decision (no second guard call). While it
         waits the raw result is in the state, so ``stream_mode="updates"``/``"values"``/``"messages"`` show the
-        tool node's write. Not for a ``return_direct`` tool (see ``_route_result_here``).
+        tool node's write. Not when the agent may end after this tool step (see ``_route_result_here``).
         """
         self._remember(self._result_decisions, _seen_key(result.tool_call_id, text), decision)
         return result
 
-    def _route_result_here(self, request: Any, result: ToolMessage, text: str, decision: Decision) -> Any:
-        """The route of a rerouted result of a ``return_direct`` tool, resolved in the tool node.
+    def _note_tools(self, request: Any) -> None:
+        """Record the ``return_direct`` flag of each tool the model is offered (a name once seen with the flag
+        keeps it: unknown or conflicting flags make the tool node resolve a rerouted result itself)."""
+        for t in getattr(request, "tools", None) or ():
+            if isinstance(t, BaseTool):
+                self._return_direct[t.name] = self._return_direct.get(t.name, False) or bool(t.return_direct)
 
-        After a return_direct tool the agent may end without ``before_model``, so the result cannot wait there.
-        A route handler runs here (its ``state`` ends with the raw result); the result is withheld, and since it
-        is the run's final message it carries the handler's ``content`` (a str), else the text of the last
-        message the handler returned, else ``tool_result_violation_message``. The handler's other keys are
-        applied (a Command); its messages are not written (an AIMessage after the result would send the agent
-        back to the model) and ``jump_to`` is ignored (a tool node cannot jump). Human review cannot run here
-        (an interrupt in the tool node runs the tool again on resume): the result is withheld as a BLOCK whose
-        reason says so (``GuardBlockedError`` with ``exit_behavior="error"``).
+    @staticmethod
+    def _calling_message(request: Any) -> AIMessage | None:
+        """The AIMessage (in the tool node's state) whose tool calls include this request's call."""
+        call_id = request.tool_call.get("id")
+        state = request.state
+        messages = state.get("messages", []) if isinstance(state, Mapping) else state if isinstance(state, list) else []
+        for msg in reversed(messages):
+            if isinstance(msg, AIMessage) and any(c.get("id") == call_id for c in msg.tool_calls):
+                return msg
+        return None
+
+    def _ends_after_tools(self, request: Any) -> bool:
+        """Whether the agent may end right after this tool step, without another ``before_model``.
+
+        LangChain ends after the tool node when *every* tool the calling AIMessage called is ``return_direct``
+        (an AIMessage with one ordinary tool next to a return_direct one goes back to the model). The flags of
+        the other calls' tools come from the model requests this middleware saw; a call whose flag is unknown
+        counts as return_direct (fail closed: the result is resolved here rather than left raw).
+        """
+        if not getattr(request.tool, "return_direct", False):
+            return False
+        calling = self._calling_message(request)
+        if calling is None:
+            return True
+        own = request.tool_call.get("id")
+        return not any(c.get("id") != own and self._return_direct.get(c["name"]) is False for c in calling.tool_calls)
+
+    def _claim_step(self, request: Any) -> bool:
+        """Whether this tool call is the first of its tool step to apply a route handler's non-message keys.
+
+        The parallel tool tasks of one step may not write the same state key (LangGraph raises
+        ``InvalidUpdateError``): only the first handler to run in the step gets its other keys applied.
+        """
+        own = str(request.tool_call.get("id"))
+        calling = self._calling_message(request)
+        if calling is None:
+            return True
+        key = calling.id or ",".join(str(c.get("id")) for c in calling.tool_calls)
+        owner = self._step_owner.setdefault(key, own)  # atomic: parallel sync tasks run in threads
+        while len(self._step_owner) > _MAX_REMEMBERED:
+            self._step_owner.popitem(last=False)
+        return owner == own
+
+    def _route_result_here(
+        self, request: Any, result: ToolMessage, text: str, decision: Decision
+    ) -> tuple[ToolMessage, dict[str, Any]]:
+        """The route of a rerouted tool result, resolved in the tool node: (the withheld result, the handler's
+        other keys).
+
+        For a result after which the agent may end without ``before_model`` (every tool of the step is
+        ``return_direct``), or that cannot wait for it (see ``_tool_result_outcome``). A route handler runs here (its
+        ``state`` ends with the raw result); the result is withheld, and since it may be the run's final message
+        it carries the handler's ``content`` (a str), else the text of the last message the handler returned,
+        else ``tool_result_violation_message``. The handler's other keys are applied (a Command; when several
+        handlers run in one tool step, only the first one's: see ``_claim_step``); its messages are not written
+        (an AIMessage after the result would send the agent back to the model) and ``jump_to`` is ignored (a
+        tool node cannot jump). Human review cannot run here (an interrupt in the tool node runs the tool again
+        on resume): the result is withheld as a BLOCK whose reason says so (``GuardBlockedError`` with
+        ``exit_behavior="error"``).
         """
         from dataclasses import replace
 
@@ -989,7 +1076,7 @@ class GuardMiddleware(AgentMiddleware):
             if self.exit_behavior == "error":
                 raise GuardBlockedError(blocked)
             content = f"{self._fmt(self.tool_result_violation_message, blocked)} {RETURN_DIRECT_NO_REVIEW}"
-            return self._checked(_withheld_result(result, content, blocked))
+            return self._checked(_withheld_result(result, content, blocked)), {}
         state = request.state if isinstance(request.state, Mapping) else {}
         seen = {**state, "messages": [*state.get("messages", []), result]}
         decision, handled = self._resolve_route(decision, text, Surface.TOOL_RESULT.value, seen)
@@ -1001,17 +1088,111 @@ class GuardMiddleware(AgentMiddleware):
             said = message_text(messages[-1]) if messages else ""
         content = said if said.strip() else self._fmt(self.tool_result_violation_message, decision)
         withheld = self._checked(_withheld_result(result, content, decision))
-        return Command(update={**update, "messages": [withheld]}) if update else withheld
+        if update and not self._claim_step(request):
+            update = {}
+        return withheld, update
 
-    def _tool_result_outcome(self, request: Any, result: ToolMessage, text: str, decision: Decision) -> Any:
-        if self._deferred(decision):
-            if getattr(request.tool, "return_direct", False):  # the agent may end after this tool node
-                return self._route_result_here(request, result, text, decision)
-            return self._defer_result(result, text, decision)
-        outcome = self._checked(self._result_outcome(result, decision))
-        if outcome is not result:  # the original text was checked too (it may come back in a replay)
-            self._checked(result)
-        return outcome
+    def _message_outcome(
+        self, request: Any, msg: BaseMessage, text: str, decision: Decision, here: bool
+    ) -> tuple[BaseMessage, dict[str, Any]]:
+        """Carry out a tool result's decision: (the message to write, state keys a route handler set).
+
+        ``here``: a rerouted result must be resolved in the tool node (it cannot wait for ``before_model``).
+        A message other than a ToolMessage (one a tool's ``Command`` writes) runs no route: what does not pass
+        is withheld (REDACT: redacted).
+        """
+        if isinstance(msg, ToolMessage):
+            if self._deferred(decision):
+                if here:
+                    return self._route_result_here(request, msg, text, decision)
+                return self._defer_result(msg, text, decision), {}
+            outcome = self._checked(self._result_outcome(msg, decision))
+            if outcome is not msg:  # the original text was checked too (it may come back in a replay)
+                self._checked(msg)
+            return outcome, {}
+        if decision.action.passes:
+            return msg, {}
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            return with_text(msg, decision.redacted_text), {}
+        if self.exit_behavior == "error":
+            raise GuardBlockedError(decision)
+        meta = {**msg.response_metadata, "flexguard": decision.to_dict()}
+        content = self._fmt(self.tool_result_violation_message, decision)
+        return msg.model_copy(update={"content": content, "response_metadata": meta}), {}
+
+    def _unreadable(self, request: Any, result: Any) -> ToolMessage:
+        """A tool result of a shape this cannot read for checking: withheld (fail closed)."""
+        call = request.tool_call
+        reason = f"tool result of type {type(result).__name__} cannot be checked: withheld"
+        decision = Decision(
+            action=Action.BLOCK,
+            verdict=Verdict(risk_score=100.0, surface=Surface.TOOL_RESULT),
+            reason=reason,
+            surface=Surface.TOOL_RESULT,
+        )
+        if self.exit_behavior == "error":
+            raise GuardBlockedError(decision)
+        content = self._fmt(self.tool_result_violation_message, decision)
+        return self._checked(
+            _withheld_result(tool_message_error(str(call["id"]), call.get("name"), content), content, decision)
+        )
+
+    def _result_checks(self, request: Any, result: Any) -> list[tuple[BaseMessage, str]] | None:
+        """What of a tool's result the model or the user will read: (message, text) for every message with
+        text, a ``Command``'s ``update["messages"]`` included; None for a shape this cannot read."""
+        messages = _result_messages(result)
+        if messages is None:
+            return None
+        checks = []
+        for msg in messages:
+            text = message_text(msg)
+            if text.strip():
+                checks.append((msg, text))
+        return checks
+
+    def _tool_result_outcome(
+        self, request: Any, result: Any, checks: list[tuple[BaseMessage, str]], decisions: list[Decision]
+    ) -> Any:
+        """Rebuild the tool's result with the outcome of each checked message (a ToolMessage, a Command, or a
+        list of them, as the tool node returned it)."""
+        # the messages come back in the order _result_checks read them (dict messages converted again, equal)
+        decided = iter(zip(checks, decisions, strict=True))
+        ends = self._ends_after_tools(request)
+
+        def one(msg: BaseMessage, here: bool, extra: dict[str, Any]) -> BaseMessage:
+            text = message_text(msg)
+            if not text.strip():
+                return msg
+            (_, checked), decision = next(decided)
+            if checked != text:  # pragma: no cover - the same walk over the same result
+                raise RuntimeError("tool result changed while it was checked")
+            out, keys = self._message_outcome(request, msg, text, decision, here)
+            for key, value in keys.items():
+                extra.setdefault(key, value)
+            return out
+
+        def rebuild(item: Any) -> Any:
+            extra: dict[str, Any] = {}
+            if isinstance(item, ToolMessage):
+                out = one(item, ends, extra)
+                return Command(update={**extra, "messages": [out]}) if extra else out
+            if isinstance(item, list):
+                return [rebuild(r) for r in item]
+            assert isinstance(item, Command)
+            messages = _command_messages(item) or []
+            # a result that cannot wait for before_model: the run may end (return_direct, a goto), or a message
+            # after it would hide it from before_model (which checks what follows the last AIMessage)
+            here = ends or bool(item.goto) or item.graph is not None or any(isinstance(m, AIMessage) for m in messages)
+            written = [one(m, here, extra) for m in messages]
+            if isinstance(item.update, Mapping):
+                update: Any = {**item.update, **extra, "messages": written} if messages else {**item.update, **extra}
+            elif isinstance(item.update, list):
+                update = written  # a list update is messages only: handler keys cannot be added
+            else:
+                update = item.update
+            return dataclasses.replace(item, update=update)
+
+        return rebuild(result)
 
     def _result_outcome(self, result: Any, decision: Decision) -> Any:
         if decision.action.passes:
@@ -1043,14 +1224,18 @@ class GuardMiddleware(AgentMiddleware):
             if refused is not None:
                 return refused
         result = handler(request)
-        if not self.check_tool_results or not isinstance(result, ToolMessage):
+        if not self.check_tool_results:
             return result
-        text = message_text(result)
-        if not text.strip():
+        checks = self._result_checks(request, result)
+        if checks is None:
+            return self._unreadable(request, result)
+        if not checks:
             return result
-        decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=self._policy)
-        dispatch_verdict(decision, "tool_result")
-        return self._tool_result_outcome(request, result, text, decision)
+        policy = self._policy
+        decisions = [self.guard.check(text, surface=Surface.TOOL_RESULT, policy=policy) for _, text in checks]
+        for decision in decisions:
+            dispatch_verdict(decision, "tool_result")
+        return self._tool_result_outcome(request, result, checks, decisions)
 
     async def awrap_tool_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         call = request.tool_call
@@ -1067,14 +1252,22 @@ class GuardMiddleware(AgentMiddleware):
             if refused is not None:
                 return refused
         result = await handler(request)
-        if not self.check_tool_results or not isinstance(result, ToolMessage):
+        if not self.check_tool_results:
             return result
-        text = message_text(result)
-        if not text.strip():
+        checks = self._result_checks(request, result)
+        if checks is None:
+            return self._unreadable(request, result)
+        if not checks:
             return result
-        decision = await self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=self._policy)
-        await adispatch_verdict(decision, "tool_result")
-        return self._tool_result_outcome(request, result, text, decision)
+        policy = self._policy
+        decisions = list(
+            await asyncio.gather(
+                *(self.guard.acheck(text, surface=Surface.TOOL_RESULT, policy=policy) for _, text in checks)
+            )
+        )
+        for decision in decisions:
+            await adispatch_verdict(decision, "tool_result")
+        return self._tool_result_outcome(request, result, checks, decisions)
 
 
 # ================================================================= helpers
@@ -1150,6 +1343,66 @@ def _answer_text(last: AIMessage, trailing: Sequence[ToolMessage]) -> str:
         if call.get("id") in answered:
             parts.append(json.dumps(call["args"], ensure_ascii=False, sort_keys=True, default=str))
     return "\n".join(p for p in parts if p.strip())
+
+
+_AFFIRMATIVE = frozenset({"approve", "approved", "yes"})
+
+
+def _affirmative(value: Any) -> bool:
+    """``True``, or one of the strings "approve", "approved", "yes" (any case, surrounding spaces ignored)."""
+    return value is True or (isinstance(value, str) and value.strip().lower() in _AFFIRMATIVE)
+
+
+def _approves(answer: Any) -> bool:
+    """Whether a reviewer's answer approves: ``True``, an affirmative string, or a mapping whose ``approve`` /
+    ``approved`` keys (at least one present) are all affirmative. Anything else (``False``, ``"false"``,
+    ``"no"``, ``0``, ``1``, ``None``, an empty mapping, ...) rejects: fail closed."""
+    if isinstance(answer, Mapping):
+        said = [answer[k] for k in ("approve", "approved") if k in answer]
+        return bool(said) and all(_affirmative(v) for v in said)
+    return _affirmative(answer)
+
+
+def _known_not_passing(stored: Sequence[Decision | None]) -> bool:
+    """Whether a stored tool-result decision (left by the tool node) already says the result does not pass."""
+    return any(d is not None and not d.action.passes for d in stored)
+
+
+def _command_messages(command: Command[Any]) -> list[BaseMessage] | None:
+    """The messages a tool's ``Command`` writes (``update["messages"]``, or a list update); None when its update
+    has a shape this cannot read."""
+    update = command.update
+    if update is None:
+        return []
+    if isinstance(update, Mapping):
+        raw = update.get("messages")
+    elif isinstance(update, list):
+        raw = update
+    else:
+        return None
+    try:
+        return convert_to_messages(_as_list(raw))
+    except Exception:  # not messages: cannot be checked
+        return None
+
+
+def _result_messages(result: Any) -> list[BaseMessage] | None:
+    """Every message of a tool node result (a ToolMessage, a Command, or a list of them); None: unreadable."""
+    if isinstance(result, ToolMessage):
+        return [result]
+    if isinstance(result, Command):
+        return _command_messages(result)
+    if isinstance(result, list):
+        messages: list[BaseMessage] = []
+        for item in result:
+            if not isinstance(item, ToolMessage | Command):
+                return None
+            more = _result_messages(item)
+            if more is None:
+                return None
+            messages.extend(more)
+        return messages
+    return None
 
 
 def _as_list(value: Any) -> list[Any]:

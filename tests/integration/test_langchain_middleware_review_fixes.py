@@ -11,16 +11,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from langchain.agents import create_agent
+from langchain.agents import AgentState, create_agent
+from langchain.agents.middleware import AgentMiddleware
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_core.tools import tool
+from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 from pydantic import BaseModel
+from typing_extensions import NotRequired
 
 from flexguard_integrations import Guard, GuardBlockedError
 from flexguard_integrations.langchain import GuardMiddleware
@@ -31,6 +33,7 @@ from tests.integration.test_langchain_middleware import (
     GREY,
     INJECTION,
     REVIEW_POLICY,
+    SAFE_RESULT,
     Recorder,
     Tools,
     call,
@@ -376,10 +379,10 @@ async def test_parallel_tool_results_rerouted_to_a_handler_are_all_resolved(
     assert seen == ["escalate", "escalate"] and sorted(runs) == ["a", "b"]  # every result's route ran
     results = [m for m in msgs(result) if isinstance(m, ToolMessage)]
     assert len(results) == 2 and all(m.status == "error" and INJECTION not in m.text for m in results)
-    # sequential: no model call read one; speculative: a call that read them was dropped (its response is
-    # nowhere), and the rerun (when the run goes on) did not read them
-    read = llm.calls if not speculative else llm.calls[-1:] if not ends else []
-    assert all(INJECTION not in m.text for call_ in read for m in call_)
+    # the tool node stored their (reroute) decisions: no model call read one, not even a dropped speculative one
+    # (with speculative_input the known reroutes are resolved before the model call starts)
+    assert all(INJECTION not in m.text for call_ in llm.calls for m in call_)
+    assert len(llm.calls) == (1 if ends else 2)
     texts = [m.text for m in msgs(result)]
     if ends:  # both handlers' messages, in order; the first jump wins (both say "end")
         assert texts[-2:] == ["escalated 1", "escalated 2"] and "Done." not in texts
@@ -418,3 +421,287 @@ async def test_parallel_tool_results_under_review_each_get_their_own_answer(
             assert (
                 by_call[call_id].status == "error" and original not in read and INJECTION not in by_call[call_id].text
             )
+
+
+# ---------------------------------------------------------------- 6. a tool that returns a Command
+
+
+def command_lookup(
+    runs: list[str], text: str, *, return_direct: bool = False, extra: Any = None, as_dict: bool = False
+) -> Any:
+    """A tool that answers with a ``Command`` whose update carries its ToolMessage (and ``extra`` messages);
+    ``as_dict``: the ToolMessage as a message dict."""
+
+    @tool(return_direct=return_direct)
+    def lookup(query: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:
+        """Look something up."""
+        runs.append(query)
+        result: Any = ToolMessage(text, tool_call_id=tool_call_id, name="lookup")
+        if as_dict:
+            result = {"role": "tool", "content": text, "tool_call_id": tool_call_id}
+        return Command(update={"messages": [result, *(extra or [])]})
+
+    return lookup
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["message", "dict"])
+@pytest.mark.parametrize("return_direct", [True, False], ids=["return-direct", "ordinary"])
+async def test_a_tool_result_inside_a_command_is_checked(
+    guard: Guard, mode: str, return_direct: bool, as_dict: bool
+) -> None:
+    runs: list[str] = []
+    llm = model(AIMessage("", tool_calls=[call("lookup", {"query": "a"}, "c1")]), "Done.")
+    tools = [command_lookup(runs, INJECTION, return_direct=return_direct, as_dict=as_dict)]
+    agent = create_agent(llm, tools=tools, middleware=[GuardMiddleware(guard)])
+    rec = Recorder()
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, {"callbacks": [rec]})
+    assert runs == ["a"] and not leaked(result, INJECTION)
+    assert all(INJECTION not in m.text for call_ in llm.calls for m in call_)
+    tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert tm.status == "error" and "jailbreak" in tm.text
+    assert [e["where"] for e in rec.events if e["action"] == "block"] == ["tool_result"]  # checked once
+    if return_direct:  # the withheld result is the run's final message
+        assert msgs(result)[-1].text == tm.text and len(llm.calls) == 1
+    else:
+        assert msgs(result)[-1].text == "Done." and len(llm.calls) == 2
+
+
+async def test_a_command_result_is_redacted_and_its_other_messages_are_checked(
+    guard: Guard, server: FakeGuardServer, mode: str
+) -> None:
+    server.add_rule("explosives", score=90, categories=["VIOLENCE"])
+    policy = {"surfaces": {"tool_result": {"action": "redact"}}}
+    runs: list[str] = []
+    note = AIMessage(f"Note: {BAD}")  # a message the tool writes besides its result: read by user and model
+    llm = model(AIMessage("", tool_calls=[call("lookup", {"query": "a"}, "c1")]), "Done.")
+    tools = [command_lookup(runs, f"{GOOD} {BAD}", return_direct=True, extra=[note])]
+    agent = create_agent(llm, tools=tools, middleware=[GuardMiddleware(guard, policy=policy)])
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode)
+    assert runs == ["a"] and not leaked(result, SECRET)
+    tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert GOOD in tm.text and "[REDACTED" in tm.text
+
+
+@pytest.mark.parametrize("route", ["escalate", "human_review"])
+async def test_a_rerouted_command_result_of_a_return_direct_tool_is_resolved(
+    guard: Guard, mode: str, route: str
+) -> None:
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": route}}}}
+    seen: list[Any] = []
+
+    def escalate(decision: Any, state: Any) -> dict[str, Any]:
+        seen.append(state["messages"][-1].text)
+        return {"content": ESCALATED}
+
+    runs: list[str] = []
+    llm = model(AIMessage("", tool_calls=[call("lookup", {"query": "a"}, "c1")]), "never")
+    mw = GuardMiddleware(guard, policy=policy, route_handlers={"escalate": escalate})
+    tools = [command_lookup(runs, INJECTION, return_direct=True)]
+    agent = create_agent(llm, tools=tools, middleware=[mw], checkpointer=InMemorySaver())
+    cfg: Any = {"configurable": {"thread_id": f"command-return-direct-{route}-{mode}"}}
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, cfg)
+    assert "__interrupt__" not in result and runs == ["a"] and len(llm.calls) == 1
+    assert not leaked(result, INJECTION) and not leaked(agent.get_state(cfg).values, INJECTION)
+    last = msgs(result)[-1]
+    assert isinstance(last, ToolMessage) and last.status == "error"
+    if route == "escalate":
+        assert seen == [INJECTION] and last.text == ESCALATED
+    else:
+        assert "return_direct" in last.text
+
+
+async def test_a_tool_result_of_an_unknown_shape_is_withheld(guard: Guard, mode: str) -> None:
+    class Raw(AgentMiddleware):  # an inner wrapper that answers with something that is not a ToolMessage
+        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+            handler(request)
+            return [ToolMessage(INJECTION, tool_call_id="c1", name="search"), {"content": INJECTION}]
+
+        async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
+            await handler(request)
+            return [ToolMessage(INJECTION, tool_call_id="c1", name="search"), {"content": INJECTION}]
+
+    tools = Tools(search_result=SAFE_RESULT)
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "Done.")
+    agent = create_agent(llm, tools=tools.all, middleware=[GuardMiddleware(guard), Raw()])
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode)
+    assert not leaked(result, INJECTION) and all(INJECTION not in m.text for c in llm.calls for m in c)
+    tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert tm.status == "error" and tm.tool_call_id == "c1" and msgs(result)[-1].text == "Done."
+
+
+# ---------------------------------------------------------------- 7. return_direct next to an ordinary tool
+
+
+def lookup_and_weather(runs: list[str]) -> list[Any]:
+    @tool(return_direct=True)
+    def lookup(query: str) -> str:
+        """Look something up."""
+        runs.append("lookup")
+        return f"{INJECTION} (lookup)"
+
+    @tool
+    def weather(city: str) -> str:
+        """The weather."""
+        runs.append("weather")
+        return SAFE_RESULT
+
+    return [lookup, weather]
+
+
+def lookup_and_weather_calls() -> AIMessage:
+    return AIMessage("", tool_calls=[call("lookup", {"query": "a"}, "c1"), call("weather", {"city": "x"}, "c2")])
+
+
+@pytest.mark.parametrize("approve", [True, False])
+async def test_a_return_direct_result_next_to_an_ordinary_call_is_reviewed_before_the_model(
+    guard: Guard, mode: str, approve: bool
+) -> None:
+    # the agent goes back to the model (not every tool is return_direct): the route runs in before_model
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": "human_review"}}}}
+    runs: list[str] = []
+    llm = model(lookup_and_weather_calls(), "Done.")
+    mw = GuardMiddleware(guard, policy=policy)
+    agent = create_agent(llm, tools=lookup_and_weather(runs), middleware=[mw], checkpointer=InMemorySaver())
+    cfg: Any = {"configurable": {"thread_id": f"mixed-review-{mode}-{approve}"}}
+    first = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, cfg)
+    (pending,) = first["__interrupt__"]
+    assert pending.value["where"] == "tool_result" and pending.value["text"] == f"{INJECTION} (lookup)"
+    result = await run(agent, Command(resume={"approve": approve}), mode, cfg)
+    assert sorted(runs) == ["lookup", "weather"] and msgs(result)[-1].text == "Done." and len(llm.calls) == 2
+    c1 = next(m for m in msgs(result) if isinstance(m, ToolMessage) and m.tool_call_id == "c1")
+    read = " ".join(m.text for m in llm.calls[-1])
+    if approve:
+        assert c1.text == f"{INJECTION} (lookup)" and INJECTION in read
+    else:
+        assert c1.status == "error" and INJECTION not in read and "return_direct" not in c1.text
+
+
+async def test_a_return_direct_result_next_to_an_ordinary_call_runs_its_handler_before_the_model(
+    guard: Guard, mode: str
+) -> None:
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": "escalate"}}}}
+    seen: list[str] = []
+
+    def escalate(decision: Any, state: Any) -> dict[str, Any]:
+        seen.append(decision.route)
+        return {"messages": [AIMessage(ESCALATED)], "jump_to": "end"}
+
+    runs: list[str] = []
+    llm = model(lookup_and_weather_calls(), "MODEL RAN AGAIN")
+    mw = GuardMiddleware(guard, policy=policy, route_handlers={"escalate": escalate})
+    agent = create_agent(llm, tools=lookup_and_weather(runs), middleware=[mw])
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode)
+    assert seen == ["escalate"] and msgs(result)[-1].text == ESCALATED and len(llm.calls) == 1
+    assert not leaked(result, INJECTION)
+
+
+# ---------------------------------------------------------------- 8. review answers are strict
+
+
+REJECTIONS: list[Any] = [
+    {"approve": "false"},
+    {"approve": "no"},
+    {"approve": 1},
+    {"approve": False, "approved": "false"},
+    {"approved": "reject"},
+    {"approve": True, "approved": False},
+    {"comment": "looks fine"},
+    "no",
+    "false",
+    "",
+    0,
+]
+APPROVALS: list[Any] = [True, {"approve": True}, {"approved": True}, "approve", "Yes", {"approve": "approved"}]
+
+
+@pytest.mark.parametrize(
+    ("answer", "approved"), [*((a, False) for a in REJECTIONS), *((a, True) for a in APPROVALS)], ids=repr
+)
+async def test_a_tool_result_review_approves_only_an_explicit_yes(
+    guard: Guard, mode: str, answer: Any, approved: bool
+) -> None:
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": "human_review"}}}}
+    tools = Tools(search_result=INJECTION)
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "Done.")
+    agent = create_agent(
+        llm, tools=tools.all, middleware=[GuardMiddleware(guard, policy=policy)], checkpointer=InMemorySaver()
+    )
+    cfg: Any = {"configurable": {"thread_id": f"answer-{mode}-{answer!r}"}}
+    first = await run(agent, {"messages": [HumanMessage("search")]}, mode, cfg)
+    assert first["__interrupt__"][0].value["where"] == "tool_result"
+    result = await run(agent, Command(resume=answer), mode, cfg)
+    read = any(INJECTION in m.text for m in llm.calls[-1])
+    assert read is approved and msgs(result)[-1].text == "Done."
+
+
+@pytest.mark.parametrize("answer", [{"approve": "false"}, {"approve": "no"}, {"approved": "0"}, "nope"], ids=repr)
+async def test_a_tool_call_review_rejects_anything_but_an_explicit_yes(
+    guard: Guard, server: FakeGuardServer, mode: str, answer: Any
+) -> None:
+    server.add_rule("send_email", score=50, categories=["PRIVACY"], mode="response")
+    tools = Tools()
+    llm = model(AIMessage("", tool_calls=[call("send_email", {"to": "a@example.com", "body": "r"}, "c1")]), "Done.")
+    agent = create_agent(
+        llm, tools=tools.all, middleware=[GuardMiddleware(guard, policy=REVIEW_POLICY)], checkpointer=InMemorySaver()
+    )
+    cfg: Any = {"configurable": {"thread_id": f"call-answer-{mode}-{answer!r}"}}
+    first = await run(agent, {"messages": [HumanMessage("send the report")]}, mode, cfg)
+    assert first["__interrupt__"][0].value["where"] == "tool_call"
+    result = await run(agent, Command(resume=answer), mode, cfg)
+    tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert tools.ran == [] and tm.status == "error" and "privacy" in tm.text
+
+
+# ---------------------------------------------------------------- 9. speculative input: known reroutes first
+
+
+@pytest.mark.parametrize("route", ["human_review", "escalate"])
+async def test_a_speculative_model_call_never_reads_a_result_known_to_be_rerouted(
+    guard: Guard, mode: str, route: str
+) -> None:
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": route}}}}
+    runs: list[str] = []
+    llm = model(two_searches(), *["Done."] * 6)
+    mw = GuardMiddleware(guard, policy=policy, speculative_input=True, route_handlers={"escalate": lambda d, s: {}})
+    agent = create_agent(llm, tools=[injected_search(runs)], middleware=[mw], checkpointer=InMemorySaver())
+    cfg: Any = {"configurable": {"thread_id": f"speculative-known-{route}-{mode}"}}
+    result = await run(agent, {"messages": [HumanMessage("search something")]}, mode, cfg)
+    resumes = 0
+    while "__interrupt__" in result:
+        assert resumes < 2
+        result = await run(agent, Command(resume={"approve": False}), mode, cfg)
+        resumes += 1
+    assert resumes == (2 if route == "human_review" else 0) and msgs(result)[-1].text == "Done."
+    assert all(INJECTION not in m.text for call_ in llm.calls for m in call_)  # not once, dropped or not
+    assert len(llm.calls) == 2  # the tool-calling step and the step after the results were withheld
+
+
+# ---------------------------------------------------------------- 10. parallel return_direct results, one key
+
+
+class EscalationState(AgentState[Any]):
+    escalated: NotRequired[int]
+
+
+async def test_parallel_return_direct_results_routed_to_a_handler_setting_a_key_do_not_crash(
+    guard: Guard, mode: str
+) -> None:
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": "escalate"}}}}
+    seen: list[str] = []
+
+    def escalate(decision: Any, state: Any) -> dict[str, Any]:
+        seen.append(state["messages"][-1].text)
+        return {"content": ESCALATED, "escalated": len(seen)}
+
+    runs: list[str] = []
+    llm = model(two_searches(), "never")
+    mw = GuardMiddleware(guard, policy=policy, route_handlers={"escalate": escalate})
+    agent = create_agent(
+        llm, tools=[injected_search(runs, return_direct=True)], state_schema=EscalationState, middleware=[mw]
+    )
+    result = await run(agent, {"messages": [HumanMessage("search something")]}, mode)
+    assert sorted(runs) == ["a", "b"] and len(llm.calls) == 1 and len(seen) == 2
+    assert result["escalated"] in (1, 2)  # one handler's keys (the first to run) are applied
+    results = [m for m in msgs(result) if isinstance(m, ToolMessage)]
+    assert len(results) == 2 and all(m.text == ESCALATED and m.status == "error" for m in results)
+    assert not leaked(result, INJECTION)
