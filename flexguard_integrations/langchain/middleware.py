@@ -6,19 +6,19 @@
   (``tool_call``), all checked before any tool runs;
 - around each tool call: the arguments (if not already checked) and the result.
 
-BLOCK on the input answers with the refusal and ends the run; a blocked tool call is never executed (the
-agent receives a ``ToolMessage(status="error")``); a blocked response is replaced (same message id).
-REDACT replaces content in place (same id). REROUTE to ``human_review`` raises a LangGraph interrupt
-carrying the decision (needs a checkpointer); other route names call ``route_handlers[name]``. A rerouted
-response is never put back in the visible messages; a rerouted tool result is routed in ``before_model``
-(in the tool node when every tool of the step is ``return_direct``, so the run ends after it: there human
-review cannot run, the result is withheld). A tool's ``Command`` result has each message of its
+BLOCK on the input answers with the refusal and ends the run; a blocked tool call is never executed (the agent
+receives a ``ToolMessage(status="error")``); a blocked response is replaced (same message id). REDACT replaces
+content in place (same id). REROUTE to ``human_review`` raises a LangGraph interrupt carrying the decision
+(needs a checkpointer); other route names call ``route_handlers[name]``. A rerouted response is never put back
+in the visible messages; a rerouted tool result is routed in ``before_model`` (in the tool node when the run may
+end after the tool step: the tool is ``return_direct``, or the step also answered with a structured output;
+there human review cannot run, the result is withheld). A tool's ``Command`` result has each message of its
 ``update["messages"]`` checked; a result of another shape is withheld. Review answers approve only when
-explicitly affirmative (``True``, ``{"approve": True}``, "approve"/"approved"/"yes"). Several
-rerouted tool results are all resolved in one ``before_model`` pass: one review interrupt per result, in order,
-nothing written until every review has answered; the handlers' updates are merged (first ``jump_to`` wins).
-A structured answer (``response_format``) is checked on the response surface; when it does not pass,
-``structured_response`` is cleared.
+explicitly affirmative (``True``, ``{"approve": True}``, "approve"/"approved"/"yes"). Several rerouted tool
+results are all resolved in one ``before_model`` pass: one review interrupt per result, in order, nothing
+written until every review has answered; the handlers' updates are merged (first ``jump_to`` wins). A structured
+answer (``response_format``) is checked on the response surface; when it does not pass, ``structured_response``
+is cleared.
 Both sync and async hooks are implemented, and ``can_jump_to`` is declared (an undeclared ``jump_to`` is
 silently ignored by LangChain).
 
@@ -56,7 +56,6 @@ from langchain_core.messages import (
     messages_from_dict,
 )
 from langchain_core.runnables.config import var_child_runnable_config
-from langchain_core.tools import BaseTool
 from langgraph.graph.message import add_messages
 from langgraph.types import Command
 from typing_extensions import NotRequired
@@ -241,7 +240,6 @@ class GuardMiddleware(AgentMiddleware):
         self._call_decisions: OrderedDict[str, Decision] = OrderedDict()
         self._checked_results: OrderedDict[str, None] = OrderedDict()
         self._result_decisions: OrderedDict[str, Decision] = OrderedDict()  # rerouted in the tool node
-        self._return_direct: dict[str, bool] = {}  # tool name -> return_direct, from the model requests
         self._step_owner: OrderedDict[str, str] = OrderedDict()  # tool step -> call whose handler keys apply
 
     @property
@@ -883,7 +881,6 @@ class GuardMiddleware(AgentMiddleware):
         tool result's stored decision (from the tool node) already does not pass, nothing is speculative: the
         input is resolved first and the model only reads the outcome.
         """
-        self._note_tools(request)
         tasks = self._speculative_tasks(request)
         if not tasks:
             if not self._holds:
@@ -930,7 +927,6 @@ class GuardMiddleware(AgentMiddleware):
         The task is cancelled (and awaited) as soon as the input does not pass or the check raises. When a tool
         result's stored decision already does not pass, the input is resolved before the model call starts.
         """
-        self._note_tools(request)
         tasks = self._speculative_tasks(request)
         if not tasks:
             if not self._holds:
@@ -1001,13 +997,6 @@ class GuardMiddleware(AgentMiddleware):
         self._remember(self._result_decisions, _seen_key(result.tool_call_id, text), decision)
         return result
 
-    def _note_tools(self, request: Any) -> None:
-        """Record the ``return_direct`` flag of each tool the model is offered (a name once seen with the flag
-        keeps it: unknown or conflicting flags make the tool node resolve a rerouted result itself)."""
-        for t in getattr(request, "tools", None) or ():
-            if isinstance(t, BaseTool):
-                self._return_direct[t.name] = self._return_direct.get(t.name, False) or bool(t.return_direct)
-
     @staticmethod
     def _calling_message(request: Any) -> AIMessage | None:
         """The AIMessage (in the tool node's state) whose tool calls include this request's call."""
@@ -1020,20 +1009,27 @@ class GuardMiddleware(AgentMiddleware):
         return None
 
     def _ends_after_tools(self, request: Any) -> bool:
-        """Whether the agent may end right after this tool step, without another ``before_model``.
+        """Whether the agent may end right after this tool step, without another ``before_model``; then a
+        rerouted result is resolved in the tool node.
 
-        LangChain ends after the tool node when *every* tool the calling AIMessage called is ``return_direct``
-        (an AIMessage with one ordinary tool next to a return_direct one goes back to the model). The flags of
-        the other calls' tools come from the model requests this middleware saw; a call whose flag is unknown
-        counts as return_direct (fail closed: the result is resolved here rather than left raw).
+        Read from this request alone, never from what the middleware saw before (one instance may serve several
+        agents, threads and checkpoints resumed elsewhere), and on the safe side: LangChain ends after a step
+        whose every tool is ``return_direct`` (so: this tool is), or that answered a structured-output call (the
+        model node wrote that call's ToolMessage, so another call of the same AIMessage already has a non-error
+        ToolMessage in the state). A call whose AIMessage cannot be found counts as ending the run.
         """
-        if not getattr(request.tool, "return_direct", False):
-            return False
+        if getattr(request.tool, "return_direct", False):
+            return True
         calling = self._calling_message(request)
         if calling is None:
             return True
         own = request.tool_call.get("id")
-        return not any(c.get("id") != own and self._return_direct.get(c["name"]) is False for c in calling.tool_calls)
+        others = {c.get("id") for c in calling.tool_calls if c.get("id") != own}
+        if not others:
+            return False
+        state = request.state
+        messages = state.get("messages", []) if isinstance(state, Mapping) else state if isinstance(state, list) else []
+        return any(isinstance(m, ToolMessage) and m.tool_call_id in others and m.status != "error" for m in messages)
 
     def _claim_step(self, request: Any) -> bool:
         """Whether this tool call is the first of its tool step to apply a route handler's non-message keys.

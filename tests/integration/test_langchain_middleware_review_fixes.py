@@ -552,31 +552,28 @@ def lookup_and_weather_calls() -> AIMessage:
     return AIMessage("", tool_calls=[call("lookup", {"query": "a"}, "c1"), call("weather", {"city": "x"}, "c2")])
 
 
-@pytest.mark.parametrize("approve", [True, False])
-async def test_a_return_direct_result_next_to_an_ordinary_call_is_reviewed_before_the_model(
-    guard: Guard, mode: str, approve: bool
+async def test_a_return_direct_result_next_to_an_ordinary_call_is_withheld_in_the_tool_node(
+    guard: Guard, mode: str
 ) -> None:
-    # the agent goes back to the model (not every tool is return_direct): the route runs in before_model
+    """A return_direct tool's rerouted result is resolved in the tool node even when the step also has an
+    ordinary call (LangChain then goes back to the model): whether the run ends depends on the other tools'
+    flags, which the tool node cannot know without state kept across agents and checkpoints. Human review
+    is not available there, so the result is withheld, and the model never reads it."""
     policy = {"surfaces": {"tool_result": {"action": {"reroute": "human_review"}}}}
     runs: list[str] = []
     llm = model(lookup_and_weather_calls(), "Done.")
     mw = GuardMiddleware(guard, policy=policy)
     agent = create_agent(llm, tools=lookup_and_weather(runs), middleware=[mw], checkpointer=InMemorySaver())
-    cfg: Any = {"configurable": {"thread_id": f"mixed-review-{mode}-{approve}"}}
-    first = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, cfg)
-    (pending,) = first["__interrupt__"]
-    assert pending.value["where"] == "tool_result" and pending.value["text"] == f"{INJECTION} (lookup)"
-    result = await run(agent, Command(resume={"approve": approve}), mode, cfg)
+    cfg: Any = {"configurable": {"thread_id": f"mixed-review-{mode}"}}
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, cfg)
+    assert "__interrupt__" not in result
     assert sorted(runs) == ["lookup", "weather"] and msgs(result)[-1].text == "Done." and len(llm.calls) == 2
     c1 = next(m for m in msgs(result) if isinstance(m, ToolMessage) and m.tool_call_id == "c1")
-    read = " ".join(m.text for m in llm.calls[-1])
-    if approve:
-        assert c1.text == f"{INJECTION} (lookup)" and INJECTION in read
-    else:
-        assert c1.status == "error" and INJECTION not in read and "return_direct" not in c1.text
+    assert c1.status == "error" and "return_direct" in c1.text
+    assert INJECTION not in " ".join(m.text for m in llm.calls[-1])
 
 
-async def test_a_return_direct_result_next_to_an_ordinary_call_runs_its_handler_before_the_model(
+async def test_a_return_direct_result_next_to_an_ordinary_call_runs_its_handler_in_the_tool_node(
     guard: Guard, mode: str
 ) -> None:
     policy = {"surfaces": {"tool_result": {"action": {"reroute": "escalate"}}}}
@@ -587,12 +584,85 @@ async def test_a_return_direct_result_next_to_an_ordinary_call_runs_its_handler_
         return {"messages": [AIMessage(ESCALATED)], "jump_to": "end"}
 
     runs: list[str] = []
-    llm = model(lookup_and_weather_calls(), "MODEL RAN AGAIN")
+    llm = model(lookup_and_weather_calls(), "Done.")
     mw = GuardMiddleware(guard, policy=policy, route_handlers={"escalate": escalate})
     agent = create_agent(llm, tools=lookup_and_weather(runs), middleware=[mw])
     result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode)
-    assert seen == ["escalate"] and msgs(result)[-1].text == ESCALATED and len(llm.calls) == 1
+    # the handler ran (a tool node cannot jump: the model answers after the withheld result)
+    assert seen == ["escalate"] and len(llm.calls) == 2
+    assert INJECTION not in " ".join(m.text for m in llm.calls[-1])
     assert not leaked(result, INJECTION)
+
+
+async def test_one_middleware_shared_by_agents_never_lets_a_rerouted_return_direct_result_through(
+    guard: Guard, mode: str
+) -> None:
+    """The middleware keeps no per-tool flags. Here a worker's middleware first serves agent X, whose ``weather``
+    is an ordinary tool, then resumes agent Y's checkpoint (paused by a tool-call approval on another worker)
+    straight into Y's tool node, where ``lookup`` and ``weather`` are both return_direct: the run ends after
+    the tool step, so a rerouted ``lookup`` result deferred to a model step would end the run raw."""
+    from langchain.agents.middleware import HumanInTheLoopMiddleware
+
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": "human_review"}}}}
+
+    @tool
+    def weather(city: str) -> str:
+        """The weather."""
+        return SAFE_RESULT
+
+    @tool("weather", return_direct=True)
+    def weather_direct(city: str) -> str:
+        """The weather."""
+        return SAFE_RESULT
+
+    runs: list[str] = []
+    lookup = next(t for t in lookup_and_weather(runs) if t.name == "lookup")  # return_direct
+    saver, cfg = InMemorySaver(), {"configurable": {"thread_id": f"shared-{mode}"}}
+    llm = model(lookup_and_weather_calls(), "MODEL RAN AGAIN")
+
+    def agent_y(mw: GuardMiddleware) -> Any:
+        hitl = HumanInTheLoopMiddleware({"weather": True})
+        return create_agent(llm, tools=[lookup, weather_direct], middleware=[mw, hitl], checkpointer=saver)
+
+    paused = await run(agent_y(GuardMiddleware(guard, policy=policy)), {"messages": [HumanMessage("a")]}, mode, cfg)
+    assert "__interrupt__" in paused  # worker 1: Y waits for the approval of its tool calls
+    shared = GuardMiddleware(guard, policy=policy)  # worker 2
+    x = create_agent(model("Hello."), tools=[weather], middleware=[shared])
+    assert msgs(await run(x, {"messages": [HumanMessage("hi")]}, mode))[-1].text == "Hello."
+    result = await run(agent_y(shared), Command(resume={"decisions": [{"type": "approve"}]}), mode, cfg)
+    assert runs == ["lookup"] and len(llm.calls) == 1  # every tool return_direct: the run ended after them
+    assert not leaked(result, INJECTION)
+    c1 = next(m for m in msgs(result) if isinstance(m, ToolMessage) and m.tool_call_id == "c1")
+    assert c1.status == "error" and "return_direct" in c1.text
+
+
+@pytest.mark.parametrize("route", ["human_review", "escalate"])
+async def test_a_rerouted_result_in_a_step_that_answers_with_structured_output_is_resolved_in_the_tool_node(
+    guard: Guard, mode: str, route: str
+) -> None:
+    """The model calls a tool and the structured-output tool together: LangChain ends after that step (a
+    structured answer was given), so no model step follows in which to route the tool's result."""
+    policy = {"surfaces": {"tool_result": {"action": {"reroute": route}}}}
+    handled: list[str] = []
+
+    def escalate(decision: Any, state: Any) -> dict[str, Any]:
+        handled.append(decision.route)
+        return {"messages": [AIMessage(ESCALATED)], "jump_to": "end"}
+
+    tools = Tools(search_result=INJECTION)
+    calls = [call("search", {"query": "a"}, "c1"), call("Answer", {"answer": "ok"}, "c2")]
+    llm = model(AIMessage("", tool_calls=calls), "MODEL RAN AGAIN")
+    mw = GuardMiddleware(guard, policy=policy, route_handlers={"escalate": escalate})
+    agent = create_agent(
+        llm, tools=tools.all, response_format=ToolStrategy(Answer), middleware=[mw], checkpointer=InMemorySaver()
+    )
+    cfg: Any = {"configurable": {"thread_id": f"structured-step-{route}-{mode}"}}
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, cfg)
+    assert "__interrupt__" not in result and len(llm.calls) == 1
+    assert not leaked(result, INJECTION)
+    c1 = next(m for m in msgs(result) if isinstance(m, ToolMessage) and m.tool_call_id == "c1")
+    assert c1.status == "error"
+    assert handled == (["escalate"] if route == "escalate" else [])
 
 
 # ---------------------------------------------------------------- 8. review answers are strict
