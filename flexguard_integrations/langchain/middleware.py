@@ -8,19 +8,20 @@
 
 BLOCK on the input answers with the refusal and ends the run; a blocked tool call is never executed (the agent
 receives a ``ToolMessage(status="error")``); a blocked response is replaced (same message id). REDACT replaces
-content in place (same id). REROUTE to ``human_review`` raises a LangGraph interrupt carrying the decision
-(needs a checkpointer); other route names call ``route_handlers[name]``. A rerouted response is never put back
-in the visible messages; a rerouted tool result is routed in ``before_model`` (in the tool node when the run may
-end after the tool step: the tool is ``return_direct``, or the step also answered with a structured output;
-there human review cannot run, the result is withheld). A tool's ``Command`` result has each message of its
-``update["messages"]`` checked; a result of another shape is withheld. Review answers approve only when
-explicitly affirmative (``True``, ``{"approve": True}``, "approve"/"approved"/"yes"). Several rerouted tool
-results are all resolved in one ``before_model`` pass: one review interrupt per result, in order, nothing
-written until every review has answered; the handlers' updates are merged (first ``jump_to`` wins). A structured
-answer (``response_format``) is checked on the response surface; when it does not pass, ``structured_response``
-is cleared.
-Both sync and async hooks are implemented, and ``can_jump_to`` is declared (an undeclared ``jump_to`` is
-silently ignored by LangChain).
+content in place (same id). REROUTE to ``human_review`` raises a LangGraph interrupt carrying the decision (needs a
+checkpointer); other route names call ``route_handlers[name]``. A rerouted response is never put back in the visible
+messages; a rerouted tool result is routed in ``before_model`` (in the tool node when the run may end after the tool
+step: the tool is ``return_direct``, or the step also answered with a structured output; there human review cannot
+run, the result is withheld). At the end of the run ``after_agent`` is a backstop for the ways to end after a tool
+step that the tool node cannot foresee: a tool result still unresolved (a deferred reroute, or never checked) is
+resolved fail closed, without running routes (see ``after_agent``). A tool's ``Command`` result has each message of
+its ``update["messages"]`` checked; a result of another shape is withheld. Review answers approve only when
+explicitly affirmative (``True``, ``{"approve": True}``, "approve"/"approved"/"yes"). Several rerouted tool results
+are all resolved in one ``before_model`` pass: one review interrupt per result, in order, nothing written until
+every review has answered; the handlers' updates are merged (first ``jump_to`` wins). A structured answer
+(``response_format``) is checked on the response surface; when it does not pass, ``structured_response`` is cleared.
+Both sync and async hooks are implemented, and ``can_jump_to`` is declared (an undeclared ``jump_to`` is silently
+ignored by LangChain).
 
 ``speculative_input=True`` moves the input checks from ``before_model`` into ``wrap_model_call`` /
 ``awrap_model_call``, where they run at the same time as the model call (see :class:`GuardMiddleware`).
@@ -90,6 +91,9 @@ HELD_FOR_REVIEW = "[response held for review by the safety guard]"
 RETURN_DIRECT_NO_REVIEW = (
     "human review is not available for the result of a return_direct tool (the run may end after this tool step,"
     " with no model step to review it in): withheld"
+)
+RUN_ENDED_NO_ROUTE = (
+    "the run ended before this tool result's route could run (no model step followed the tool step): withheld"
 )
 _NOSTREAM = "nostream"  # langgraph.constants.TAG_NOSTREAM: the messages stream skips chat models tagged so
 
@@ -198,10 +202,19 @@ class GuardMiddleware(AgentMiddleware):
         # create_agent adds a graph node for every middleware class that overrides before_model; a
         # configuration whose before_model can never act gets a class without it, and saves the node's
         # superstep on every agent step (about a millisecond)
+        # the same for after_agent, which only resolves tool results: without check_tool_results it never acts
         speculative = bool(options.get("speculative_input", False))
-        no_input = not options.get("check_input", True) and not options.get("check_tool_results", True)
-        pruned = cls is GuardMiddleware and (speculative or no_input)
-        return super().__new__(_GuardMiddlewareNoBeforeModel if pruned else cls)
+        no_results = not options.get("check_tool_results", True)
+        no_input = not options.get("check_input", True) and no_results
+        if cls is not GuardMiddleware:
+            return super().__new__(cls)
+        pruned: type[GuardMiddleware] = {
+            (False, False): GuardMiddleware,
+            (True, False): _GuardMiddlewareNoBeforeModel,
+            (False, True): _GuardMiddlewareNoAfterAgent,
+            (True, True): _GuardMiddlewareNoAgentHooks,
+        }[(speculative or no_input, no_results)]
+        return super().__new__(pruned)
 
     def __init__(
         self,
@@ -965,6 +978,116 @@ class GuardMiddleware(AgentMiddleware):
             return self._respond(plan)
         return self._respond(plan, *await self._ahold(plan.rerun, await self._acall(handler, plan.rerun)))
 
+    # ================================================================= end of the run (after_agent)
+
+    def _end_tasks(self, state: Mapping[str, Any]) -> list[tuple[ToolMessage, str, Decision | None]]:
+        """The tool results still unresolved at the end of the run: (message, text, the stored decision of a
+        deferred reroute, or None for a result that was never checked).
+
+        A deferred reroute (a non-passing decision the tool node stored, for a result whose text is still the raw
+        one: resolving it drops the decision) counts anywhere after the last AIMessage with tool calls, i.e. in
+        the last tool step, even when an AIMessage written by another middleware follows it (a model call limit
+        ending the run). A result never checked counts only after the last AIMessage: one before it was read by
+        a model step already, and was checked then (by this instance, or by another that checked it before the
+        model read it).
+        """
+        messages = list(state.get("messages", [])) if isinstance(state, Mapping) else []
+        last_ai = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage)), default=-1)
+        step = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage) and m.tool_calls), default=-1)
+        tasks: list[tuple[ToolMessage, str, Decision | None]] = []
+        for i in range(step + 1, len(messages)):
+            msg = messages[i]
+            if not isinstance(msg, ToolMessage):
+                continue
+            text = message_text(msg)
+            if not text.strip():
+                continue
+            key = _seen_key(msg.tool_call_id, text)
+            stored = self._result_decisions.get(key)
+            if stored is not None and not stored.action.passes:
+                tasks.append((msg, text, stored))
+            elif i > last_ai and key not in self._checked_results:
+                tasks.append((msg, text, None))
+        return tasks
+
+    def _end_update(
+        self, tasks: list[tuple[ToolMessage, str, Decision | None]], decisions: list[Decision]
+    ) -> dict[str, Any] | None:
+        """Resolve the unresolved tool results fail closed: no route runs at the end of a run (no interrupt, no
+        handler), a REROUTE becomes a BLOCK whose reason says so; REDACT redacts, anything else that does not
+        pass is withheld (``GuardBlockedError`` with ``exit_behavior="error"``)."""
+        from dataclasses import replace
+
+        outcomes: list[tuple[ToolMessage, str, BaseMessage | None]] = []
+        for (msg, text, _), raw in zip(tasks, decisions, strict=True):
+            decision = raw
+            if decision.action.passes:
+                outcomes.append((msg, text, None))
+                continue
+            if decision.action is Action.REDACT and decision.redacted_text is not None:
+                outcomes.append((msg, text, with_text(msg, decision.redacted_text)))
+                continue
+            if decision.action is Action.REROUTE:
+                decision = replace(decision, action=Action.BLOCK, reason=f"{decision.reason}; {RUN_ENDED_NO_ROUTE}")
+            if self.exit_behavior == "error":
+                raise GuardBlockedError(decision)  # nothing marked: a rerun of this node withholds it again
+            content = self._fmt(self.tool_result_violation_message, decision)
+            outcomes.append((msg, text, _withheld_result(msg, content, decision)))
+        replaced: list[BaseMessage] = []
+        for msg, text, out in outcomes:
+            self._remember(self._checked_results, _seen_key(msg.tool_call_id, text), None)
+            self._result_decisions.pop(_seen_key(msg.tool_call_id, text), None)
+            if out is not None:
+                replaced.append(self._checked(out))
+        return {"messages": replaced} if replaced else None
+
+    def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        """Backstop at the end of the run (LangChain's exit node: every way to the end goes through it).
+
+        A tool result after the last AIMessage may still be unresolved when the run ends without this
+        middleware's ``before_model``: a reroute the tool node deferred (the run ended after the tool step in a way
+        the tool node could not foresee: a tool changed by another middleware's ``wrap_tool_call`` into a
+        ``return_direct`` one, a tool registered at runtime, another middleware's ``before_model`` ending the
+        run, ``speculative_input``), or a result never checked (written by another node). Each is resolved here
+        (see ``_end_update``); resolved results are left untouched, so a safe run's final state is unchanged.
+        """
+        if not self.check_tool_results:
+            return None
+        tasks = self._end_tasks(state)
+        if not tasks:
+            return None
+        policy = self._policy
+        decisions: list[Decision] = []
+        for _, text, stored in tasks:
+            if stored is not None:
+                decisions.append(stored)
+                continue
+            decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=policy)
+            dispatch_verdict(decision, "after_agent:tool_result")
+            decisions.append(decision)
+        return self._end_update(tasks, decisions)
+
+    async def aafter_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        if not self.check_tool_results:
+            return None
+        tasks = self._end_tasks(state)
+        if not tasks:
+            return None
+        policy = self._policy
+        fresh = [text for _, text, stored in tasks if stored is None]
+        answers = iter(
+            await asyncio.gather(*(self.guard.acheck(t, surface=Surface.TOOL_RESULT, policy=policy) for t in fresh))
+        )
+        decisions: list[Decision] = []
+        for _, _, stored in tasks:
+            if stored is not None:
+                decisions.append(stored)
+                continue
+            decision = next(answers)
+            await adispatch_verdict(decision, "after_agent:tool_result")
+            decisions.append(decision)
+        return self._end_update(tasks, decisions)
+
     # ================================================================= tool hooks
 
     def _call_outcome(self, request: Any, decision: Decision) -> ToolMessage | None:
@@ -1029,7 +1152,14 @@ class GuardMiddleware(AgentMiddleware):
             return False
         state = request.state
         messages = state.get("messages", []) if isinstance(state, Mapping) else state if isinstance(state, list) else []
-        return any(isinstance(m, ToolMessage) and m.tool_call_id in others and m.status != "error" for m in messages)
+        registered = _registered_tools(request)
+        return any(
+            isinstance(m, ToolMessage)
+            and m.tool_call_id in others
+            and m.status != "error"
+            and (registered is None or m.name not in registered)
+            for m in messages
+        )
 
     def _claim_step(self, request: Any) -> bool:
         """Whether this tool call is the first of its tool step to apply a route handler's non-message keys.
@@ -1275,6 +1405,33 @@ class _GuardMiddlewareNoBeforeModel(GuardMiddleware):
 
     before_model = AgentMiddleware.before_model
     abefore_model = AgentMiddleware.abefore_model
+
+
+class _GuardMiddlewareNoAfterAgent(GuardMiddleware):
+    """GuardMiddleware with ``check_tool_results=False``: its ``after_agent`` (which only resolves tool results)
+    would never act, so ``create_agent`` adds no node for it."""
+
+    after_agent = AgentMiddleware.after_agent
+    aafter_agent = AgentMiddleware.aafter_agent
+
+
+class _GuardMiddlewareNoAgentHooks(_GuardMiddlewareNoBeforeModel):
+    """Neither ``before_model`` nor ``after_agent`` would act (see the two classes above)."""
+
+    after_agent = AgentMiddleware.after_agent
+    aafter_agent = AgentMiddleware.aafter_agent
+
+
+def _registered_tools(request: Any) -> frozenset[str] | None:
+    """The names of the tool node's tools (``ToolRuntime.tools``: the ToolNode passes every registered tool);
+    None when the request does not carry them (then every non-error ToolMessage may be a structured answer)."""
+    tools = getattr(getattr(request, "runtime", None), "tools", None)
+    if not isinstance(tools, list | tuple) or not tools:
+        return None
+    names = [getattr(t, "name", None) for t in tools]
+    if not all(isinstance(n, str) for n in names):
+        return None
+    return frozenset(n for n in names if isinstance(n, str))
 
 
 def _hide_from_stream() -> None:

@@ -6,6 +6,10 @@
 - A response rerouted to a route handler is not put back into the visible messages; the handler still gets it.
 - A tool result rerouted to a handler or to human review runs its route (without running the tool again).
 - ``exit_behavior="error"`` raises on a blocked tool result (what the docs now say).
+- The end-of-run backstop (``after_agent``): a tool result still unresolved when the run ends without the
+  middleware's ``before_model`` (a tool turned ``return_direct`` by another middleware, a tool registered at
+  runtime, another middleware ending the run) is withheld, or checked then; a safe run is unchanged.
+- A non-error ToolMessage of a registered tool (a human-in-the-loop ``respond``) is not a structured answer.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ from typing import Annotated, Any
 
 import pytest
 from langchain.agents import AgentState, create_agent
-from langchain.agents.middleware import AgentMiddleware
+from langchain.agents.middleware import (
+    AgentMiddleware,
+    HumanInTheLoopMiddleware,
+    ModelCallLimitMiddleware,
+    hook_config,
+)
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import InjectedToolCallId, tool
@@ -26,7 +35,7 @@ from typing_extensions import NotRequired
 
 from flexguard_integrations import Guard, GuardBlockedError
 from flexguard_integrations.langchain import GuardMiddleware
-from flexguard_integrations.langchain.middleware import HELD_FOR_REVIEW
+from flexguard_integrations.langchain.middleware import HELD_FOR_REVIEW, RUN_ENDED_NO_ROUTE
 from flexguard_integrations.testing import FakeGuardServer
 from tests.conftest import FLEX
 from tests.integration.test_langchain_middleware import (
@@ -775,3 +784,334 @@ async def test_parallel_return_direct_results_routed_to_a_handler_setting_a_key_
     results = [m for m in msgs(result) if isinstance(m, ToolMessage)]
     assert len(results) == 2 and all(m.text == ESCALATED and m.status == "error" for m in results)
     assert not leaked(result, INJECTION)
+
+
+# ---------------------------------------------------------------- 6. the end-of-run backstop (after_agent)
+
+RD_RESULT = f"{INJECTION} (final)"
+
+
+def rerouted_to(route: str) -> dict[str, Any]:
+    return {"surfaces": {"tool_result": {"action": {"reroute": route}}}}
+
+
+def assert_withheld_at_the_end(message: Any) -> None:
+    """A tool result the backstop withheld: same shape as elsewhere, and its decision says why."""
+    assert isinstance(message, ToolMessage) and message.status == "error"
+    assert message.text == "[tool result withheld by the safety guard (jailbreak)]"
+    meta = message.response_metadata["flexguard"]
+    assert meta["action"] == "block" and RUN_ENDED_NO_ROUTE in meta["reason"] and meta["route"] is not None
+
+
+@pytest.mark.parametrize("route", ["escalate", "human_review"])
+async def test_a_call_edited_into_a_return_direct_tool_never_ends_the_run_with_its_raw_result(
+    guard: Guard, mode: str, route: str
+) -> None:
+    # the Guard (listed first) sees the original request (an ordinary tool) and defers the reroute to
+    # before_model; the human-in-the-loop edit inside it runs a return_direct tool, so LangChain ends the run
+    @tool
+    def search(query: str) -> str:
+        """Search."""
+        return "harmless"
+
+    @tool(return_direct=True)
+    def final(query: str) -> str:
+        """Final answer lookup."""
+        return RD_RESULT
+
+    handled: list[Any] = []
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "never")
+    mw = GuardMiddleware(guard, policy=rerouted_to(route), route_handlers={"escalate": lambda d, s: handled.append(d)})
+    hitl = HumanInTheLoopMiddleware(interrupt_on={"search": True})
+    agent = create_agent(llm, tools=[search, final], middleware=[mw, hitl], checkpointer=InMemorySaver())
+    cfg: Any = {"configurable": {"thread_id": f"hitl-edit-{route}-{mode}"}}
+    first = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, cfg)
+    assert "__interrupt__" in first
+    edit = {"type": "edit", "edited_action": {"name": "final", "args": {"query": "b"}}}
+    result = await run(agent, Command(resume={"decisions": [edit]}), mode, cfg)
+    assert "__interrupt__" not in result and len(llm.calls) == 1 and agent.get_state(cfg).next == ()
+    assert not leaked(result, INJECTION) and not leaked(agent.get_state(cfg).values, INJECTION)
+    assert_withheld_at_the_end(msgs(result)[-1])
+    assert handled == []  # no route runs at the end of a run: withheld, fail closed
+
+
+@pytest.mark.parametrize("route", ["escalate", "human_review"])
+async def test_a_runtime_tool_next_to_a_return_direct_tool_never_ends_the_run_with_its_raw_result(
+    guard: Guard, mode: str, route: str
+) -> None:
+    @tool(return_direct=True)
+    def final(query: str) -> str:
+        """Final answer."""
+        return "The answer is 42."
+
+    @tool
+    def fetch_page(url: str) -> str:
+        """Fetch a page."""
+        return f"{INJECTION} (page)"
+
+    class DynamicTools(AgentMiddleware):  # the documented pattern for tools registered at runtime
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            return handler(request.override(tools=[*request.tools, fetch_page]))
+
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            return await handler(request.override(tools=[*request.tools, fetch_page]))
+
+        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+            if request.tool_call["name"] == "fetch_page":
+                request = request.override(tool=fetch_page)
+            return handler(request)
+
+        async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
+            if request.tool_call["name"] == "fetch_page":
+                request = request.override(tool=fetch_page)
+            return await handler(request)
+
+    handled: list[Any] = []
+    calls = [call("final", {"query": "a"}, "c1"), call("fetch_page", {"url": "x"}, "c2")]
+    llm = model(AIMessage("", tool_calls=calls), "never")
+    mw = GuardMiddleware(guard, policy=rerouted_to(route), route_handlers={"escalate": lambda d, s: handled.append(d)})
+    agent = create_agent(llm, tools=[final], middleware=[mw, DynamicTools()], checkpointer=InMemorySaver())
+    cfg: Any = {"configurable": {"thread_id": f"dynamic-{route}-{mode}"}}
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, cfg)
+    assert "__interrupt__" not in result and len(llm.calls) == 1
+    assert not leaked(result, INJECTION) and not leaked(agent.get_state(cfg).values, INJECTION)
+    results = {m.tool_call_id: m for m in msgs(result) if isinstance(m, ToolMessage)}
+    assert results["c1"].text == "The answer is 42." and results["c1"].status == "success"  # resolved: untouched
+    assert_withheld_at_the_end(results["c2"])
+    assert handled == []
+
+
+@pytest.mark.parametrize(
+    ("speculative", "guard_first"),
+    [(True, True), (True, False), (False, False)],
+    ids=["speculative-guard-first", "speculative-limit-first", "default-limit-first"],
+)
+@pytest.mark.parametrize("route", ["escalate", "human_review"])
+async def test_a_run_ended_by_another_middleware_never_keeps_a_deferred_raw_result(
+    guard: Guard, mode: str, route: str, speculative: bool, guard_first: bool
+) -> None:
+    handled: list[Any] = []
+    tools = Tools(search_result=INJECTION)
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "never")
+    mw = GuardMiddleware(
+        guard,
+        policy=rerouted_to(route),
+        route_handlers={"escalate": lambda d, s: handled.append(d)},
+        speculative_input=speculative,
+    )
+    limit = ModelCallLimitMiddleware(run_limit=1, exit_behavior="end")
+    agent = create_agent(
+        llm, tools=tools.all, middleware=[mw, limit] if guard_first else [limit, mw], checkpointer=InMemorySaver()
+    )
+    cfg: Any = {"configurable": {"thread_id": f"limit-{route}-{mode}-{speculative}-{guard_first}"}}
+    result = await run(agent, {"messages": [HumanMessage("search something")]}, mode, cfg)
+    assert "__interrupt__" not in result and len(llm.calls) == 1 and tools.names() == ["search"]
+    assert "limit" in msgs(result)[-1].text  # the limit middleware's answer ended the run
+    assert not leaked(result, INJECTION) and not leaked(agent.get_state(cfg).values, INJECTION)
+    assert_withheld_at_the_end(next(m for m in msgs(result) if isinstance(m, ToolMessage)))
+    assert handled == []
+
+
+async def test_a_run_ended_by_another_middleware_still_routes_when_the_guard_runs_first(
+    guard: Guard, mode: str
+) -> None:
+    # not a regression: the Guard's before_model runs before the limit's and routes the result as always
+    handled: list[Any] = []
+    tools = Tools(search_result=INJECTION)
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "never")
+    escalate = {"escalate": lambda d, s: handled.append(d)}
+    mw = GuardMiddleware(guard, policy=rerouted_to("escalate"), route_handlers=escalate)
+    agent = create_agent(llm, tools=tools.all, middleware=[mw, ModelCallLimitMiddleware(run_limit=1)])
+    result = await run(agent, {"messages": [HumanMessage("search something")]}, mode)
+    assert len(handled) == 1 and not leaked(result, INJECTION)
+    tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert tm.status == "error" and "flexguard" not in tm.response_metadata  # withheld by before_model
+
+
+async def test_a_deferred_result_at_the_end_of_the_run_raises_with_exit_behavior_error(guard: Guard, mode: str) -> None:
+    tools = Tools(search_result=INJECTION)
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "never")
+    handled: list[Any] = []
+    mw = GuardMiddleware(
+        guard,
+        policy=rerouted_to("escalate"),
+        route_handlers={"escalate": lambda d, s: handled.append(d)},
+        speculative_input=True,
+        exit_behavior="error",
+    )
+    agent = create_agent(llm, tools=tools.all, middleware=[mw, ModelCallLimitMiddleware(run_limit=1)])
+    with pytest.raises(GuardBlockedError) as raised:
+        await run(agent, {"messages": [HumanMessage("search something")]}, mode)
+    assert RUN_ENDED_NO_ROUTE in raised.value.decision.reason and handled == []
+
+
+class WritesAnswerAndEnds(AgentMiddleware):
+    """After the model, answers its tool call with a ToolMessage of its own and ends the run (a node that is
+    not the tool node: the Guard's wrap_tool_call never sees this result)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    @hook_config(can_jump_to=["end"])
+    def after_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        last = state["messages"][-1]
+        if not isinstance(last, AIMessage) or not last.tool_calls:
+            return None
+        answer = ToolMessage(self.text, tool_call_id=last.tool_calls[0]["id"], name="search")
+        return {"messages": [answer], "jump_to": "end"}
+
+    @hook_config(can_jump_to=["end"])
+    async def aafter_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        return self.after_model(state, runtime)
+
+
+@pytest.mark.parametrize("action", ["block", "redact", "allow"])
+async def test_a_tool_result_never_checked_is_checked_at_the_end_of_the_run(
+    guard: Guard, server: FakeGuardServer, mode: str, action: str
+) -> None:
+    text = {"block": INJECTION, "redact": f"{SAFE_RESULT} {INJECTION}", "allow": SAFE_RESULT}[action]
+    policy = {"surfaces": {"tool_result": {"action": "redact"}}} if action == "redact" else None
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "never")
+    rec = Recorder()
+    mw = GuardMiddleware(guard, policy=policy)
+    agent = create_agent(llm, tools=Tools().all, middleware=[mw, WritesAnswerAndEnds(text)])
+    result = await run(agent, {"messages": [HumanMessage("search something")]}, mode, {"callbacks": [rec]})
+    tm = msgs(result)[-1]
+    assert isinstance(tm, ToolMessage) and len(llm.calls) == 1
+    assert [e["where"] for e in rec.events if e["where"].startswith("after_agent")] == ["after_agent:tool_result"]
+    if action == "allow":
+        assert tm.text == SAFE_RESULT and tm.status == "success"
+    elif action == "redact":
+        assert SAFE_RESULT in tm.text and INJECTION not in tm.text and "[REDACTED" in tm.text
+    else:
+        assert tm.status == "error" and tm.text == "[tool result withheld by the safety guard (jailbreak)]"
+        assert tm.response_metadata["flexguard"]["action"] == "block"
+    assert not leaked(result, INJECTION)
+
+
+SAFE_SCENARIOS = {
+    "answer": ([], lambda: [AIMessage("Hello there.", id="a1")], None),
+    "tool": (
+        ["search"],
+        lambda: [
+            AIMessage("", id="a1", tool_calls=[call("search", {"query": "a"}, "c1")]),
+            AIMessage("Paris.", id="a2"),
+        ],
+        None,
+    ),
+    "return_direct": (
+        ["final"],
+        lambda: [AIMessage("", id="a1", tool_calls=[call("final", {"query": "a"}, "c1")])],
+        None,
+    ),
+    "parallel": (
+        ["final", "search"],
+        lambda: [
+            AIMessage(
+                "", id="a1", tool_calls=[call("final", {"query": "a"}, "c1"), call("search", {"query": "b"}, "c2")]
+            ),
+            AIMessage("Done.", id="a2"),
+        ],
+        None,
+    ),
+    "structured": (
+        ["search"],
+        lambda: [
+            AIMessage(
+                "",
+                id="a1",
+                tool_calls=[call("search", {"query": "a"}, "c1"), call("Answer", {"answer": "Paris"}, "s1")],
+            )
+        ],
+        ToolStrategy(Answer),
+    ),
+}
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["sequential", "speculative"])
+@pytest.mark.parametrize("scenario", list(SAFE_SCENARIOS))
+async def test_a_safe_run_ends_with_the_same_state_with_the_backstop(
+    guard: Guard, server: FakeGuardServer, mode: str, scenario: str, speculative: bool
+) -> None:
+    @tool
+    def search(query: str) -> str:
+        """Search."""
+        return GOOD
+
+    @tool(return_direct=True)
+    def final(query: str) -> str:
+        """Final."""
+        return "The answer is 42."
+
+    class WithoutBackstop(GuardMiddleware):
+        after_agent = AgentMiddleware.after_agent
+        aafter_agent = AgentMiddleware.aafter_agent
+
+    names, replies, response_format = SAFE_SCENARIOS[scenario]
+    tools = [t for t in (search, final) if t.name in names] or [search]
+
+    async def one(cls: type[GuardMiddleware]) -> tuple[Any, list[Any], int]:
+        before = len(server.requests)
+        kw: dict[str, Any] = {"response_format": response_format} if response_format is not None else {}
+        agent = create_agent(
+            model(*replies()), tools=tools, middleware=[cls(guard, speculative_input=speculative)], **kw
+        )
+        assert ("GuardMiddleware.after_agent" in agent.get_graph().nodes) is (cls is GuardMiddleware)
+        result = await run(agent, {"messages": [HumanMessage("question?", id="h1")]}, mode)
+        seen = [m.model_dump(exclude={"id"}) | {"kind": type(m).__name__} for m in msgs(result)]
+        return result.get("structured_response"), seen, len(server.requests) - before
+
+    assert await one(GuardMiddleware) == await one(WithoutBackstop)  # messages, structured answer, guard calls
+
+
+@pytest.mark.parametrize(
+    ("options", "has_after_agent"),
+    [
+        ({}, True),
+        ({"speculative_input": True}, True),
+        ({"check_tool_results": False}, False),
+        ({"check_tool_results": False, "speculative_input": True}, False),
+        ({"check_input": False, "check_tool_results": False}, False),
+    ],
+)
+def test_the_backstop_node_is_added_only_when_tool_results_are_checked(
+    guard: Guard, options: dict[str, Any], has_after_agent: bool
+) -> None:
+    mw = GuardMiddleware(guard, **options)
+    assert isinstance(mw, GuardMiddleware) and mw.name == "GuardMiddleware"
+    nodes = set(create_agent(model("hi"), tools=[], middleware=[mw]).get_graph().nodes)
+    assert ("GuardMiddleware.after_agent" in nodes) is has_after_agent
+    has_before_model = not options.get("speculative_input") and options.get("check_input", True) is not False
+    assert ("GuardMiddleware.before_model" in nodes) is has_before_model
+
+
+# ---------------------------------------------------------------- 7. a human "respond" is not a structured answer
+
+
+@pytest.mark.parametrize("approve", [True, False])
+async def test_a_human_respond_next_to_a_rerouted_result_does_not_skip_its_review(
+    guard: Guard, mode: str, approve: bool
+) -> None:
+    tools = Tools(search_result=INJECTION)
+    calls = [call("send_email", {"to": "bob", "body": "hi"}, "c1"), call("search", {"query": "a"}, "c2")]
+    llm = model(AIMessage("", tool_calls=calls), "MODEL ANSWERED")
+    mw = GuardMiddleware(guard, policy=rerouted_to("human_review"))
+    hitl = HumanInTheLoopMiddleware(interrupt_on={"send_email": True})
+    agent = create_agent(llm, tools=tools.all, middleware=[mw, hitl], checkpointer=InMemorySaver())
+    cfg: Any = {"configurable": {"thread_id": f"respond-{mode}-{approve}"}}
+    first = await run(agent, {"messages": [HumanMessage("mail bob and search")]}, mode, cfg)
+    assert "__interrupt__" in first
+    respond = {"type": "respond", "message": "Not sent; Bob is away."}
+    second = await run(agent, Command(resume={"decisions": [respond]}), mode, cfg)
+    # the run goes on to the model: the search result is reviewed in before_model, not withheld unreviewed
+    payload = second["__interrupt__"][0].value
+    assert payload["type"] == "flexguard_review" and payload["where"] == "tool_result" and INJECTION in payload["text"]
+    result = await run(agent, Command(resume={"approve": approve}), mode, cfg)
+    assert msgs(result)[-1].text == "MODEL ANSWERED" and tools.names() == ["search"]
+    c2 = next(m for m in msgs(result) if isinstance(m, ToolMessage) and m.tool_call_id == "c2")
+    read = " ".join(m.text for m in llm.calls[-1])
+    if approve:
+        assert c2.status == "success" and INJECTION in read
+    else:
+        assert c2.status == "error" and INJECTION not in read and "return_direct" not in c2.text
