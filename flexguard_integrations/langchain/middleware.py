@@ -875,6 +875,27 @@ class GuardMiddleware(AgentMiddleware):
             await adispatch_verdict(decision, f"after_model:{surface.value}")
         return self._hold_outcome(request, answer, decisions)
 
+    def _mark_answers(self, response: Any) -> Any:
+        """The model node's own ToolMessages (the answer to a ``ToolStrategy`` structured call) are not tool
+        results: never checked as such, before the model or at the end of the run (the response surface
+        checks the structured answer, when ``check_output``)."""
+        for msg in getattr(response, "result", None) or ():
+            if isinstance(msg, ToolMessage):
+                self._checked(msg)
+        return response
+
+    def _marking(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def call(request: Any) -> Any:
+            return self._mark_answers(handler(request))
+
+        return call
+
+    def _amarking(self, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+        async def call(request: Any) -> Any:
+            return self._mark_answers(await handler(request))
+
+        return call
+
     def _call(self, handler: Callable[[Any], Any], request: Any) -> Any:
         """Call the model; hidden from stream_mode="messages" when its response is held for its check."""
         if not self._holds:
@@ -894,6 +915,7 @@ class GuardMiddleware(AgentMiddleware):
         tool result's stored decision (from the tool node) already does not pass, nothing is speculative: the
         input is resolved first and the model only reads the outcome.
         """
+        handler = self._marking(handler)
         tasks = self._speculative_tasks(request)
         if not tasks:
             if not self._holds:
@@ -940,6 +962,7 @@ class GuardMiddleware(AgentMiddleware):
         The task is cancelled (and awaited) as soon as the input does not pass or the check raises. When a tool
         result's stored decision already does not pass, the input is resolved before the model call starts.
         """
+        handler = self._amarking(handler)
         tasks = self._speculative_tasks(request)
         if not tasks:
             if not self._holds:
@@ -984,15 +1007,14 @@ class GuardMiddleware(AgentMiddleware):
         """The tool results still unresolved at the end of the run: (message, text, the stored decision of a
         deferred reroute, or None for a result that was never checked).
 
-        A deferred reroute (a non-passing decision the tool node stored, for a result whose text is still the raw
-        one: resolving it drops the decision) counts anywhere after the last AIMessage with tool calls, i.e. in
-        the last tool step, even when an AIMessage written by another middleware follows it (a model call limit
-        ending the run). A result never checked counts only after the last AIMessage: one before it was read by
-        a model step already, and was checked then (by this instance, or by another that checked it before the
-        model read it).
+        Both count anywhere after the last AIMessage with tool calls, i.e. in the last tool step, even when an
+        AIMessage written by another middleware follows it (a model call limit ending the run): a deferred
+        reroute (a non-passing decision the tool node stored, for a result whose text is still the raw one:
+        resolving it drops the decision), and a result never checked (a result a model step read was checked
+        then; on another instance, after a restart, it is checked once more). The model node's own
+        ToolMessages (a structured answer) are marked checked when the model answers (``_mark_answers``).
         """
         messages = list(state.get("messages", [])) if isinstance(state, Mapping) else []
-        last_ai = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage)), default=-1)
         step = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage) and m.tool_calls), default=-1)
         tasks: list[tuple[ToolMessage, str, Decision | None]] = []
         for i in range(step + 1, len(messages)):
@@ -1006,7 +1028,7 @@ class GuardMiddleware(AgentMiddleware):
             stored = self._result_decisions.get(key)
             if stored is not None and not stored.action.passes:
                 tasks.append((msg, text, stored))
-            elif i > last_ai and key not in self._checked_results:
+            elif key not in self._checked_results:
                 tasks.append((msg, text, None))
         return tasks
 
@@ -1073,19 +1095,12 @@ class GuardMiddleware(AgentMiddleware):
         tasks = self._end_tasks(state)
         if not tasks:
             return None
-        policy = self._policy
-        fresh = [text for _, text, stored in tasks if stored is None]
-        answers = iter(
-            await asyncio.gather(*(self.guard.acheck(t, surface=Surface.TOOL_RESULT, policy=policy) for t in fresh))
-        )
-        decisions: list[Decision] = []
-        for _, _, stored in tasks:
-            if stored is not None:
-                decisions.append(stored)
-                continue
-            decision = next(answers)
-            await adispatch_verdict(decision, "after_agent:tool_result")
-            decisions.append(decision)
+        stored = [known for _, _, known in tasks]
+        checks: list[tuple[BaseMessage, Surface, str]] = [(msg, Surface.TOOL_RESULT, text) for msg, text, _ in tasks]
+        decisions = await self._acheck_inputs(checks, self._policy, stored)  # a failure cancels the other checks
+        for decision, known in zip(decisions, stored, strict=True):
+            if known is None:
+                await adispatch_verdict(decision, "after_agent:tool_result")
         return self._end_update(tasks, decisions)
 
     # ================================================================= tool hooks

@@ -10,12 +10,16 @@
   middleware's ``before_model`` (a tool turned ``return_direct`` by another middleware, a tool registered at
   runtime, another middleware ending the run) is withheld, or checked then; a safe run is unchanged.
 - A non-error ToolMessage of a registered tool (a human-in-the-loop ``respond``) is not a structured answer.
+- The backstop never takes the model node's structured-answer ToolMessage for a tool result, checks a result never
+  checked even when another middleware answered after it, and cancels its other checks when one fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
+from unittest.mock import patch
 
 import pytest
 from langchain.agents import AgentState, create_agent
@@ -1115,3 +1119,109 @@ async def test_a_human_respond_next_to_a_rerouted_result_does_not_skip_its_revie
         assert c2.status == "success" and INJECTION in read
     else:
         assert c2.status == "error" and INJECTION not in read and "return_direct" not in c2.text
+
+
+# ---------------------------------------------------------------- 8. sixth review: the end-of-run backstop's reach
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["sequential", "speculative"])
+async def test_a_structured_answer_is_not_checked_as_a_tool_result_when_output_is_not_checked(
+    guard: Guard, server: FakeGuardServer, mode: str, speculative: bool
+) -> None:
+    # the ToolStrategy answer's ToolMessage is the model node's own, not a tool result: with check_output=False
+    # the user asked for the answer to go through unchecked, and the backstop must not withhold it
+    calls = [call("search", {"query": "a"}, "c1")]
+    llm = model(
+        AIMessage("", tool_calls=calls), AIMessage("", tool_calls=[call("Answer", {"answer": INJECTION}, "s1")])
+    )
+    rec = Recorder()
+    mw = GuardMiddleware(guard, check_output=False, speculative_input=speculative)
+    agent = create_agent(llm, tools=Tools().all, middleware=[mw], response_format=ToolStrategy(Answer))
+    before = len(server.requests)
+    result = await run(agent, {"messages": [HumanMessage("summarize the page")]}, mode, {"callbacks": [rec]})
+    assert result["structured_response"] == Answer(answer=INJECTION)
+    last = msgs(result)[-1]
+    assert isinstance(last, ToolMessage) and last.tool_call_id == "s1" and last.status == "success"
+    assert INJECTION in last.text and "flexguard" not in last.response_metadata
+    wheres = sorted(e["where"] for e in rec.events)
+    assert not any(w.startswith("after_agent") for w in wheres)
+    assert wheres.count("tool_result") == 1  # the search result only
+    assert [r.moderated_text for r in server.requests[before:]].count(INJECTION) == 0
+
+
+class AnswersFromCache(AgentMiddleware):
+    """An outer ``wrap_tool_call`` (listed before the Guard) answering without running the tool: the Guard's own
+    ``wrap_tool_call`` never sees the result."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+        return ToolMessage(self.text, tool_call_id=request.tool_call["id"], name=request.tool_call["name"])
+
+    async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
+        return self.wrap_tool_call(request, handler)
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["sequential", "speculative"])
+async def test_a_result_never_checked_is_checked_at_the_end_even_when_another_middleware_answered_after_it(
+    guard: Guard, mode: str, speculative: bool
+) -> None:
+    # the limit middleware ends the run with an AIMessage of its own after the unchecked tool result
+    llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "MODEL RAN AGAIN")
+    rec = Recorder()
+    mw = GuardMiddleware(guard, speculative_input=speculative)
+    limit = ModelCallLimitMiddleware(run_limit=1, exit_behavior="end")
+    cache = AnswersFromCache(INJECTION)
+    middleware = [cache, mw, limit] if speculative else [cache, limit, mw]
+    agent = create_agent(llm, tools=Tools().all, middleware=middleware)
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode, {"callbacks": [rec]})
+    assert len(llm.calls) == 1 and "limit" in msgs(result)[-1].text
+    tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert tm.status == "error" and tm.text == "[tool result withheld by the safety guard (jailbreak)]"
+    assert [e["where"] for e in rec.events if e["where"].startswith("after_agent")] == ["after_agent:tool_result"]
+    assert not leaked(result, INJECTION)
+
+
+class WritesTwoAnswersAndEnds(AgentMiddleware):
+    """Answers two tool calls with ToolMessages of its own and ends the run."""
+
+    @hook_config(can_jump_to=["end"])
+    async def aafter_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        last = state["messages"][-1]
+        if not isinstance(last, AIMessage) or not last.tool_calls:
+            return None
+        answers = [
+            ToolMessage(text, tool_call_id=c["id"], name=c["name"])
+            for text, c in zip(("fails", "hangs"), last.tool_calls, strict=True)
+        ]
+        return {"messages": answers, "jump_to": "end"}
+
+
+async def test_a_failed_check_at_the_end_of_the_run_cancels_the_other_checks(guard: Guard) -> None:
+    cancelled: list[str] = []
+    started = asyncio.Event()
+    real = guard.acheck
+
+    async def acheck(text: str, **kw: Any) -> Any:
+        if text not in ("fails", "hangs"):  # the prompt and the tool calls
+            return await real(text, **kw)
+        if text == "hangs":
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(text)
+                raise
+        await started.wait()
+        raise RuntimeError("guard exploded")
+
+    calls = [call("search", {"query": "a"}, "c1"), call("search", {"query": "b"}, "c2")]
+    llm = model(AIMessage("", tool_calls=calls), "never")
+    mw = GuardMiddleware(guard)
+    agent = create_agent(llm, tools=Tools().all, middleware=[mw, WritesTwoAnswersAndEnds()])
+    with patch.object(guard, "acheck", acheck), pytest.raises(RuntimeError, match="guard exploded"):
+        await asyncio.wait_for(agent.ainvoke({"messages": [HumanMessage("search twice")]}), timeout=30)
+    assert cancelled == ["hangs"]
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
