@@ -1010,12 +1010,16 @@ class GuardMiddleware(AgentMiddleware):
         Both count anywhere after the last AIMessage with tool calls, i.e. in the last tool step, even when an
         AIMessage written by another middleware follows it (a model call limit ending the run): a deferred
         reroute (a non-passing decision the tool node stored, for a result whose text is still the raw one:
-        resolving it drops the decision), and a result never checked (a result a model step read was checked
-        then; on another instance, after a restart, it is checked once more). The model node's own
-        ToolMessages (a structured answer) are marked checked when the model answers (``_mark_answers``).
+        resolving it drops the decision), and a result never checked, when that step belongs to this run
+        (after the last HumanMessage): a result of an earlier turn was resolved in its own run, and another
+        instance (a worker restarted between turns) must not withhold a result a reviewer approved then. A
+        result a model step read was checked then (on another instance, after a restart within the run, it is
+        checked once more). The model node's own ToolMessages (a structured answer) are marked checked when
+        the model answers (``_mark_answers``).
         """
         messages = list(state.get("messages", [])) if isinstance(state, Mapping) else []
         step = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage) and m.tool_calls), default=-1)
+        turn = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
         tasks: list[tuple[ToolMessage, str, Decision | None]] = []
         for i in range(step + 1, len(messages)):
             msg = messages[i]
@@ -1028,7 +1032,7 @@ class GuardMiddleware(AgentMiddleware):
             stored = self._result_decisions.get(key)
             if stored is not None and not stored.action.passes:
                 tasks.append((msg, text, stored))
-            elif key not in self._checked_results:
+            elif i > turn and key not in self._checked_results:
                 tasks.append((msg, text, None))
         return tasks
 

@@ -11,7 +11,8 @@
   runtime, another middleware ending the run) is withheld, or checked then; a safe run is unchanged.
 - A non-error ToolMessage of a registered tool (a human-in-the-loop ``respond``) is not a structured answer.
 - The backstop never takes the model node's structured-answer ToolMessage for a tool result, checks a result never
-  checked even when another middleware answered after it, and cancels its other checks when one fails.
+  checked even when another middleware answered after it (but leaves earlier turns alone), and cancels its other
+  checks when one fails.
 """
 
 from __future__ import annotations
@@ -1225,3 +1226,33 @@ async def test_a_failed_check_at_the_end_of_the_run_cancels_the_other_checks(gua
         await asyncio.wait_for(agent.ainvoke({"messages": [HumanMessage("search twice")]}), timeout=30)
     assert cancelled == ["hangs"]
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+async def test_a_result_approved_in_an_earlier_turn_is_left_alone_by_a_new_instance(guard: Guard, mode: str) -> None:
+    # a worker restart between turns: the new instance never saw the approved raw result; it belongs to an
+    # earlier run (before the last human message), so the backstop of a later run must not withhold it
+    saver = InMemorySaver()
+    cfg: Any = {"configurable": {"thread_id": f"approved-earlier-{mode}"}}
+    tools = Tools(search_result=INJECTION)
+    first_llm = model(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "Found it.")
+    first = create_agent(
+        first_llm,
+        tools=tools.all,
+        middleware=[GuardMiddleware(guard, policy=rerouted_to("human_review"))],
+        checkpointer=saver,
+    )
+    assert "__interrupt__" in await run(first, {"messages": [HumanMessage("search something")]}, mode, cfg)
+    turn1 = await run(first, Command(resume={"approve": True}), mode, cfg)
+    assert msgs(turn1)[-1].text == "Found it." and leaked(turn1, INJECTION)  # approved: the raw result stays
+    rec = Recorder()
+    second = create_agent(
+        model("Anything else?"),
+        tools=tools.all,
+        middleware=[GuardMiddleware(guard, policy=rerouted_to("human_review"))],
+        checkpointer=saver,
+    )
+    turn2 = await run(second, {"messages": [HumanMessage("thanks")]}, mode, {**cfg, "callbacks": [rec]})
+    assert msgs(turn2)[-1].text == "Anything else?"
+    c1 = next(m for m in msgs(turn2) if isinstance(m, ToolMessage))
+    assert c1.status == "success" and c1.text == INJECTION
+    assert not [e for e in rec.events if e["where"].startswith("after_agent")]
