@@ -257,8 +257,38 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             pool.shutdown(wait=False, cancel_futures=True)
         return self._check_output(value, prompt, output, policy, config, child)
 
+    def _passing(self, kwargs: dict[str, Any]) -> GuardedRunnable:
+        """This guard over ``bound.bind(**kwargs)``: call-time keyword arguments (a chat model's ``stop``, an
+        agent's ``context``, a graph's ``stream_mode``) go to the wrapped runnable, as they would unguarded."""
+        return self.model_copy(update={"bound": self.bound.bind(**kwargs)})
+
+    def _check_graph_call(self, call: Literal["invoke", "stream"]) -> None:
+        """Refuse the graph arguments that reshape what the checks read (its output, its stream chunks):
+        a reshaped output would go out unjudged."""
+        graph, kwargs = _graph_call(self.bound)
+        if graph is None:
+            return
+        expected = "values" if call == "invoke" else "updates"
+        mode = kwargs.get("stream_mode") or (graph.stream_mode if call == "stream" else "values")
+        if mode != expected:
+            hint = "use invoke()" if call == "stream" else "use stream()"
+            raise ConfigurationError(
+                f"guarded() {'streams' if call == 'stream' else 'invokes'} a LangGraph graph only with "
+                f"stream_mode={expected!r} (this call uses {mode!r}): drop stream_mode, {hint}, or guard the agent "
+                "with GuardMiddleware"
+            )
+        for key, allowed in (("subgraphs", False), ("version", "v1"), ("output_keys", None)):
+            if key in kwargs and kwargs[key] not in (allowed, None):
+                raise ConfigurationError(
+                    f"guarded() cannot check a LangGraph graph called with {key}={kwargs[key]!r} (it reshapes the "
+                    "output the checks read): drop it, or guard the agent with GuardMiddleware"
+                )
+
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return self._call_with_config(self._invoke, input, config, run_type="chain", **kwargs)
+        if kwargs:
+            return self._passing(kwargs).invoke(input, config)
+        self._check_graph_call("invoke")
+        return self._call_with_config(self._invoke, input, config, run_type="chain")
 
     # ----------------------------------------------------------------- async
 
@@ -324,7 +354,10 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         return await self.bound.ainvoke(result, child)  # redacted input: the speculative run was stale
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return await self._acall_with_config(self._ainvoke, input, config, run_type="chain", **kwargs)
+        if kwargs:
+            return await self._passing(kwargs).ainvoke(input, config)
+        self._check_graph_call("invoke")
+        return await self._acall_with_config(self._ainvoke, input, config, run_type="chain")
 
     # ----------------------------------------------------------------- streaming
 
@@ -397,15 +430,9 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     def _output_moderator(self, prompt: str, policy: Any, sample: list[Any]) -> _OutputModerator | None:
         if not self.check_output:
             return None
-        graph = _graph_of(self.bound)
-        if graph is None:
+        if _graph_of(self.bound) is None:
             return self._moderator(prompt, policy, sample)
-        if graph.stream_mode != "updates":
-            raise ConfigurationError(
-                f"guarded() streams a LangGraph graph only with stream_mode='updates' (this graph streams "
-                f"{graph.stream_mode!r}): set the graph's stream_mode, use invoke(), or guard the agent with "
-                "GuardMiddleware"
-            )
+        self._check_graph_call("stream")
         return _GraphUpdateModerator(self.guard, prompt, policy)
 
     def _released(self, moderator: _OutputModerator | None, stream: Any, sample: list[Any]) -> Any:
@@ -653,15 +680,21 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
                     yield chunk
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self._transform_stream_with_config(iter([input]), self._stream, config, run_type="chain", **kwargs)
+        if kwargs:
+            yield from self._passing(kwargs).stream(input, config)
+            return
+        yield from self._transform_stream_with_config(iter([input]), self._stream, config, run_type="chain")
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        if kwargs:
+            async for chunk in self._passing(kwargs).astream(input, config):
+                yield chunk
+            return
+
         async def one() -> AsyncIterator[Any]:
             yield input
 
-        async for chunk in self._atransform_stream_with_config(
-            one(), self._astream, config, run_type="chain", **kwargs
-        ):
+        async for chunk in self._atransform_stream_with_config(one(), self._astream, config, run_type="chain"):
             yield chunk
 
 
@@ -686,9 +719,17 @@ GUARD_NODE = "flexguard"
 
 def _graph_of(runnable: Runnable[Any, Any]) -> Pregel[Any, Any, Any, Any] | None:
     """The LangGraph graph behind ``runnable`` (through ``with_config``/``bind`` wrappers), or None."""
+    return _graph_call(runnable)[0]
+
+
+def _graph_call(runnable: Runnable[Any, Any]) -> tuple[Pregel[Any, Any, Any, Any] | None, dict[str, Any]]:
+    """The LangGraph graph behind ``runnable`` and the keyword arguments its ``bind`` wrappers call it with
+    (an outer wrapper's argument overrides an inner one's, as in ``RunnableBinding``)."""
+    kwargs: dict[str, Any] = {}
     while isinstance(runnable, RunnableBinding):
+        kwargs = {**runnable.kwargs, **kwargs}
         runnable = runnable.bound
-    return runnable if isinstance(runnable, Pregel) else None
+    return (runnable, kwargs) if isinstance(runnable, Pregel) else (None, {})
 
 
 class _GraphUpdateModerator:
