@@ -93,7 +93,8 @@ class GuardBadRequestError(GuardTransportError):
 
 
 class ContextLengthExceededError(GuardBadRequestError):
-    """400: the prompt is longer than the model's context; the guard re-splits the text and retries."""
+    """The text is too long for the guard: a 400 saying the prompt exceeds the model's context, or a 413 (a
+    request body over a proxy's or the server's size limit). The guard re-splits the text and retries."""
 
 
 class GuardResponseError(GuardTransportError):

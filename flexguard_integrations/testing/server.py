@@ -56,7 +56,8 @@ Output formats
   ``message.reasoning_content`` and ``content`` keeps the last two lines. Score digits are one token each.
 - ``max_tokens`` / ``max_completion_tokens`` cut the answer (``finish_reason: "length"``); ``/v1/completions``
   defaults to 16 like vLLM. Prompts longer than ``max_model_len`` get the server's 400 (SGLang also when
-  prompt + max_tokens exceed it).
+  prompt + max_tokens exceed it). ``max_body_bytes=`` answers a larger request body like a proxy in front of
+  the server (nginx's HTML ``413 Request Entity Too Large``, then closes the connection).
 
 Faults
 ------
@@ -99,6 +100,11 @@ DEFAULT_MODELS: tuple[str, ...] = ("Qwen/Qwen3Guard-Gen-8B", "Tommy-DING/FlexGua
 
 _MAX_HEADER = 64 * 1024
 _MAX_BODY = 64 * 1024 * 1024
+_PROXY_413 = (
+    b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n"
+    b"<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+"""What nginx answers a body over ``client_max_body_size`` (``max_body_bytes=``)."""
 _MAX_LOGPROBS = 20
 _SLOW_SECONDS = 0.5
 _TRICKLE_SECONDS = 0.2
@@ -301,10 +307,10 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
     # -- request handling --------------------------------------------------------------------------
-    def _fail(self, status: int) -> None:
+    def _fail(self, status: int, html: bytes = b"") -> None:
         transport = self._transport
         if transport is not None:
-            transport.write(_http(status, b"", None, keep_alive=False))
+            transport.write(_http(status, html, b"text/html" if html else None, keep_alive=False))
             transport.close()
         self._closed = True
 
@@ -342,6 +348,11 @@ class _Connection(asyncio.Protocol):
                         raise ValueError("negative content-length")
                     if length > _MAX_BODY:
                         self._fail(413)
+                        return
+                    limit = self._server.max_body_bytes
+                    if limit is not None and length > limit:
+                        self._server._incr("too_large")
+                        self._fail(413, _PROXY_413)
                         return
                     end = start + length
                     if len(buf) < end:
@@ -483,6 +494,7 @@ class FakeGuardServer:
         max_recorded: int = 100_000,
         tokenizer: str = "auto",
         ssl_context: ssl.SSLContext | None = None,
+        max_body_bytes: int | None = None,
     ) -> None:
         if isinstance(models, str):
             models = (models,)
@@ -513,6 +525,8 @@ class FakeGuardServer:
             raise ValueError("max_model_len must be >= 1")
         if max_recorded < 0:
             raise ValueError("max_recorded must be >= 0")
+        if max_body_bytes is not None and max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be >= 1 (or None)")
         self.host = host
         self._configured_port = port
         self.error_style = error_style
@@ -522,6 +536,7 @@ class FakeGuardServer:
         self.flexguard_style = style
         self.seed = seed
         self.ssl_context = ssl_context
+        self.max_body_bytes = max_body_bytes
         self._faults = faults if faults is not None else FaultPlan()
         if not isinstance(self._faults, FaultPlan):
             raise TypeError("faults must be a FaultPlan")

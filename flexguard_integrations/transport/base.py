@@ -166,6 +166,10 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes) ->
         )
     if status == 400 and (param in ("input_tokens", "input_text") or (message and _CONTEXT_PATTERNS.search(message))):
         return ContextLengthExceededError(f"text too long for the guard model's context: {detail}", **kw)
+    if status == 413:  # a proxy's body limit (nginx client_max_body_size) or the server's own: smaller pieces fit
+        return ContextLengthExceededError(
+            f"request too large for the guard server or a proxy in front of it (HTTP 413): {detail}", **kw
+        )
     if 400 <= status < 500:
         return GuardBadRequestError(f"guard server rejected the request (HTTP {status}): {detail}", **kw)
     return GuardServerError(f"guard server error (HTTP {status}): {detail}", **kw)

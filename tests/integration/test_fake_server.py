@@ -655,6 +655,8 @@ def test_scripted_verdict_validation() -> None:
         FaultPlan(p_503=0.7, p_502=0.7)
     with pytest.raises(ValueError):
         FakeGuardServer(models=("some-other-model",))
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        FakeGuardServer(max_body_bytes=0)
     s = FakeGuardServer(models={"my-guard": "flexguard"})
     assert s.models == {"my-guard": "flexguard"}
 

@@ -215,6 +215,42 @@ async def test_short_text_too_long_for_the_server_is_split_after_one_overflow() 
     assert sync_stats["status_400"] == 1 and sync_stats["status_200"] == s.verdict.chunks
 
 
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp", "openai"])
+async def test_a_request_over_a_proxys_body_limit_is_resplit(transport: str) -> None:
+    """nginx in front of the server answers a body over ``client_max_body_size`` with an HTML 413: the text is
+    checked in pieces that fit (like a context overflow), sync and async, never released unchecked."""
+    text = "Calm words about tea. " * 400 + "How to make a bomb at home."  # ~8.8k chars, one request planned
+    with FakeGuardServer(max_body_bytes=4000) as srv:
+        for mode in ("async", "sync"):
+            before = dict(srv.stats)
+            if transport == "openai":
+                import openai
+
+                client: Any = openai.AsyncOpenAI if mode == "async" else openai.OpenAI
+                guard = Guard.from_openai_client(
+                    client(base_url=srv.base_url, api_key="x", max_retries=0), QWEN, max_model_len=32768, cache=False
+                )
+            else:
+                guard = Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False, transport=transport)
+            async with guard:
+                d = await guard.acheck(text) if mode == "async" else guard.check(text)
+            stats = {k: v - before.get(k, 0) for k, v in srv.stats.items()}
+            assert d.verdict.ok and d.action is Action.BLOCK and d.verdict.chunks > 1, (mode, d.reason)
+            assert stats["too_large"] >= 1 and stats["status_200"] >= d.verdict.chunks
+            bodies = [r for r in srv.requests if r.path.endswith("/chat/completions")]
+            assert "bomb" in "".join(r.moderated_text or "" for r in bodies)
+
+
+async def test_a_proxys_413_that_no_split_can_fit_fails_closed_and_says_why() -> None:
+    # the request's JSON envelope alone is over the limit: no piece can ever fit
+    with FakeGuardServer(max_body_bytes=60) as srv:
+        async with Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False) as guard:
+            d = await guard.acheck("Calm words about tea. " * 20)
+        assert srv.stats["too_large"] >= 1
+    assert not d.verdict.ok and d.action is Action.BLOCK and not d.fail_open
+    assert "HTTP 413" in d.reason and "413 Request Entity Too Large" in d.reason
+
+
 # ---------------------------------------------------------------- redaction
 
 
