@@ -3,7 +3,7 @@
 Qwen3Guard covers 119 languages, so boundaries must work for any script: CJK and Thai use no spaces, CJK
 ends sentences with 。！？, and a split must never fall inside a grapheme cluster (a combining mark, a
 ZWJ emoji sequence, a variation selector, a regional-indicator flag, Thai/Lao SARA AM, a Hangul jamo
-sequence, CR LF). Pure functions, no I/O.
+sequence, an Indic conjunct, CR LF). Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -72,12 +72,50 @@ def _joined(prev: str, ch: str) -> bool:
     return after == "T"  # before is LVT or T
 
 
+# UAX #29 GB9c (Unicode 15.1): no break inside an Indic conjunct, consonant + virama (+ marks) + consonant.
+# The viramas that link consonants (Indic_Conjunct_Break=Linker) and the consonant ranges of their scripts
+# (Devanagari, Bengali, Gujarati, Oriya, Telugu, Malayalam).
+_LINKERS = frozenset((0x094D, 0x09CD, 0x0ACD, 0x0B4D, 0x0C4D, 0x0D4D))
+_CONSONANTS = (
+    (0x0915, 0x0939), (0x0958, 0x095F), (0x0978, 0x097F),
+    (0x0995, 0x09B9), (0x09DC, 0x09DF), (0x09F0, 0x09F1),
+    (0x0A95, 0x0AB9), (0x0AF9, 0x0AF9),
+    (0x0B15, 0x0B39), (0x0B5C, 0x0B5F), (0x0B71, 0x0B71),
+    (0x0C15, 0x0C39), (0x0C58, 0x0C5A),
+    (0x0D15, 0x0D3A),
+)  # fmt: skip
+
+
+def _is_consonant(ch: str) -> bool:
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in _CONSONANTS) and unicodedata.category(ch) == "Lo"
+
+
+def _in_conjunct(text: str, i: int) -> bool:
+    """True when ``text[i]`` is a consonant after a virama (and marks): part of a conjunct (GB9c). The rule
+    asks for a consonant before the virama too; not asking means one cut fewer in malformed text only."""
+    if not _is_consonant(text[i]):
+        return False
+    j = i - 1
+    while j >= 0 and is_extending(text[j]):
+        if ord(text[j]) in _LINKERS:
+            return True
+        j -= 1
+    return False
+
+
 def safe_boundary(text: str, index: int) -> int:
     """The nearest index at or before ``index`` where a split does not break a grapheme cluster."""
     i = max(0, min(index, len(text)))
     while 0 < i < len(text):
         ch, prev = text[i], text[i - 1]
-        if is_extending(ch) or ord(prev) == 0x200D or 0xD800 <= ord(prev) <= 0xDBFF or _joined(prev, ch):
+        if (
+            is_extending(ch)
+            or ord(prev) == 0x200D
+            or 0xD800 <= ord(prev) <= 0xDBFF
+            or _joined(prev, ch)
+            or (is_extending(prev) and _in_conjunct(text, i))  # a virama (+ marks) before: GB9c
+        ):
             i -= 1
             continue
         if _is_regional_indicator(ch) and _is_regional_indicator(prev):

@@ -6,6 +6,7 @@ import itertools
 import unicodedata
 
 import pytest
+import regex
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -78,16 +79,17 @@ _THAI = ["น้ำ", "ทำ", "จำ", "คำ", "ก", "ม", "ກຳ", "ນ
 _HANGUL_NFD = [unicodedata.normalize("NFD", s) for s in "한국어문장입니다가각"]
 _HANGUL_OLD = ["\ua960\ud7b0\ud7cb", "\u1100\ud7b0", "\ua97c\u1161\ud7fb", "\u1112\u1161\u11ff"]
 _HANGUL_MIXED = ["가\u11a8", "각\u11a8", "가\u1161\u11a8", "\u1100\u1100\u1161", "\u1100가"]  # LV+T, LVT+T, L+LV...
+_INDIC = ["क्ष", "त्रि", "ক্ষ", "স্ত্রী", "ગ્ર", "ସ୍ତ", "స్త్రీ", "ന്ത്ര", "क्\u200dष", "क़्ष", "य"]  # conjuncts (GB9c)
 _CRLF = ["\r\n"]
 _PLAIN = ["a", "b", " ", ".", "\n", "한", "1"]
-CLUSTERS = _THAI + _HANGUL_NFD + _HANGUL_OLD + _HANGUL_MIXED + _CRLF + _PLAIN
+CLUSTERS = _THAI + _HANGUL_NFD + _HANGUL_OLD + _HANGUL_MIXED + _INDIC + _CRLF + _PLAIN
 
 
 def _bounds(clusters: list[str]) -> set[int]:
     return {0, *itertools.accumulate(len(c) for c in clusters)}
 
 
-@pytest.mark.parametrize("cluster", _THAI + _HANGUL_NFD + _HANGUL_OLD + _HANGUL_MIXED + _CRLF)
+@pytest.mark.parametrize("cluster", _THAI + _HANGUL_NFD + _HANGUL_OLD + _HANGUL_MIXED + _INDIC + _CRLF)
 def test_safe_boundary_never_cuts_inside_the_cluster(cluster: str) -> None:
     text = "x" + cluster + "y"
     for i in range(len(text) + 1):
@@ -95,7 +97,7 @@ def test_safe_boundary_never_cuts_inside_the_cluster(cluster: str) -> None:
 
 
 def test_safe_boundary_still_cuts_between_clusters() -> None:
-    for clusters in (_THAI, _HANGUL_NFD, ["가", "나", "다"], ["a\r\n", "b"]):
+    for clusters in (_THAI, _HANGUL_NFD, ["가", "나", "다"], ["a\r\n", "b"], _INDIC):
         text = "".join(clusters)
         for b in _bounds(clusters):
             assert safe_boundary(text, b) == b
@@ -116,6 +118,18 @@ def test_chunk_cuts_fall_between_clusters(clusters: list[str], size: int, overla
     assert set(itertools.accumulate(len(c) for c in chunks)) <= bounds
     for c in chunk_text(text, size, overlap):  # overlapping chunks start and end on cluster boundaries too
         assert any(text.startswith(c, b) and b + len(c) in bounds for b in bounds)
+
+
+# Devanagari and Bengali consonants, viramas, a nukta, vowel signs (spacing and not), ZWJ, and separators
+_INDIC_ALPHABET = "कषतरयজক" + "\u094d\u09cd" + "\u093c" + "\u093f\u0940\u0947\u09bf" + "\u200d" + " a."
+
+
+@given(st.text(alphabet=_INDIC_ALPHABET, max_size=60))
+def test_indic_cuts_agree_with_a_unicode_grapheme_segmenter(text: str) -> None:
+    # the regex module's \X implements UAX #29 with GB9c: every cut we make is one of its cluster boundaries
+    bounds = _bounds(regex.findall(r"\X", text))
+    for i in range(len(text) + 1):
+        assert safe_boundary(text, i) in bounds, (text, i)
 
 
 def test_reviewer_examples_cut_between_clusters() -> None:
