@@ -103,7 +103,10 @@ def _text_of_message_likes(items: Sequence[Any]) -> str:
 
 
 def extract_output_text(value: Any, output_key: str | None = None) -> str | None:
-    """The text of a Runnable output (str, AIMessage, dict with an output key); None if it has none."""
+    """The text of a Runnable output (str, AIMessage, dict with an output key); None if it has none.
+
+    A dict, or a list of dicts, whose text cannot be found raises ``GuardInputError``: never released unchecked.
+    """
     if isinstance(value, str):
         return value
     if isinstance(value, BaseMessage):
@@ -121,6 +124,12 @@ def extract_output_text(value: Any, output_key: str | None = None) -> str | None
         if output_key:
             raise GuardInputError(f"output has no key {output_key!r} (keys: {keys_seen!r})")
         raise GuardInputError(f"cannot find the text to check in an output with keys {keys_seen!r}; pass output_key=")
+    if isinstance(value, list | tuple) and any(isinstance(item, Mapping) for item in value):
+        # a list of dicts (a graph's stream chunks, a batch of records) may carry text anywhere: never release it
+        raise GuardInputError(
+            f"cannot find the text to check in an output that is a {type(value).__name__} of dicts; guard the "
+            "runnable that produces the text, or set check_output=False"
+        )
     return None
 
 

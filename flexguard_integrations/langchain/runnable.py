@@ -18,6 +18,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackMa
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk, convert_to_messages
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableSerializable
+from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.config import ContextThreadPoolExecutor, patch_config
 from langgraph.pregel import Pregel
 from pydantic import ConfigDict, Field, model_validator
@@ -263,13 +264,28 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         return self.model_copy(update={"bound": self.bound.bind(**kwargs)})
 
     def _check_graph_call(self, call: Literal["invoke", "stream"]) -> None:
-        """Refuse the graph arguments that reshape what the checks read (its output, its stream chunks):
-        a reshaped output would go out unjudged."""
+        """Refuse the graph arguments that reshape what the output checks read (a reshaped output would go out
+        unjudged) or print the graph's output before it is checked (``print_mode``, ``debug``).
+
+        Only while the output is checked. A graph the guard cannot see (behind ``with_retry``, fallbacks, a
+        sequence) gets none of these arguments: the guard cannot tell what they would do there.
+        """
+        if not self.check_output:
+            return
         graph, kwargs = _graph_call(self.bound)
         if graph is None:
+            given = sorted(k for k in _GRAPH_SHAPING if k in kwargs)
+            if given:
+                raise ConfigurationError(
+                    f"guarded() passes {', '.join(given)} only to a LangGraph graph it wraps directly (or through "
+                    f"bind/with_config); it cannot tell what they do to {self.bound.get_name()!r}'s output: guard "
+                    "the graph itself, or drop them"
+                )
             return
         expected = "values" if call == "invoke" else "updates"
-        mode = kwargs.get("stream_mode") or (graph.stream_mode if call == "stream" else "values")
+        mode = kwargs.get("stream_mode", "values" if call == "invoke" else None)
+        if mode is None:  # LangGraph then streams the graph's own stream_mode, in invoke too
+            mode = graph.stream_mode
         if mode != expected:
             hint = "use invoke()" if call == "stream" else "use stream()"
             raise ConfigurationError(
@@ -277,12 +293,17 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
                 f"stream_mode={expected!r} (this call uses {mode!r}): drop stream_mode, {hint}, or guard the agent "
                 "with GuardMiddleware"
             )
-        for key, allowed in (("subgraphs", False), ("version", "v1"), ("output_keys", None)):
+        for key, allowed in (("subgraphs", False), ("version", "v1"), ("output_keys", None), ("debug", False)):
             if key in kwargs and kwargs[key] not in (allowed, None):
                 raise ConfigurationError(
-                    f"guarded() cannot check a LangGraph graph called with {key}={kwargs[key]!r} (it reshapes the "
-                    "output the checks read): drop it, or guard the agent with GuardMiddleware"
+                    f"guarded() cannot check a LangGraph graph called with {key}={kwargs[key]!r} (it reshapes or "
+                    "prints the output before the checks read it): drop it, or guard the agent with GuardMiddleware"
                 )
+        if kwargs.get("print_mode"):
+            raise ConfigurationError(
+                f"guarded() cannot check a LangGraph graph called with print_mode={kwargs['print_mode']!r} (it "
+                "prints the output before the checks read it): drop it, or guard the agent with GuardMiddleware"
+            )
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         if kwargs:
@@ -432,7 +453,6 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return None
         if _graph_of(self.bound) is None:
             return self._moderator(prompt, policy, sample)
-        self._check_graph_call("stream")
         return _GraphUpdateModerator(self.guard, prompt, policy)
 
     def _released(self, moderator: _OutputModerator | None, stream: Any, sample: list[Any]) -> Any:
@@ -683,6 +703,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         if kwargs:
             yield from self._passing(kwargs).stream(input, config)
             return
+        self._check_graph_call("stream")
         yield from self._transform_stream_with_config(iter([input]), self._stream, config, run_type="chain")
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
@@ -690,6 +711,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             async for chunk in self._passing(kwargs).astream(input, config):
                 yield chunk
             return
+        self._check_graph_call("stream")
 
         async def one() -> AsyncIterator[Any]:
             yield input
@@ -723,13 +745,20 @@ def _graph_of(runnable: Runnable[Any, Any]) -> Pregel[Any, Any, Any, Any] | None
 
 
 def _graph_call(runnable: Runnable[Any, Any]) -> tuple[Pregel[Any, Any, Any, Any] | None, dict[str, Any]]:
-    """The LangGraph graph behind ``runnable`` and the keyword arguments its ``bind`` wrappers call it with
-    (an outer wrapper's argument overrides an inner one's, as in ``RunnableBinding``)."""
+    """The LangGraph graph behind ``runnable`` (through ``bind``/``with_config`` wrappers) and the keyword
+    arguments those wrappers call it with (an outer wrapper's argument overrides an inner one's, as in
+    ``RunnableBinding``); (None, the arguments) when no graph is seen through them."""
     kwargs: dict[str, Any] = {}
-    while isinstance(runnable, RunnableBinding):
+    while isinstance(runnable, RunnableBindingBase):
         kwargs = {**runnable.kwargs, **kwargs}
+        if type(runnable) is not RunnableBinding:  # with_retry & co. run the graph their own way
+            return None, kwargs
         runnable = runnable.bound
-    return (runnable, kwargs) if isinstance(runnable, Pregel) else (None, {})
+    return (runnable, kwargs) if isinstance(runnable, Pregel) else (None, kwargs)
+
+
+_GRAPH_SHAPING = ("stream_mode", "subgraphs", "version", "output_keys", "print_mode", "debug")
+"""LangGraph call arguments that change (or print) what a graph returns: never passed blind."""
 
 
 class _GraphUpdateModerator:

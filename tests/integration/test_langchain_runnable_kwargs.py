@@ -18,9 +18,10 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from pydantic import Field
 
-from flexguard_integrations import ConfigurationError, Guard, GuardBlockedError
+from flexguard_integrations import ConfigurationError, Guard, GuardBlockedError, GuardInputError
 from flexguard_integrations.langchain import guarded
 from flexguard_integrations.testing import FakeGuardServer
 from tests.conftest import FLEX
@@ -151,6 +152,7 @@ async def test_an_agents_context_reaches_it_when_streamed_and_the_updates_are_mo
 
 
 async def run_graph(chain: Any, payload: Any, how: str, kwargs: dict[str, Any]) -> Any:
+    """Call ``chain`` the way ``how`` says; a stream is collected into a list."""
     if how == "stream":
         return list(chain.stream(payload, **kwargs))
     if how == "astream":
@@ -170,6 +172,11 @@ async def run_graph(chain: Any, payload: Any, how: str, kwargs: dict[str, Any]) 
         ("stream", {"version": "v2"}, "version"),
         ("astream", {"stream_mode": "messages"}, "stream_mode"),
         ("invoke", {"stream_mode": "updates"}, "stream_mode"),
+        ("invoke", {"stream_mode": None}, "stream_mode"),  # None: the graph's own mode, "updates" for an agent
+        ("ainvoke", {"stream_mode": None}, "stream_mode"),
+        ("invoke", {"print_mode": "updates"}, "print_mode"),
+        ("stream", {"print_mode": ["values"]}, "print_mode"),
+        ("invoke", {"debug": True}, "debug"),
         ("invoke", {"output_keys": "messages"}, "output_keys"),
         ("ainvoke", {"stream_mode": "updates"}, "stream_mode"),
     ],
@@ -199,3 +206,55 @@ def test_an_outer_binding_overrides_an_inner_one(aguard: Guard) -> None:
     bound = create_agent(model, tools=[]).bind(stream_mode="values").bind(stream_mode="updates")
     got = list(guarded(bound, aguard).stream({"messages": [HumanMessage("capital of France?")]}))
     assert [m.text for c in got for u in c.values() for m in u["messages"]] == ["Paris."]
+
+
+def test_a_graph_bound_to_stream_mode_none_is_refused_in_invoke(aguard: Guard) -> None:
+    model = recording(BAD_SENTENCE)
+    chain = guarded(create_agent(model, tools=[]).bind(stream_mode=None), aguard)
+    with pytest.raises(ConfigurationError, match="stream_mode"):
+        chain.invoke({"messages": [HumanMessage("tell me a story")]})
+    with pytest.raises(ConfigurationError, match="stream_mode"):
+        chain.batch([{"messages": [HumanMessage("tell me a story")]}])
+    assert model.seen == []
+
+
+@pytest.mark.parametrize("wrap", ["with_retry", "with_fallbacks", "sequence"])
+async def test_graph_arguments_are_refused_behind_a_wrapper_the_guard_cannot_see_through(
+    aguard: Guard, wrap: str
+) -> None:
+    model = recording(BAD_SENTENCE, BAD_SENTENCE)
+    agent = create_agent(model, tools=[])
+    wrapped: Any = {
+        "with_retry": lambda: agent.with_retry(stop_after_attempt=1),
+        "with_fallbacks": lambda: agent.with_fallbacks([agent]),
+        "sequence": lambda: agent | RunnablePassthrough(),
+    }[wrap]()
+    chain = guarded(wrapped, aguard)
+    payload = {"messages": [HumanMessage("tell me a story")]}
+    for how, kwargs in (
+        ("invoke", {"stream_mode": "updates"}),
+        ("ainvoke", {"stream_mode": None}),
+        ("stream", {"stream_mode": "messages"}),
+    ):
+        with pytest.raises(ConfigurationError, match="stream_mode"):
+            await run_graph(chain, payload, how, kwargs)
+    assert model.seen == []
+    with pytest.raises(GuardBlockedError):  # without them, the output is checked as always
+        chain.invoke(payload)
+
+
+@pytest.mark.parametrize("how", ["invoke", "stream"])
+async def test_graph_arguments_are_passed_when_the_output_is_not_checked(aguard: Guard, how: str) -> None:
+    # nothing reads the output then, so its shape is the caller's business (the same rule for invoke and stream)
+    model = recording("Paris.")
+    chain = guarded(create_agent(model, tools=[]), aguard, check_output=False)
+    mode = "updates" if how == "invoke" else "values"
+    out = await run_graph(chain, {"messages": [HumanMessage("capital of France?")]}, how, {"stream_mode": mode})
+    assert isinstance(out, list) and len(model.seen) == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_list_of_dicts_output_is_never_released_unchecked(aguard: Guard, mode: str) -> None:
+    chain = guarded(RunnableLambda(lambda _: [{"story": BAD_SENTENCE}]), aguard)
+    with pytest.raises(GuardInputError, match="list of dicts"):
+        await run_graph(chain, "tell me a story", "invoke" if mode == "sync" else "ainvoke", {})
