@@ -43,7 +43,7 @@ _LABELLED_SCORE = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _LABELLED_CATEGORY = re.compile(r"^[\W_]*CATEGOR(?:Y|IES)[\W_]*?[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
-_BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*\**$")
+_BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?\s*\**$")  # "87", "**87**", "87/100"
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
 _CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
 

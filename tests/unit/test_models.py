@@ -207,6 +207,8 @@ def test_flex_card_shape_bare(flex: FlexGuardModel) -> None:
         ("VIO ILG SEX\n100", 100.0, (Category.VIOLENCE, Category.ILLEGAL, Category.SEXUAL)),
         ("VIO\n\n42\n", 42.0, (Category.VIOLENCE,)),
         ("RISK_SCORE: 77/100", 77.0, ()),
+        ("VIO\n87/100", 87.0, (Category.VIOLENCE,)),  # the bare layout takes "/100" like the labelled one
+        ("SAFE\n**4 / 100**", 4.0, ()),
     ],
 )
 def test_flex_tolerated_variants(flex: FlexGuardModel, tail: str, score: float, cats: tuple[Category, ...]) -> None:
