@@ -37,15 +37,17 @@ import contextvars
 import dataclasses
 import hashlib
 import json
+import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, Literal, TypeVar
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ExtendedModelResponse, ModelResponse, hook_config
 from langchain.agents.middleware.types import PrivateStateAttr
+from langchain.agents.structured_output import AutoStrategy, ProviderStrategy, ToolStrategy
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -85,7 +87,10 @@ DEFAULT_TOOL_REFUSAL = "Tool call blocked by the safety guard ({categories}); th
 DEFAULT_TOOL_RESULT_REFUSAL = "[tool result withheld by the safety guard ({categories})]"
 HUMAN_REVIEW = "human_review"
 _MAX_REMEMBERED = 10_000
+logger = logging.getLogger(__name__)
 _END_AFTER = "flexguard_end_after"
+_ANSWERS = "flexguard_answers"
+_RUN_END = "flexguard_run_end"
 _HELD = "flexguard_held_output"
 HELD_FOR_REVIEW = "[response held for review by the safety guard]"
 RETURN_DIRECT_NO_REVIEW = (
@@ -110,10 +115,19 @@ class GuardAgentState(AgentState[Any]):
     (human review or a route handler): the node wrote a placeholder ``AIMessage`` instead of the response, and
     this key holds ``{"placeholder": <its id>, "message": <the response, message_to_dict>, "decision": ...}``.
     ``after_model`` resolves the route when the placeholder is still the last message, then clears the key.
+
+    ``flexguard_answers``: the tool call ids of the structured answers (``ToolStrategy``) the model node wrote:
+    their ToolMessages are the framework's, not tool results (kept in the checkpoint, so an instance that did not
+    see the model call, after a restart, still knows them).
+
+    ``flexguard_run_end``: the id of the last message when the previous run ended (``after_agent``): the end of
+    the run only looks at what came after it.
     """
 
     flexguard_end_after: NotRequired[Annotated[str | None, PrivateStateAttr]]
     flexguard_held_output: NotRequired[Annotated[dict[str, Any] | None, PrivateStateAttr]]
+    flexguard_answers: NotRequired[Annotated[list[str] | None, PrivateStateAttr]]
+    flexguard_run_end: NotRequired[Annotated[str | None, PrivateStateAttr]]
 
 
 @dataclass
@@ -301,13 +315,15 @@ class GuardMiddleware(AgentMiddleware):
         return tasks
 
     def _output_tasks(
-        self, messages: Sequence[BaseMessage]
+        self, messages: Sequence[BaseMessage], answers: Collection[str]
     ) -> tuple[AIMessage | None, list[ToolMessage], list[tuple[str, Surface, str]]]:
-        """(the last AIMessage, the ToolMessages after it that answer its calls, what to check).
+        """(the last AIMessage, the ToolMessages after it that answer its structured calls, what to check).
 
-        The answered calls are structured answers (``ToolStrategy``): part of the response, not tool calls.
+        ``answers``: the tool call ids of structured answers (``ToolStrategy``): part of the response, not tool
+        calls. Other ToolMessages after it (written by another middleware's ``wrap_model_call``) are tool
+        results, checked as such before the model reads them or at the end of the run.
         """
-        last, trailing = _last_answer(messages)
+        last, trailing = _last_answer(messages, answers)
         if last is None:
             return None, [], []
         tasks: list[tuple[str, Surface, str]] = []
@@ -647,7 +663,7 @@ class GuardMiddleware(AgentMiddleware):
         ended, done = self._after_model_pending(state)
         if done:
             return ended
-        last, trailing, tasks = self._output_tasks(state["messages"])
+        last, trailing, tasks = self._output_tasks(state["messages"], state.get(_ANSWERS) or ())
         if last is None or not tasks or self._held_seen(last):
             return ended  # nothing to check, or the model node checked it already (hold_output)
         structured = bool(trailing) or state.get("structured_response") is not None
@@ -662,7 +678,7 @@ class GuardMiddleware(AgentMiddleware):
         ended, done = self._after_model_pending(state)
         if done:
             return ended
-        last, trailing, tasks = self._output_tasks(state["messages"])
+        last, trailing, tasks = self._output_tasks(state["messages"], state.get(_ANSWERS) or ())
         if last is None or not tasks or self._held_seen(last):
             return ended
         structured = bool(trailing) or state.get("structured_response") is not None
@@ -794,16 +810,19 @@ class GuardMiddleware(AgentMiddleware):
         if isinstance(response, AIMessage):
             response = ModelResponse(result=[response])
         result = list(response.result)
-        last, trailing = _last_answer(result)
+        answers = _answer_ids(request, result)
+        last, trailing = _last_answer(result, answers)
         if last is None:
             return _Answer(response)
-        start = len(result) - len(trailing) - 1
-        if last.id is None or any(m.id is None for m in trailing):  # the marker, RemoveMessage, memory go by id
+        start = len(result) - 1 - next(i for i, m in enumerate(reversed(result)) if m is last)
+        after = result[start + 1 :]
+        if last.id is None or any(m.id is None for m in after):  # the marker, RemoveMessage, memory go by id
             last = last if last.id is not None else last.model_copy(update={"id": str(uuid.uuid4())})
-            trailing = [m if m.id is not None else m.model_copy(update={"id": str(uuid.uuid4())}) for m in trailing]
-            result = [*result[:start], last, *trailing]
+            after = [m if m.id is not None else m.model_copy(update={"id": str(uuid.uuid4())}) for m in after]
+            trailing = [m for m in after if isinstance(m, ToolMessage) and m.tool_call_id in answers]
+            result = [*result[:start], last, *after]
             response = ModelResponse(result=result, structured_response=response.structured_response)
-        _, _, tasks = self._output_tasks([last, *trailing])
+        _, _, tasks = self._output_tasks([last, *trailing], answers)
         state = request.state or {}
         history = list(state.get("messages", [])) if isinstance(state, Mapping) else []
         structured = bool(trailing) or response.structured_response is not None
@@ -831,7 +850,7 @@ class GuardMiddleware(AgentMiddleware):
                 held["trailing"] = [message_to_dict(m) for m in answer.trailing]
             if response.structured_response is not None:
                 held["structured"] = response.structured_response
-            start = len(response.result) - len(answer.trailing) - 1
+            start = next(i for i, m in enumerate(response.result) if m is last)
             return ModelResponse(result=[*response.result[:start], placeholder]), {_HELD: held}
         state = request.state or {}
         # may raise GuardBlockedError
@@ -875,24 +894,31 @@ class GuardMiddleware(AgentMiddleware):
             await adispatch_verdict(decision, f"after_model:{surface.value}")
         return self._hold_outcome(request, answer, decisions)
 
-    def _mark_answers(self, response: Any) -> Any:
-        """The model node's own ToolMessages (the answer to a ``ToolStrategy`` structured call) are not tool
-        results: never checked as such, before the model or at the end of the run (the response surface
-        checks the structured answer, when ``check_output``)."""
-        for msg in getattr(response, "result", None) or ():
-            if isinstance(msg, ToolMessage):
+    def _mark_answers(self, request: Any, response: Any, answers: list[str]) -> Any:
+        """The framework's ToolMessages answering a ``ToolStrategy`` structured call are not tool results: never
+        checked as such, before the model or at the end of the run (the response surface checks the structured
+        answer, when ``check_output``); their call ids go to ``answers`` (then to the state). Any other
+        ToolMessage in the response (another middleware's ``wrap_model_call`` answering a call itself) is a
+        tool result like any other."""
+        result = getattr(response, "result", None) or ()
+        ids = _answer_ids(request, result)
+        for msg in result:
+            if isinstance(msg, ToolMessage) and msg.tool_call_id in ids:
                 self._checked(msg)
+                answers.append(msg.tool_call_id)
         return response
 
-    def _marking(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def _marking(self, handler: Callable[[Any], Any], answers: list[str]) -> Callable[[Any], Any]:
         def call(request: Any) -> Any:
-            return self._mark_answers(handler(request))
+            return self._mark_answers(request, handler(request), answers)
 
         return call
 
-    def _amarking(self, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+    def _amarking(
+        self, handler: Callable[[Any], Awaitable[Any]], answers: list[str]
+    ) -> Callable[[Any], Awaitable[Any]]:
         async def call(request: Any) -> Any:
-            return self._mark_answers(await handler(request))
+            return self._mark_answers(request, await handler(request), answers)
 
         return call
 
@@ -908,6 +934,15 @@ class GuardMiddleware(AgentMiddleware):
         return await _ahidden_inline(handler, request)
 
     def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+        """Check around the model call (see ``_wrap_model_call``); the structured answers' ids go to the state."""
+        answers: list[str] = []
+        return _with_answers(self._wrap_model_call(request, self._marking(handler, answers)), answers)
+
+    async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        answers: list[str] = []
+        return _with_answers(await self._awrap_model_call(request, self._amarking(handler, answers)), answers)
+
+    def _wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
         """With ``speculative_input``: the model runs in this thread while a worker thread checks the input.
 
         A thread cannot be cancelled: when the input does not pass, the model call has finished and its
@@ -915,7 +950,6 @@ class GuardMiddleware(AgentMiddleware):
         tool result's stored decision (from the tool node) already does not pass, nothing is speculative: the
         input is resolved first and the model only reads the outcome.
         """
-        handler = self._marking(handler)
         tasks = self._speculative_tasks(request)
         if not tasks:
             if not self._holds:
@@ -956,13 +990,12 @@ class GuardMiddleware(AgentMiddleware):
             return self._respond(plan)
         return self._respond(plan, *self._hold(plan.rerun, self._call(handler, plan.rerun)))
 
-    async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def _awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         """With ``speculative_input``: the model call runs as a task while the input is checked.
 
         The task is cancelled (and awaited) as soon as the input does not pass or the check raises. When a tool
         result's stored decision already does not pass, the input is resolved before the model call starts.
         """
-        handler = self._amarking(handler)
         tasks = self._speculative_tasks(request)
         if not tasks:
             if not self._holds:
@@ -1010,16 +1043,18 @@ class GuardMiddleware(AgentMiddleware):
         Both count anywhere after the last AIMessage with tool calls, i.e. in the last tool step, even when an
         AIMessage written by another middleware follows it (a model call limit ending the run): a deferred
         reroute (a non-passing decision the tool node stored, for a result whose text is still the raw one:
-        resolving it drops the decision), and a result never checked, when that step belongs to this run
-        (after the last HumanMessage): a result of an earlier turn was resolved in its own run, and another
-        instance (a worker restarted between turns) must not withhold a result a reviewer approved then. A
-        result a model step read was checked then (on another instance, after a restart within the run, it is
-        checked once more). The model node's own ToolMessages (a structured answer) are marked checked when
-        the model answers (``_mark_answers``).
+        resolving it drops the decision), and a result never checked, when it came after the previous run's
+        last message (``flexguard_run_end``, kept in the checkpoint): a result of an earlier run was resolved
+        in its own run, and another instance (a worker restarted between runs) must not withhold a result a
+        reviewer approved then. A result a model step read was checked then (on another instance, after a
+        restart within the run, it is checked once more). The framework's ToolMessages answering a structured
+        call (``flexguard_answers``) are the response, not tool results.
         """
         messages = list(state.get("messages", [])) if isinstance(state, Mapping) else []
         step = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage) and m.tool_calls), default=-1)
-        turn = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
+        ended = state.get(_RUN_END) if isinstance(state, Mapping) else None
+        start = next((i for i, m in enumerate(messages) if ended is not None and m.id == ended), -1)
+        answers = set(state.get(_ANSWERS) or ()) if isinstance(state, Mapping) else set()
         tasks: list[tuple[ToolMessage, str, Decision | None]] = []
         for i in range(step + 1, len(messages)):
             msg = messages[i]
@@ -1032,7 +1067,7 @@ class GuardMiddleware(AgentMiddleware):
             stored = self._result_decisions.get(key)
             if stored is not None and not stored.action.passes:
                 tasks.append((msg, text, stored))
-            elif i > turn and key not in self._checked_results:
+            elif i > start and key not in self._checked_results and msg.tool_call_id not in answers:
                 tasks.append((msg, text, None))
         return tasks
 
@@ -1081,7 +1116,7 @@ class GuardMiddleware(AgentMiddleware):
             return None
         tasks = self._end_tasks(state)
         if not tasks:
-            return None
+            return _run_ended(state, None)
         policy = self._policy
         decisions: list[Decision] = []
         for _, text, stored in tasks:
@@ -1091,21 +1126,21 @@ class GuardMiddleware(AgentMiddleware):
             decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=policy)
             dispatch_verdict(decision, "after_agent:tool_result")
             decisions.append(decision)
-        return self._end_update(tasks, decisions)
+        return _run_ended(state, self._end_update(tasks, decisions))
 
     async def aafter_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if not self.check_tool_results:
             return None
         tasks = self._end_tasks(state)
         if not tasks:
-            return None
+            return _run_ended(state, None)
         stored = [known for _, _, known in tasks]
         checks: list[tuple[BaseMessage, Surface, str]] = [(msg, Surface.TOOL_RESULT, text) for msg, text, _ in tasks]
         decisions = await self._acheck_inputs(checks, self._policy, stored)  # a failure cancels the other checks
         for decision, known in zip(decisions, stored, strict=True):
             if known is None:
                 await adispatch_verdict(decision, "after_agent:tool_result")
-        return self._end_update(tasks, decisions)
+        return _run_ended(state, self._end_update(tasks, decisions))
 
     # ================================================================= tool hooks
 
@@ -1491,20 +1526,72 @@ def _response_text(msg: BaseMessage) -> str:
     return "\n".join([message_text(msg), *(f"{c.get('id')}:{render_tool_call(c['name'], c['args'])}" for c in calls)])
 
 
-def _last_answer(messages: Sequence[BaseMessage]) -> tuple[AIMessage | None, list[ToolMessage]]:
-    """The last AIMessage and the ToolMessages after it answering its tool calls (a model node writes them for a
-    ``ToolStrategy`` structured answer); (None, []) when the messages do not end that way."""
+def _last_answer(
+    messages: Sequence[BaseMessage], answers: Collection[str]
+) -> tuple[AIMessage | None, list[ToolMessage]]:
+    """The last AIMessage and the ToolMessages after it answering its structured calls (``answers``: the call ids
+    of ``ToolStrategy`` answers, which a model node writes); (None, []) when the messages do not end with an
+    AIMessage and ToolMessages answering its calls."""
     i = len(messages) - 1
     while i >= 0 and isinstance(messages[i], ToolMessage):
         i -= 1
     last = messages[i] if i >= 0 else None
     if not isinstance(last, AIMessage):
         return None, []
-    trailing = [m for m in messages[i + 1 :] if isinstance(m, ToolMessage)]
+    after = [m for m in messages[i + 1 :] if isinstance(m, ToolMessage)]
     ids = {c.get("id") for c in last.tool_calls}
-    if any(m.tool_call_id not in ids for m in trailing):
+    if any(m.tool_call_id not in ids for m in after):
         return None, []
-    return last, trailing
+    return last, [m for m in after if m.tool_call_id in answers]
+
+
+def _run_ended(state: Mapping[str, Any], update: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``update`` with the id of the run's last message (its replacements keep their ids), for the next run's end."""
+    messages = state.get("messages") if isinstance(state, Mapping) else None
+    last = messages[-1].id if messages and isinstance(messages[-1], BaseMessage) else None
+    if last is None or state.get(_RUN_END) == last:
+        return update
+    return {**(update or {}), _RUN_END: last}
+
+
+def _structured_names(request: Any) -> frozenset[str]:
+    """The tool names of the request's ``ToolStrategy`` structured answers (none for other formats)."""
+    fmt = getattr(request, "response_format", None)
+    if fmt is None or isinstance(fmt, ProviderStrategy):
+        return frozenset()
+    if isinstance(fmt, AutoStrategy):
+        fmt = fmt.schema
+    if not isinstance(fmt, ToolStrategy):
+        try:  # a raw schema: the framework makes it a ToolStrategy (or a ProviderStrategy, with no ToolMessage)
+            fmt = ToolStrategy(schema=fmt)
+        except Exception as exc:  # not a schema the framework can use either: it reports that itself
+            logger.debug("cannot read the structured answer names of %r: %r", fmt, exc)
+            return frozenset()
+    return frozenset(spec.name for spec in fmt.schema_specs)
+
+
+def _answer_ids(request: Any, result: Sequence[BaseMessage]) -> set[str]:
+    """The ids of the calls in ``result``'s AIMessages that are structured answers of the request's format."""
+    calls = [c for m in result if isinstance(m, AIMessage) for c in m.tool_calls]
+    if not calls or not any(isinstance(m, ToolMessage) for m in result):
+        return set()
+    names = _structured_names(request)
+    return {str(c["id"]) for c in calls if c.get("id") and c["name"] in names}
+
+
+def _with_answers(out: Any, answers: list[str]) -> Any:
+    """The model node's result with the structured answers' call ids in its state update."""
+    if not answers:
+        return out
+    if isinstance(out, ExtendedModelResponse):
+        command = out.command
+        update = dict(command.update or {}) if command is not None else {}
+        update[_ANSWERS] = list(dict.fromkeys(answers))
+        return ExtendedModelResponse(model_response=out.model_response, command=Command(update=update))
+    response = ModelResponse(result=[out]) if isinstance(out, AIMessage) else out
+    return ExtendedModelResponse(
+        model_response=response, command=Command(update={_ANSWERS: list(dict.fromkeys(answers))})
+    )
 
 
 def _answer_text(last: AIMessage, trailing: Sequence[ToolMessage]) -> str:

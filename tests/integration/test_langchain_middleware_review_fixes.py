@@ -28,6 +28,7 @@ from langchain.agents.middleware import (
     AgentMiddleware,
     HumanInTheLoopMiddleware,
     ModelCallLimitMiddleware,
+    ModelResponse,
     hook_config,
 )
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
@@ -1255,4 +1256,117 @@ async def test_a_result_approved_in_an_earlier_turn_is_left_alone_by_a_new_insta
     assert msgs(turn2)[-1].text == "Anything else?"
     c1 = next(m for m in msgs(turn2) if isinstance(m, ToolMessage))
     assert c1.status == "success" and c1.text == INJECTION
+    assert not [e for e in rec.events if e["where"].startswith("after_agent")]
+
+
+# ---------------------------------------------------------------- 9. seventh review: what the backstop may skip
+
+
+class AnswersACallItself(AgentMiddleware):
+    """Listed after the Guard: the first model call is answered from a replay cache, the call *and* the page it
+    fetched (a ToolMessage written by the model node that is a tool result, not a structured answer)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.calls = text, 0
+
+    def _cached(self) -> Any:
+        return ModelResponse(
+            result=[
+                AIMessage("", id="ai-cached", tool_calls=[call("search", {"query": "x"}, "c1")]),
+                ToolMessage(self.text, tool_call_id="c1", name="search"),
+            ]
+        )
+
+    def wrap_model_call(self, request: Any, handler: Any) -> Any:
+        self.calls += 1
+        return self._cached() if self.calls == 1 else handler(request)
+
+    async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+        self.calls += 1
+        return self._cached() if self.calls == 1 else await handler(request)
+
+
+@pytest.mark.parametrize("check_output", [True, False], ids=["output", "no-output"])
+async def test_a_tool_message_an_inner_wrap_model_call_writes_is_checked_as_a_tool_result(
+    guard: Guard, server: FakeGuardServer, mode: str, check_output: bool
+) -> None:
+    llm = model("Done.")
+    mw = GuardMiddleware(guard, check_output=check_output)
+    agent = create_agent(llm, tools=Tools().all, middleware=[mw, AnswersACallItself(INJECTION)])
+    before = len(server.requests)
+    result = await run(agent, {"messages": [HumanMessage("fetch x")]}, mode)
+    assert [r.moderated_text for r in server.requests[before:]].count(INJECTION) == 1
+    assert not any(INJECTION in m.text for c in llm.calls for m in c)  # the model never read it
+    tm = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert tm.status == "error" and not leaked(result, INJECTION)
+
+
+@tool
+def ask_user(question: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:  # type: ignore[type-arg]
+    """Relay a question; the user's canned answer is added as a human message."""
+    return Command(
+        update={
+            "messages": [
+                ToolMessage("asked", tool_call_id=tool_call_id, name="ask_user"),
+                HumanMessage("The user says: go ahead."),
+            ]
+        }
+    )
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["sequential", "speculative"])
+async def test_a_human_message_written_in_the_tool_step_does_not_hide_a_result_never_checked(
+    guard: Guard, mode: str, speculative: bool
+) -> None:
+    class CachesSearch(AgentMiddleware):
+        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+            if request.tool_call["name"] == "search":
+                return ToolMessage(INJECTION, tool_call_id=request.tool_call["id"], name="search")
+            return handler(request)
+
+        async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
+            if request.tool_call["name"] == "search":
+                return ToolMessage(INJECTION, tool_call_id=request.tool_call["id"], name="search")
+            return await handler(request)
+
+    calls = [call("search", {"query": "a"}, "c1"), call("ask_user", {"question": "ok?"}, "c2")]
+    llm = model(AIMessage("", tool_calls=calls), "MODEL RAN AGAIN")
+    mw = GuardMiddleware(guard, speculative_input=speculative)
+    limit = ModelCallLimitMiddleware(run_limit=1, exit_behavior="end")
+    middleware = [CachesSearch(), mw, limit] if speculative else [CachesSearch(), limit, mw]
+    agent = create_agent(llm, tools=[*Tools().all, ask_user], middleware=middleware)
+    result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode)
+    assert any(isinstance(m, HumanMessage) and "go ahead" in m.text for m in msgs(result))
+    c1 = next(m for m in msgs(result) if isinstance(m, ToolMessage) and m.tool_call_id == "c1")
+    assert c1.status == "error" and not leaked(result, INJECTION)
+
+
+async def test_a_structured_answer_is_left_alone_when_the_run_resumes_on_another_instance(
+    guard: Guard, server: FakeGuardServer, mode: str
+) -> None:
+    # the structured answer's call id is kept in the checkpoint: an instance that never saw the model call
+    # (a worker restarted during a review) does not take the framework's ToolMessage for a tool result
+    server.add_rule("send_email", score=50, categories=["PRIVACY"], mode="response")
+    saver = InMemorySaver()
+    cfg: Any = {"configurable": {"thread_id": f"answer-elsewhere-{mode}"}}
+    calls = [
+        call("send_email", {"to": "a@example.com", "body": "report"}, "c1"),
+        call("Answer", {"answer": INJECTION}, "s1"),
+    ]
+
+    def make() -> Any:
+        mw = GuardMiddleware(guard, check_output=False, policy=REVIEW_POLICY)
+        llm = model(AIMessage("", tool_calls=calls))
+        return create_agent(
+            llm, tools=Tools().all, middleware=[mw], response_format=ToolStrategy(Answer), checkpointer=saver
+        )
+
+    first = await run(make(), {"messages": [HumanMessage("send it and answer")]}, mode, cfg)
+    assert "__interrupt__" in first
+    rec = Recorder()
+    result = await run(make(), Command(resume={"approve": True}), mode, {**cfg, "callbacks": [rec]})
+    s1 = next(m for m in msgs(result) if isinstance(m, ToolMessage) and m.tool_call_id == "s1")
+    assert s1.status == "success" and INJECTION in s1.text
+    assert result["structured_response"] == Answer(answer=INJECTION)
     assert not [e for e in rec.events if e["where"].startswith("after_agent")]
