@@ -30,13 +30,29 @@ def is_extending(ch: str) -> bool:
     return (
         unicodedata.combining(ch) != 0
         or unicodedata.category(ch) in ("Mn", "Me", "Mc")
-        or cp in (0x0E33, 0x0EB3, 0x200D)  # Thai SARA AM and Lao AM (letters that attach), zero-width joiner
+        or cp in (0x0E33, 0x0EB3, 0x200C, 0x200D)  # Thai SARA AM and Lao AM (letters that attach), ZWNJ, ZWJ
         or 0xFE00 <= cp <= 0xFE0F  # variation selectors
         or 0xE0100 <= cp <= 0xE01EF
         or 0x1F3FB <= cp <= 0x1F3FF  # emoji skin-tone modifiers
         or 0xE0020 <= cp <= 0xE007F  # emoji tag sequences
         or 0xDC00 <= cp <= 0xDFFF  # a low surrogate (never separate it from its high one)
     )
+
+
+_MAX_CLUSTER = 64
+"""How far back (code points) a split looks for the start of a cluster. Real clusters are a few code points;
+a longer one (a run of marks or of linked consonants, crafted text) is cut at the code point, so that every
+cut costs bounded time (an unbounded walk made chunking a crafted 200 kB text take seconds)."""
+
+_PREPEND = frozenset(
+    (
+        *range(0x0600, 0x0606),
+        *(0x06DD, 0x070F, 0x0890, 0x0891, 0x08E2, 0x0D4E, 0x110BD, 0x110CD, 0x111C2, 0x111C3),
+        *(0x1193F, 0x11941, 0x11A3A, *range(0x11A84, 0x11A8A), 0x11D46, 0x11F02),
+    )
+)
+"""Grapheme_Cluster_Break=Prepend (UAX #29 GB9b): never split right after one (Malayalam dot reph, Arabic
+number signs...)."""
 
 
 def _is_regional_indicator(ch: str) -> bool:
@@ -97,22 +113,28 @@ def _in_conjunct(text: str, i: int) -> bool:
     if not _is_consonant(text[i]):
         return False
     j = i - 1
-    while j >= 0 and is_extending(text[j]):
+    while j >= max(0, i - _MAX_CLUSTER) and is_extending(text[j]):
         if ord(text[j]) in _LINKERS:
             return True
+        if text[j] == "\u200c":  # ZWNJ: written to keep the consonants apart
+            return False
         j -= 1
     return False
 
 
 def safe_boundary(text: str, index: int) -> int:
-    """The nearest index at or before ``index`` where a split does not break a grapheme cluster."""
-    i = max(0, min(index, len(text)))
+    """The nearest index at or before ``index`` where a split does not break a grapheme cluster; ``index``
+    itself when the cluster around it is longer than ``_MAX_CLUSTER`` code points (only crafted text)."""
+    start = i = max(0, min(index, len(text)))
     while 0 < i < len(text):
+        if start - i >= _MAX_CLUSTER:
+            return start
         ch, prev = text[i], text[i - 1]
         if (
             is_extending(ch)
             or ord(prev) == 0x200D
             or 0xD800 <= ord(prev) <= 0xDBFF
+            or ord(prev) in _PREPEND
             or _joined(prev, ch)
             or (is_extending(prev) and _in_conjunct(text, i))  # a virama (+ marks) before: GB9c
         ):
@@ -121,7 +143,7 @@ def safe_boundary(text: str, index: int) -> int:
         if _is_regional_indicator(ch) and _is_regional_indicator(prev):
             # keep flag pairs together: count the run of indicators before i
             j = i
-            while j > 0 and _is_regional_indicator(text[j - 1]):
+            while j > max(0, i - _MAX_CLUSTER) and _is_regional_indicator(text[j - 1]):
                 j -= 1
             if (i - j) % 2 == 1:
                 i -= 1

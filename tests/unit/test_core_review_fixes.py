@@ -79,7 +79,7 @@ _THAI = ["น้ำ", "ทำ", "จำ", "คำ", "ก", "ม", "ກຳ", "ນ
 _HANGUL_NFD = [unicodedata.normalize("NFD", s) for s in "한국어문장입니다가각"]
 _HANGUL_OLD = ["\ua960\ud7b0\ud7cb", "\u1100\ud7b0", "\ua97c\u1161\ud7fb", "\u1112\u1161\u11ff"]
 _HANGUL_MIXED = ["가\u11a8", "각\u11a8", "가\u1161\u11a8", "\u1100\u1100\u1161", "\u1100가"]  # LV+T, LVT+T, L+LV...
-_INDIC = ["क्ष", "त्रि", "ক্ষ", "স্ত্রী", "ગ્ર", "ସ୍ତ", "స్త్రీ", "ന്ത്ര", "क्\u200dष", "क़्ष", "य"]  # conjuncts (GB9c)
+_INDIC = ["क्ष", "त्रि", "ক্ষ", "স্ত্রী", "ગ્ર", "ସ୍ତ", "స్త్రీ", "ന്ത്ര", "क्\u200dष", "क़्ष", "य", "क्\u200c", "ൎക"]  # GB9c, GB9b
 _CRLF = ["\r\n"]
 _PLAIN = ["a", "b", " ", ".", "\n", "한", "1"]
 CLUSTERS = _THAI + _HANGUL_NFD + _HANGUL_OLD + _HANGUL_MIXED + _INDIC + _CRLF + _PLAIN
@@ -121,7 +121,9 @@ def test_chunk_cuts_fall_between_clusters(clusters: list[str], size: int, overla
 
 
 # Devanagari and Bengali consonants, viramas, a nukta, vowel signs (spacing and not), ZWJ, and separators
-_INDIC_ALPHABET = "कषतरयজক" + "\u094d\u09cd" + "\u093c" + "\u093f\u0940\u0947\u09bf" + "\u200d" + " a."
+_INDIC_ALPHABET = (
+    "कषतरयজকകര" + "\u094d\u09cd\u0d4d" + "\u093c" + "\u093f\u0940\u0947\u09bf" + "\u200c\u200d\u0d4e" + " a."
+)
 
 
 @given(st.text(alphabet=_INDIC_ALPHABET, max_size=60))
@@ -130,6 +132,17 @@ def test_indic_cuts_agree_with_a_unicode_grapheme_segmenter(text: str) -> None:
     bounds = _bounds(regex.findall(r"\X", text))
     for i in range(len(text) + 1):
         assert safe_boundary(text, i) in bounds, (text, i)
+
+
+@pytest.mark.parametrize("unit", ["क्", "\u0301", "\U0001f1e6"])
+def test_a_crafted_endless_cluster_is_cut_at_the_code_point_not_walked_to_its_start(unit: str) -> None:
+    # a run of linked consonants, of marks or of regional indicators is one "cluster" in the rules: looking
+    # back over all of it at every cut made chunking a crafted text quadratic (seconds per 100 kB)
+    text = "a" + unit * 20_000
+    index = len(text) - 7
+    assert index - 64 <= safe_boundary(text, index) <= index
+    chunks = chunk_text(text, 2000, 0)
+    assert "".join(chunks) == text and max(map(len, chunks)) <= 2000
 
 
 def test_reviewer_examples_cut_between_clusters() -> None:
