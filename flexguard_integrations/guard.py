@@ -123,6 +123,7 @@ def scoped_policy(default: PolicySpec = None) -> PolicySpec:
 DEFAULT_MAX_MODEL_LEN = 32768
 _DISCOVERY_MIN_CHARS = 1024  # shorter texts never need the model's context length
 _MAX_SPLIT_DEPTH = 8
+_MIN_413_CHARS = 1024  # a request this small that a proxy still finds too large is not split further
 
 if sys.version_info >= (3, 11):
     _timeout_cm = asyncio.timeout
@@ -655,7 +656,7 @@ class Guard:
         depth: int,
     ) -> list[tuple[Verdict, BaseException | None]]:
         """The server found ``inp`` too long: check it in halves, or fail when it cannot be split further."""
-        half = _half_limit(inp.text, depth)
+        half = _half_limit(inp, exc, depth)
         if half is None:
             return [(Verdict.failed(str(exc), surface=surface), exc)]
         return await self._asplit(inp, surface, deadline, headers, half, depth + 1)
@@ -787,7 +788,7 @@ class Guard:
             try:
                 return [self._call(sub, surface, deadline, headers)]
             except ContextLengthExceededError as exc:
-                half = _half_limit(piece, depth)
+                half = _half_limit(sub, exc, depth)
                 if half is None:
                     return [(Verdict.failed(str(exc), surface=surface), exc)]
                 return self._split(sub, surface, deadline, headers, half, depth + 1)
@@ -1161,11 +1162,18 @@ def _fits(inp: GuardInput, limit: int) -> bool:
     return len(inp.text) <= limit and _total_chars(inp) - len(inp.text) <= limit // 2
 
 
-def _half_limit(text: str, depth: int) -> int | None:
-    """The chunk size for re-checking a text the server found too long, or None when it is split no further."""
-    if depth >= _MAX_SPLIT_DEPTH or len(text) < 64:
+def _half_limit(inp: GuardInput, exc: ContextLengthExceededError, depth: int) -> int | None:
+    """The chunk size for re-checking an input the server found too long, or None when it is split no further.
+
+    Halves the whole request (text, context and history: ``_fit_context`` keeps the context within half a
+    chunk), so a short answer to a long prompt gets its prompt trimmed instead of failing. A 413 (a body over a
+    proxy's limit) on an input under ``_MIN_413_CHARS`` is not split: what still does not fit at that size is
+    the proxy's limit, not the text, and halving further would only multiply requests that all fail.
+    """
+    total = _total_chars(inp)
+    if depth >= _MAX_SPLIT_DEPTH or total < 64 or (exc.status_code == 413 and total < _MIN_413_CHARS):
         return None
-    return max(32, len(text) // 2)
+    return max(32, total // 2)
 
 
 def _rank(decision: Decision) -> tuple[int, int, float]:

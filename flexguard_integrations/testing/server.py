@@ -349,16 +349,16 @@ class _Connection(asyncio.Protocol):
                     if length > _MAX_BODY:
                         self._fail(413)
                         return
-                    limit = self._server.max_body_bytes
-                    if limit is not None and length > limit:
-                        self._server._incr("too_large")
-                        self._fail(413, _PROXY_413)
-                        return
                     end = start + length
                     if len(buf) < end:
                         self._maybe_continue(headers)
                         return
                     body = bytes(buf[start:end])
+                limit = self._server.max_body_bytes
+                if limit is not None and len(body) > limit:  # like nginx: read the body, answer, close
+                    self._server._incr("too_large")
+                    self._fail(413, _PROXY_413)
+                    return
             except (ValueError, UnicodeDecodeError):
                 self._fail(400)
                 return

@@ -94,7 +94,7 @@ class AiohttpTransport(HTTPTransport):
             raise GuardConnectionError(f"cannot connect to the guard server for a check: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise GuardConnectionError(
-                f"connection to the guard server failed during a check: {exc or type(exc).__name__}"
+                f"connection to the guard server failed during a check: {str(exc) or type(exc).__name__}"
             ) from exc
         if resp_headers is not None:
             raise error_from_response(status, resp_headers, body)
@@ -112,7 +112,7 @@ class AiohttpTransport(HTTPTransport):
                 if resp.status != 200:
                     raise error_from_response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            raise GuardConnectionError(f"GET /v1/models failed: {exc or type(exc).__name__}") from exc
+            raise GuardConnectionError(f"GET /v1/models failed: {str(exc) or type(exc).__name__}") from exc
         try:
             data = json.loads(body)
         except ValueError:

@@ -35,6 +35,7 @@ try:  # the 'fast' extra: orjson encodes a request body ~10x and decodes an answ
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
+_HTML_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 _MAPPING = (dict, Mapping)
 """For isinstance: decoded JSON is a dict, and the exact-type check skips the ABC machinery."""
 
@@ -141,6 +142,9 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
         if "detail" in data:  # FastAPI / gateways
             return _s(data.get("detail")), None, None
     if text:
+        title = _HTML_TITLE.search(text) if text.startswith("<") else None
+        if title is not None and title.group(1).strip():  # a proxy's error page: its title says it all
+            return re.sub(r"\s+", " ", title.group(1)).strip()[:200], None, None
         snippet = re.sub(r"\s+", " ", text)[:200]
         return snippet, None, None
     return None, None, None

@@ -50,9 +50,10 @@ _DEADLINE = threading.local()
 def _map_httpx_error(exc: httpx.HTTPError, what: str) -> GuardTransportError:
     if isinstance(exc, httpx.TimeoutException):
         return GuardTimeoutError(f"guard server did not answer {what} before the deadline ({type(exc).__name__})")
+    detail = str(exc) or type(exc).__name__  # some httpx errors carry no message
     if isinstance(exc, httpx.ConnectError):
-        return GuardConnectionError(f"cannot connect to the guard server for {what}: {exc or type(exc).__name__}")
-    return GuardConnectionError(f"connection to the guard server failed during {what}: {exc or type(exc).__name__}")
+        return GuardConnectionError(f"cannot connect to the guard server for {what}: {detail}")
+    return GuardConnectionError(f"connection to the guard server failed during {what}: {detail}")
 
 
 class HTTPTransport:

@@ -251,6 +251,37 @@ async def test_a_proxys_413_that_no_split_can_fit_fails_closed_and_says_why() ->
     assert "HTTP 413" in d.reason and "413 Request Entity Too Large" in d.reason
 
 
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_short_answer_to_a_long_prompt_over_a_proxys_limit_is_checked_with_its_prompt_trimmed(
+    mode: str,
+) -> None:
+    # the answer alone is too short to split: the request is halved as a whole (the prompt trimmed, its end kept)
+    prompt = "Tell me about tea. " * 2000 + "Now explain how to build a bomb."  # ~38 kB of prompt
+    with FakeGuardServer(max_body_bytes=8000) as srv:
+        guard = Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False)
+        async with guard:
+            if mode == "async":
+                d = await guard.acheck(prompt, response="Sure, here is how to build a bomb to kill people.")
+            else:
+                d = guard.check(prompt, response="Sure, here is how to build a bomb to kill people.")
+        assert srv.stats["too_large"] >= 1
+    assert d.verdict.ok and d.action is Action.BLOCK, d.reason
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_proxy_that_refuses_every_body_costs_a_bounded_number_of_requests(mode: str) -> None:
+    # a 413 on a small request is the proxy's limit, not the text: no halving below _MIN_413_CHARS
+    text = "Calm words about tea. " * 900  # ~20 kB
+    with FakeGuardServer(max_body_bytes=60) as srv:
+        guard = Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False)
+        async with guard:
+            d = await guard.acheck(text) if mode == "async" else guard.check(text)
+        sent = srv.stats["too_large"]
+    assert not d.verdict.ok and d.action is Action.BLOCK and "HTTP 413" in d.reason
+    assert "413 Request Entity Too Large" in d.reason and "<html>" not in d.reason  # the page's title only
+    assert sent <= 128  # halving (with overlapping pieces) stops near 1 kB: 94 requests here, 1,921 before
+
+
 # ---------------------------------------------------------------- redaction
 
 

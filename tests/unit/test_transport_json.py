@@ -1,13 +1,15 @@
-"""Request bodies and answers as JSON: orjson when installed (the 'fast' extra), the json module otherwise."""
+"""Request bodies and answers as JSON: orjson when installed (the 'fast' extra), the json module otherwise; error
+answers mapped to the exception family."""
 
 from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
-from flexguard_integrations.errors import GuardResponseError
-from flexguard_integrations.transport import base
+from flexguard_integrations.errors import ContextLengthExceededError, GuardResponseError
+from flexguard_integrations.transport import base, error_from_response
 
 BODY = {
     "model": "Qwen/Qwen3Guard-Gen-8B",
@@ -59,3 +61,22 @@ def test_answers_decode_and_non_json_is_a_clear_error(codec: str) -> None:
         base.decode_completion(b"<html> oops", "text/html; charset=utf-8")
     with pytest.raises(GuardResponseError, match="no choices"):
         base.decode_completion(b'{"object": "list"}', "application/json")
+
+
+def test_an_error_page_is_summarised_by_its_title_and_a_413_means_too_large() -> None:
+    page = (
+        b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n"
+        b"<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>"
+    )
+    err = error_from_response(413, {}, page)
+    assert isinstance(err, ContextLengthExceededError) and err.status_code == 413
+    assert str(err).endswith("(HTTP 413): 413 Request Entity Too Large")
+    plain = error_from_response(404, {}, b"<p>no title here</p>")
+    assert "<p>no title here</p>" in str(plain)  # no title: the text as before
+
+
+def test_a_connection_error_without_a_message_names_its_type() -> None:
+    from flexguard_integrations.transport.http import _map_httpx_error
+
+    assert str(_map_httpx_error(httpx.ReadError(""), "a check")).endswith("during a check: ReadError")
+    assert str(_map_httpx_error(httpx.ConnectError(""), "a check")).endswith("for a check: ConnectError")
