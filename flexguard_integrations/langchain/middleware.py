@@ -298,7 +298,11 @@ class GuardMiddleware(AgentMiddleware):
                 return list(messages[i + 1 :])
         return list(messages)
 
-    def _input_tasks(self, messages: Sequence[BaseMessage]) -> list[tuple[BaseMessage, Surface, str]]:
+    def _input_tasks(
+        self, messages: Sequence[BaseMessage], answers: Collection[str] = ()
+    ) -> list[tuple[BaseMessage, Surface, str]]:
+        """What to check before the model reads the new messages: prompts, and tool results not checked yet
+        (``answers``: the call ids of structured answers, whose ToolMessages are the framework's)."""
         tasks: list[tuple[BaseMessage, Surface, str]] = []
         for msg in self._new_messages(messages):
             text = message_text(msg)
@@ -310,6 +314,7 @@ class GuardMiddleware(AgentMiddleware):
                 isinstance(msg, ToolMessage)
                 and self.check_tool_results
                 and _seen_key(msg.tool_call_id, text) not in self._checked_results
+                and msg.tool_call_id not in answers
             ):
                 tasks.append((msg, Surface.TOOL_RESULT, text))
         return tasks
@@ -564,7 +569,7 @@ class GuardMiddleware(AgentMiddleware):
     def before_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if self.speculative_input:
             return None  # checked in wrap_model_call, alongside the model call
-        tasks = self._input_tasks(state["messages"])
+        tasks = self._input_tasks(state["messages"], state.get(_ANSWERS) or ())
         if not tasks:
             return None
         stored = self._stored(tasks)
@@ -578,7 +583,7 @@ class GuardMiddleware(AgentMiddleware):
     async def abefore_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if self.speculative_input:
             return None
-        tasks = self._input_tasks(state["messages"])
+        tasks = self._input_tasks(state["messages"], state.get(_ANSWERS) or ())
         if not tasks:
             return None
         stored = self._stored(tasks)
@@ -698,7 +703,9 @@ class GuardMiddleware(AgentMiddleware):
         if not self.speculative_input:
             return []
         state = request.state or {}
-        return self._input_tasks(state.get("messages", []) if isinstance(state, Mapping) else [])
+        if not isinstance(state, Mapping):
+            return self._input_tasks([])
+        return self._input_tasks(state.get("messages", []), state.get(_ANSWERS) or ())
 
     def _stored(self, tasks: list[tuple[BaseMessage, Surface, str]]) -> list[Decision | None]:
         """The decisions the tool node left for a rerouted tool result (None: check the text)."""
@@ -1053,7 +1060,9 @@ class GuardMiddleware(AgentMiddleware):
         messages = list(state.get("messages", [])) if isinstance(state, Mapping) else []
         step = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage) and m.tool_calls), default=-1)
         ended = state.get(_RUN_END) if isinstance(state, Mapping) else None
-        start = next((i for i, m in enumerate(messages) if ended is not None and m.id == ended), -1)
+        start = next((i for i, m in enumerate(messages) if ended is not None and m.id == ended), None)
+        if start is None:  # no checkpointer, or that message was removed: the last turn boundary
+            start = max((i for i in range(1, len(messages)) if _turn_starts(messages, i)), default=-1)
         answers = set(state.get(_ANSWERS) or ()) if isinstance(state, Mapping) else set()
         tasks: list[tuple[ToolMessage, str, Decision | None]] = []
         for i in range(step + 1, len(messages)):
@@ -1545,6 +1554,13 @@ def _last_answer(
     return last, [m for m in after if m.tool_call_id in answers]
 
 
+def _turn_starts(messages: Sequence[BaseMessage], i: int) -> bool:
+    """A HumanMessage right after a final answer (an AIMessage without tool calls): a new turn, not a message
+    written inside a tool step."""
+    prev = messages[i - 1]
+    return isinstance(messages[i], HumanMessage) and isinstance(prev, AIMessage) and not prev.tool_calls
+
+
 def _run_ended(state: Mapping[str, Any], update: dict[str, Any] | None) -> dict[str, Any] | None:
     """``update`` with the id of the run's last message (its replacements keep their ids), for the next run's end."""
     messages = state.get("messages") if isinstance(state, Mapping) else None
@@ -1571,12 +1587,19 @@ def _structured_names(request: Any) -> frozenset[str]:
 
 
 def _answer_ids(request: Any, result: Sequence[BaseMessage]) -> set[str]:
-    """The ids of the calls in ``result``'s AIMessages that are structured answers of the request's format."""
+    """The ids of the calls in ``result``'s AIMessages that are structured answers of the request's format: a
+    call named like one of its ``ToolStrategy`` tools, or (the framework names a schema without a title at
+    random) a call to no registered tool while a non-provider format is set."""
     calls = [c for m in result if isinstance(m, AIMessage) for c in m.tool_calls]
-    if not calls or not any(isinstance(m, ToolMessage) for m in result):
+    fmt = getattr(request, "response_format", None)
+    if not calls or fmt is None or isinstance(fmt, ProviderStrategy):
+        return set()
+    if not any(isinstance(m, ToolMessage) for m in result):
         return set()
     names = _structured_names(request)
-    return {str(c["id"]) for c in calls if c.get("id") and c["name"] in names}
+    tools = getattr(request, "tools", None) or ()
+    registered = {t.get("name") if isinstance(t, Mapping) else getattr(t, "name", None) for t in tools}
+    return {str(c["id"]) for c in calls if c.get("id") and (c["name"] in names or c["name"] not in registered)}
 
 
 def _with_answers(out: Any, answers: list[str]) -> Any:

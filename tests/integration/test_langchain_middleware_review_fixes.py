@@ -33,10 +33,11 @@ from langchain.agents.middleware import (
 )
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from typing_extensions import NotRequired
 
 from flexguard_integrations import Guard, GuardBlockedError
@@ -49,6 +50,7 @@ from tests.integration.test_langchain_middleware import (
     INJECTION,
     REVIEW_POLICY,
     SAFE_RESULT,
+    FakeToolModel,
     Recorder,
     Tools,
     call,
@@ -1370,3 +1372,94 @@ async def test_a_structured_answer_is_left_alone_when_the_run_resumes_on_another
     assert s1.status == "success" and INJECTION in s1.text
     assert result["structured_response"] == Answer(answer=INJECTION)
     assert not [e for e in rec.events if e["where"].startswith("after_agent")]
+
+
+# ---------------------------------------------------------------- 10. eighth review: structured answers, stateless
+
+
+SCHEMA_NO_TITLE = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+
+
+class AnswersWithTheSchemaTool(FakeToolModel):
+    """Calls the structured-output tool the framework bound, whatever name it gave it (a schema without a title
+    gets a random one)."""
+
+    answer: str = ""
+    bound: list[str] = Field(default_factory=list)
+
+    def bind_tools(self, tools: Any, **kw: Any) -> Any:
+        self.bound = [str(getattr(t, "name", None) or t.get("name") or t["function"]["name"]) for t in tools]
+        return self
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any) -> ChatResult:
+        name = next(n for n in self.bound if n.startswith("response_format_"))
+        msg = AIMessage("", tool_calls=[call(name, {"answer": self.answer}, "s1")])
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+
+@pytest.mark.parametrize("text", [GOOD, BAD], ids=["safe", "violent"])
+async def test_a_structured_answer_to_a_schema_without_a_title_is_checked_as_the_response(
+    guard: Guard, mode: str, text: str
+) -> None:
+    rec = Recorder()
+    llm = AnswersWithTheSchemaTool(messages=iter([]), answer=text)
+    agent = create_agent(llm, tools=Tools().all, middleware=[GuardMiddleware(guard)], response_format=SCHEMA_NO_TITLE)
+    result = await run(agent, {"messages": [HumanMessage("question?")]}, mode, {"callbacks": [rec]})
+    wheres = [e["where"] for e in rec.events]
+    assert wheres == ["before_model:prompt", "after_model:response"]  # the answer, as the response: once
+    if text == GOOD:
+        assert result["structured_response"] == {"answer": GOOD}
+        assert msgs(result)[-1].status == "success"
+    else:
+        assert result.get("structured_response") is None and not leaked(result, SECRET)
+
+
+async def test_the_next_turn_on_another_instance_does_not_check_a_structured_answer_as_a_tool_result(
+    guard: Guard, mode: str
+) -> None:
+    saver = InMemorySaver()
+    cfg: Any = {"configurable": {"thread_id": f"next-turn-{mode}"}}
+
+    def make(*replies: Any) -> Any:
+        mw = GuardMiddleware(guard, check_output=False)
+        return create_agent(
+            model(*replies),
+            tools=Tools().all,
+            middleware=[mw],
+            response_format=ToolStrategy(Answer),
+            checkpointer=saver,
+        )
+
+    first = await run(
+        make(AIMessage("", tool_calls=[call("Answer", {"answer": INJECTION}, "s1")])),
+        {"messages": [HumanMessage("quote it")]},
+        mode,
+        cfg,
+    )
+    assert first["structured_response"] == Answer(answer=INJECTION)
+    rec = Recorder()
+    second = await run(
+        make("You're welcome."), {"messages": [HumanMessage("thanks")]}, mode, {**cfg, "callbacks": [rec]}
+    )
+    assert [e["where"] for e in rec.events] == ["before_model:prompt"]
+    s1 = next(m for m in msgs(second) if isinstance(m, ToolMessage))
+    assert s1.status == "success" and INJECTION in s1.text
+
+
+async def test_without_a_checkpointer_the_end_of_a_run_leaves_earlier_turns_alone(
+    guard: Guard, server: FakeGuardServer, mode: str
+) -> None:
+    # a stateless worker: the client sends the history back, a new instance handles each turn
+    def make(*replies: Any) -> Any:
+        return create_agent(model(*replies), tools=Tools().all, middleware=[GuardMiddleware(guard)])
+
+    first = await run(
+        make(AIMessage("", tool_calls=[call("search", {"query": "x"}, "c1")]), "Sunny."),
+        {"messages": [HumanMessage("weather?")]},
+        mode,
+    )
+    rec = Recorder()
+    before = len(server.requests)
+    await run(make("ok"), {"messages": [*msgs(first), HumanMessage("thanks")]}, mode, {"callbacks": [rec]})
+    assert [e["where"] for e in rec.events] == ["before_model:prompt", "after_model:response"]
+    assert len(server.requests) - before == 2
