@@ -90,7 +90,8 @@ _MAX_REMEMBERED = 10_000
 logger = logging.getLogger(__name__)
 _END_AFTER = "flexguard_end_after"
 _ANSWERS = "flexguard_answers"
-_RUN_END = "flexguard_run_end"
+_RUN_START = "flexguard_run_start"
+_FRAMEWORK_ANSWER = "Returning structured response: "  # LangChain's ToolStrategy ToolMessage, by default
 _HELD = "flexguard_held_output"
 HELD_FOR_REVIEW = "[response held for review by the safety guard]"
 RETURN_DIRECT_NO_REVIEW = (
@@ -116,18 +117,19 @@ class GuardAgentState(AgentState[Any]):
     this key holds ``{"placeholder": <its id>, "message": <the response, message_to_dict>, "decision": ...}``.
     ``after_model`` resolves the route when the placeholder is still the last message, then clears the key.
 
-    ``flexguard_answers``: the tool call ids of the structured answers (``ToolStrategy``) the model node wrote:
-    their ToolMessages are the framework's, not tool results (kept in the checkpoint, so an instance that did not
-    see the model call, after a restart, still knows them).
+    ``flexguard_answers``: the structured answers (``ToolStrategy``) the model node wrote, as keys of their
+    ToolMessage (call id and text): those are the framework's, not tool results (kept in the checkpoint, so an
+    instance that did not see the model call, after a restart, still knows them; a message reusing the call id
+    with other text is a tool result).
 
-    ``flexguard_run_end``: the id of the last message when the previous run ended (``after_agent``): the end of
-    the run only looks at what came after it.
+    ``flexguard_run_start``: the id of the last message when the run started (``before_agent``): the end of the
+    run only looks at what came after it.
     """
 
     flexguard_end_after: NotRequired[Annotated[str | None, PrivateStateAttr]]
     flexguard_held_output: NotRequired[Annotated[dict[str, Any] | None, PrivateStateAttr]]
     flexguard_answers: NotRequired[Annotated[list[str] | None, PrivateStateAttr]]
-    flexguard_run_end: NotRequired[Annotated[str | None, PrivateStateAttr]]
+    flexguard_run_start: NotRequired[Annotated[str | None, PrivateStateAttr]]
 
 
 @dataclass
@@ -302,7 +304,7 @@ class GuardMiddleware(AgentMiddleware):
         self, messages: Sequence[BaseMessage], answers: Collection[str] = ()
     ) -> list[tuple[BaseMessage, Surface, str]]:
         """What to check before the model reads the new messages: prompts, and tool results not checked yet
-        (``answers``: the call ids of structured answers, whose ToolMessages are the framework's)."""
+        (``answers``: the keys of structured answers, whose ToolMessages are the framework's)."""
         tasks: list[tuple[BaseMessage, Surface, str]] = []
         for msg in self._new_messages(messages):
             text = message_text(msg)
@@ -314,7 +316,7 @@ class GuardMiddleware(AgentMiddleware):
                 isinstance(msg, ToolMessage)
                 and self.check_tool_results
                 and _seen_key(msg.tool_call_id, text) not in self._checked_results
-                and msg.tool_call_id not in answers
+                and _seen_key(msg.tool_call_id, text) not in answers
             ):
                 tasks.append((msg, Surface.TOOL_RESULT, text))
         return tasks
@@ -324,7 +326,7 @@ class GuardMiddleware(AgentMiddleware):
     ) -> tuple[AIMessage | None, list[ToolMessage], list[tuple[str, Surface, str]]]:
         """(the last AIMessage, the ToolMessages after it that answer its structured calls, what to check).
 
-        ``answers``: the tool call ids of structured answers (``ToolStrategy``): part of the response, not tool
+        ``answers``: the keys of structured answers (``ToolStrategy``): part of the response, not tool
         calls. Other ToolMessages after it (written by another middleware's ``wrap_model_call``) are tool
         results, checked as such before the model reads them or at the end of the run.
         """
@@ -826,7 +828,7 @@ class GuardMiddleware(AgentMiddleware):
         if last.id is None or any(m.id is None for m in after):  # the marker, RemoveMessage, memory go by id
             last = last if last.id is not None else last.model_copy(update={"id": str(uuid.uuid4())})
             after = [m if m.id is not None else m.model_copy(update={"id": str(uuid.uuid4())}) for m in after]
-            trailing = [m for m in after if isinstance(m, ToolMessage) and m.tool_call_id in answers]
+            trailing = [m for m in after if isinstance(m, ToolMessage) and _answer_key(m) in answers]
             result = [*result[:start], last, *after]
             response = ModelResponse(result=result, structured_response=response.structured_response)
         _, _, tasks = self._output_tasks([last, *trailing], answers)
@@ -908,11 +910,11 @@ class GuardMiddleware(AgentMiddleware):
         ToolMessage in the response (another middleware's ``wrap_model_call`` answering a call itself) is a
         tool result like any other."""
         result = getattr(response, "result", None) or ()
-        ids = _answer_ids(request, result)
+        keys = _answer_ids(request, result)
         for msg in result:
-            if isinstance(msg, ToolMessage) and msg.tool_call_id in ids:
+            if isinstance(msg, ToolMessage) and _answer_key(msg) in keys:
                 self._checked(msg)
-                answers.append(msg.tool_call_id)
+                answers.append(_answer_key(msg))
         return response
 
     def _marking(self, handler: Callable[[Any], Any], answers: list[str]) -> Callable[[Any], Any]:
@@ -1050,19 +1052,18 @@ class GuardMiddleware(AgentMiddleware):
         Both count anywhere after the last AIMessage with tool calls, i.e. in the last tool step, even when an
         AIMessage written by another middleware follows it (a model call limit ending the run): a deferred
         reroute (a non-passing decision the tool node stored, for a result whose text is still the raw one:
-        resolving it drops the decision), and a result never checked, when it came after the previous run's
-        last message (``flexguard_run_end``, kept in the checkpoint): a result of an earlier run was resolved
-        in its own run, and another instance (a worker restarted between runs) must not withhold a result a
+        resolving it drops the decision), and a result never checked, when it came after the run's input (the
+        last message when the run started, ``flexguard_run_start``): a result of an earlier run was resolved in
+        its own run, and another instance (a worker restarted between runs) must not withhold a result a
         reviewer approved then. A result a model step read was checked then (on another instance, after a
         restart within the run, it is checked once more). The framework's ToolMessages answering a structured
         call (``flexguard_answers``) are the response, not tool results.
         """
         messages = list(state.get("messages", [])) if isinstance(state, Mapping) else []
         step = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage) and m.tool_calls), default=-1)
-        ended = state.get(_RUN_END) if isinstance(state, Mapping) else None
-        start = next((i for i, m in enumerate(messages) if ended is not None and m.id == ended), None)
-        if start is None:  # no checkpointer, or that message was removed: the last turn boundary
-            start = max((i for i in range(1, len(messages)) if _turn_starts(messages, i)), default=-1)
+        began = state.get(_RUN_START) if isinstance(state, Mapping) else None
+        # the run's input, or -1 (no start recorded, or that message removed): the whole last tool step
+        start = next((i for i, m in enumerate(messages) if began is not None and m.id == began), -1)
         answers = set(state.get(_ANSWERS) or ()) if isinstance(state, Mapping) else set()
         tasks: list[tuple[ToolMessage, str, Decision | None]] = []
         for i in range(step + 1, len(messages)):
@@ -1076,7 +1077,7 @@ class GuardMiddleware(AgentMiddleware):
             stored = self._result_decisions.get(key)
             if stored is not None and not stored.action.passes:
                 tasks.append((msg, text, stored))
-            elif i > start and key not in self._checked_results and msg.tool_call_id not in answers:
+            elif i > start and key not in self._checked_results and key not in answers:
                 tasks.append((msg, text, None))
         return tasks
 
@@ -1111,6 +1112,18 @@ class GuardMiddleware(AgentMiddleware):
                 replaced.append(self._checked(out))
         return {"messages": replaced} if replaced else None
 
+    def before_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        """Record where the run starts (the id of its last input message), for the end of the run: results
+        before it belong to earlier runs. A resumed run does not pass here and keeps its start."""
+        if not self.check_tool_results:
+            return None
+        messages = state.get("messages") if isinstance(state, Mapping) else None
+        last = messages[-1].id if messages and isinstance(messages[-1], BaseMessage) else None
+        return {_RUN_START: last}
+
+    async def abefore_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        return self.before_agent(state, runtime)
+
     def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         """Backstop at the end of the run (LangChain's exit node: every way to the end goes through it).
 
@@ -1125,7 +1138,7 @@ class GuardMiddleware(AgentMiddleware):
             return None
         tasks = self._end_tasks(state)
         if not tasks:
-            return _run_ended(state, None)
+            return None
         policy = self._policy
         decisions: list[Decision] = []
         for _, text, stored in tasks:
@@ -1135,21 +1148,21 @@ class GuardMiddleware(AgentMiddleware):
             decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=policy)
             dispatch_verdict(decision, "after_agent:tool_result")
             decisions.append(decision)
-        return _run_ended(state, self._end_update(tasks, decisions))
+        return self._end_update(tasks, decisions)
 
     async def aafter_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if not self.check_tool_results:
             return None
         tasks = self._end_tasks(state)
         if not tasks:
-            return _run_ended(state, None)
+            return None
         stored = [known for _, _, known in tasks]
         checks: list[tuple[BaseMessage, Surface, str]] = [(msg, Surface.TOOL_RESULT, text) for msg, text, _ in tasks]
         decisions = await self._acheck_inputs(checks, self._policy, stored)  # a failure cancels the other checks
         for decision, known in zip(decisions, stored, strict=True):
             if known is None:
                 await adispatch_verdict(decision, "after_agent:tool_result")
-        return _run_ended(state, self._end_update(tasks, decisions))
+        return self._end_update(tasks, decisions)
 
     # ================================================================= tool hooks
 
@@ -1472,15 +1485,20 @@ class _GuardMiddlewareNoBeforeModel(GuardMiddleware):
 
 class _GuardMiddlewareNoAfterAgent(GuardMiddleware):
     """GuardMiddleware with ``check_tool_results=False``: its ``after_agent`` (which only resolves tool results)
-    would never act, so ``create_agent`` adds no node for it."""
+    and ``before_agent`` (which marks the run's start for it) would never act, so ``create_agent`` adds no node
+    for them."""
 
+    before_agent = AgentMiddleware.before_agent
+    abefore_agent = AgentMiddleware.abefore_agent
     after_agent = AgentMiddleware.after_agent
     aafter_agent = AgentMiddleware.aafter_agent
 
 
 class _GuardMiddlewareNoAgentHooks(_GuardMiddlewareNoBeforeModel):
-    """Neither ``before_model`` nor ``after_agent`` would act (see the two classes above)."""
+    """Neither ``before_model`` nor ``before_agent``/``after_agent`` would act (see the two classes above)."""
 
+    before_agent = AgentMiddleware.before_agent
+    abefore_agent = AgentMiddleware.abefore_agent
     after_agent = AgentMiddleware.after_agent
     aafter_agent = AgentMiddleware.aafter_agent
 
@@ -1538,8 +1556,8 @@ def _response_text(msg: BaseMessage) -> str:
 def _last_answer(
     messages: Sequence[BaseMessage], answers: Collection[str]
 ) -> tuple[AIMessage | None, list[ToolMessage]]:
-    """The last AIMessage and the ToolMessages after it answering its structured calls (``answers``: the call ids
-    of ``ToolStrategy`` answers, which a model node writes); (None, []) when the messages do not end with an
+    """The last AIMessage and the ToolMessages after it answering its structured calls (``answers``: the keys of
+    ``ToolStrategy`` answers, which a model node writes); (None, []) when the messages do not end with an
     AIMessage and ToolMessages answering its calls."""
     i = len(messages) - 1
     while i >= 0 and isinstance(messages[i], ToolMessage):
@@ -1551,23 +1569,7 @@ def _last_answer(
     ids = {c.get("id") for c in last.tool_calls}
     if any(m.tool_call_id not in ids for m in after):
         return None, []
-    return last, [m for m in after if m.tool_call_id in answers]
-
-
-def _turn_starts(messages: Sequence[BaseMessage], i: int) -> bool:
-    """A HumanMessage right after a final answer (an AIMessage without tool calls): a new turn, not a message
-    written inside a tool step."""
-    prev = messages[i - 1]
-    return isinstance(messages[i], HumanMessage) and isinstance(prev, AIMessage) and not prev.tool_calls
-
-
-def _run_ended(state: Mapping[str, Any], update: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``update`` with the id of the run's last message (its replacements keep their ids), for the next run's end."""
-    messages = state.get("messages") if isinstance(state, Mapping) else None
-    last = messages[-1].id if messages and isinstance(messages[-1], BaseMessage) else None
-    if last is None or state.get(_RUN_END) == last:
-        return update
-    return {**(update or {}), _RUN_END: last}
+    return last, [m for m in after if _answer_key(m) in answers]
 
 
 def _structured_names(request: Any) -> frozenset[str]:
@@ -1586,24 +1588,38 @@ def _structured_names(request: Any) -> frozenset[str]:
     return frozenset(spec.name for spec in fmt.schema_specs)
 
 
+def _answer_key(msg: ToolMessage) -> str:
+    """A structured answer's ToolMessage as remembered: its call id and its text (a reused id is not enough)."""
+    return _seen_key(msg.tool_call_id, message_text(msg))
+
+
 def _answer_ids(request: Any, result: Sequence[BaseMessage]) -> set[str]:
-    """The ids of the calls in ``result``'s AIMessages that are structured answers of the request's format: a
-    call named like one of its ``ToolStrategy`` tools, or (the framework names a schema without a title at
-    random) a call to no registered tool while a non-provider format is set."""
-    calls = [c for m in result if isinstance(m, AIMessage) for c in m.tool_calls]
+    """The keys (``_answer_key``) of the ToolMessages in ``result`` that are the framework's answers to a
+    structured call of the request's format: the call is named like one of its ``ToolStrategy`` tools (or, for a
+    schema without a title, which LangChain names ``response_format_<random>``, has that prefix and names no
+    registered tool), and the message has the framework's text. Anything else is a tool result."""
     fmt = getattr(request, "response_format", None)
-    if not calls or fmt is None or isinstance(fmt, ProviderStrategy):
+    if fmt is None or isinstance(fmt, ProviderStrategy):
         return set()
-    if not any(isinstance(m, ToolMessage) for m in result):
+    calls = {str(c["id"]): c["name"] for m in result if isinstance(m, AIMessage) for c in m.tool_calls if c.get("id")}
+    messages = [m for m in result if isinstance(m, ToolMessage) and m.tool_call_id in calls]
+    if not messages:
         return set()
     names = _structured_names(request)
     tools = getattr(request, "tools", None) or ()
     registered = {t.get("name") if isinstance(t, Mapping) else getattr(t, "name", None) for t in tools}
-    return {str(c["id"]) for c in calls if c.get("id") and (c["name"] in names or c["name"] not in registered)}
+    custom = fmt.tool_message_content if isinstance(fmt, ToolStrategy) else None
+    keys: set[str] = set()
+    for msg in messages:
+        name, text = calls[msg.tool_call_id], message_text(msg)
+        named = name in names or (name.startswith("response_format_") and name not in registered)
+        if named and msg.status != "error" and (text == custom if custom else text.startswith(_FRAMEWORK_ANSWER)):
+            keys.add(_answer_key(msg))
+    return keys
 
 
 def _with_answers(out: Any, answers: list[str]) -> Any:
-    """The model node's result with the structured answers' call ids in its state update."""
+    """The model node's result with the structured answers' keys in its state update."""
     if not answers:
         return out
     if isinstance(out, ExtendedModelResponse):
