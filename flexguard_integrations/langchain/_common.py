@@ -7,9 +7,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import RunnableConfig
+from pydantic import BaseModel
 
 from ..errors import GuardInputError
 from ..verdict import Decision
@@ -103,34 +105,65 @@ def _text_of_message_likes(items: Sequence[Any]) -> str:
 
 
 def extract_output_text(value: Any, output_key: str | None = None) -> str | None:
-    """The text of a Runnable output (str, AIMessage, dict with an output key); None if it has none.
+    """The text of a Runnable output; None if it has none (``None``, an empty list, an object of another kind).
 
-    A dict, or a list of dicts, whose text cannot be found raises ``GuardInputError``: never released unchecked.
+    A str, a message, a ``Document`` (its ``page_content``), a dict (``output_key``, else the first of the usual
+    keys, else its last message), a Pydantic model (a structured output, as JSON), and a list or tuple of any of
+    these (their texts, one per line; an item of another kind as JSON), so that no text is released unchecked
+    because of its container. A dict whose text cannot be found raises ``GuardInputError`` (pass ``output_key``).
     """
     if isinstance(value, str):
         return value
     if isinstance(value, BaseMessage):
         return message_text(value)
+    if isinstance(value, Document):
+        return value.page_content
+    if isinstance(value, BaseModel):
+        return value.model_dump_json()
     if isinstance(value, Mapping):
         keys = [output_key] if output_key else ["output", "answer", "text", "result", "content"]
         for key in keys:
             if key in value:
                 return extract_output_text(value[key])
         if value.get("messages"):
-            last = value["messages"][-1]
-            return message_text(last) if isinstance(last, BaseMessage) else None
+            return extract_output_text(value["messages"][-1])
         # never release a dict output unchecked because its text could not be found
         keys_seen = sorted(map(str, value))
         if output_key:
             raise GuardInputError(f"output has no key {output_key!r} (keys: {keys_seen!r})")
         raise GuardInputError(f"cannot find the text to check in an output with keys {keys_seen!r}; pass output_key=")
-    if isinstance(value, list | tuple) and any(isinstance(item, Mapping) for item in value):
-        # a list of dicts (a graph's stream chunks, a batch of records) may carry text anywhere: never release it
-        raise GuardInputError(
-            f"cannot find the text to check in an output that is a {type(value).__name__} of dicts; guard the "
-            "runnable that produces the text, or set check_output=False"
-        )
+    if isinstance(value, list | tuple):
+        parts = [_item_text(item) for item in value]
+        return "\n".join(p for p in parts if p) if value else None
     return None
+
+
+def _item_text(item: Any) -> str:
+    """The text of one item of a list output: its own text, or JSON when it has none to find."""
+    if item is None:
+        return ""
+    try:
+        text = extract_output_text(item)
+    except GuardInputError:  # a dict of other keys: all of it is checked instead
+        text = None
+    if text is not None:
+        return text
+    return json.dumps(item, ensure_ascii=False, default=str, sort_keys=True)
+
+
+def is_text_output(value: Any, output_key: str | None = None) -> bool:
+    """Whether ``replace_output_text`` keeps the output's shape (a REDACT can be carried out): a str, a message,
+    or a dict whose text is one of those (or its messages)."""
+    if isinstance(value, str | BaseMessage):
+        return True
+    if isinstance(value, Mapping):
+        keys = [output_key] if output_key else ["output", "answer", "text", "result", "content"]
+        for key in keys:
+            if key in value:
+                return is_text_output(value[key])
+        messages = value.get("messages")
+        return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], BaseMessage)
+    return False
 
 
 def replace_input_text(value: Any, new_text: str, input_key: str | None = None) -> Any:

@@ -34,6 +34,7 @@ from ._common import (
     extract_input_text,
     extract_output_text,
     format_refusal,
+    is_text_output,
     logger,
     policy_from_config,
     replace_input_text,
@@ -195,9 +196,13 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     def _finish_output(self, decision: Decision, value: Any, output: Any) -> Any:
         if decision.action.passes:
             return output
-        if decision.action is Action.REDACT and decision.redacted_text is not None:
+        if (
+            decision.action is Action.REDACT
+            and decision.redacted_text is not None
+            and is_text_output(output, self.output_key)
+        ):
             return replace_output_text(output, decision.redacted_text, self.output_key)
-        return self._redirect(decision)
+        return self._redirect(decision)  # a REDACT of a structured output (a list, a model) blocks it
 
     def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Any:
         policy = self._policy(config)
@@ -299,6 +304,11 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
                     f"guarded() cannot check a LangGraph graph called with {key}={kwargs[key]!r} (it reshapes or "
                     "prints the output before the checks read it): drop it, or guard the agent with GuardMiddleware"
                 )
+        if getattr(graph, "debug", False) and kwargs.get("debug") is not False:
+            raise ConfigurationError(
+                "guarded() cannot check a LangGraph graph compiled with debug=True (it prints the output before "
+                "the checks read it): compile it without debug, or pass debug=False"
+            )
         if kwargs.get("print_mode"):
             raise ConfigurationError(
                 f"guarded() cannot check a LangGraph graph called with print_mode={kwargs['print_mode']!r} (it "
@@ -885,6 +895,8 @@ def _single(inputs: Iterator[Any]) -> Any:
 
 
 def _chunk_text(chunk: Any, output_key: str | None) -> str:
+    """The text of a streamed chunk. Text streams only: a chunk of another kind (a list, a model: a JSON parser's
+    partial objects) raises ``GuardInputError`` rather than be released unread."""
     if isinstance(chunk, str):
         return chunk
     if isinstance(chunk, BaseMessage):
@@ -892,7 +904,12 @@ def _chunk_text(chunk: Any, output_key: str | None) -> str:
     if isinstance(chunk, Mapping):
         text = extract_output_text(chunk, output_key)
         return text or ""
-    return ""
+    if chunk is None:
+        return ""
+    raise GuardInputError(
+        f"guarded() moderates streams of text (str, message or dict chunks); this stream yields a "
+        f"{type(chunk).__name__}: use invoke() (its whole output is checked), or check_output=False"
+    )
 
 
 def guarded(

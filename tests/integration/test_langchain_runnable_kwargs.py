@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
+from langchain_core.documents import Document
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
-from langchain_core.runnables import RunnableLambda, RunnablePassthrough
-from pydantic import Field
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.runnables import RunnableGenerator, RunnableLambda, RunnablePassthrough
+from pydantic import BaseModel, Field
 
 from flexguard_integrations import ConfigurationError, Guard, GuardBlockedError, GuardInputError
 from flexguard_integrations.langchain import guarded
@@ -253,8 +254,58 @@ async def test_graph_arguments_are_passed_when_the_output_is_not_checked(aguard:
     assert isinstance(out, list) and len(model.seen) == 1
 
 
+LIST_OUTPUTS = {
+    "dicts": lambda text: [{"story": text}],
+    "nested": lambda text: [[{"story": text}]],
+    "strings": lambda text: ["Once upon a time.", text],
+    "messages": lambda text: [AIMessage(text)],
+    "message tuples": lambda text: [(AIMessageChunk(text), {"langgraph_node": "model"})],
+    "documents": lambda text: [Document(page_content=text)],
+    "model": lambda text: Story(story=text),
+}
+
+
+class Story(BaseModel):
+    story: str
+
+
+@pytest.mark.parametrize("shape", list(LIST_OUTPUTS))
 @pytest.mark.parametrize("mode", ["sync", "async"])
-async def test_a_list_of_dicts_output_is_never_released_unchecked(aguard: Guard, mode: str) -> None:
-    chain = guarded(RunnableLambda(lambda _: [{"story": BAD_SENTENCE}]), aguard)
-    with pytest.raises(GuardInputError, match="list of dicts"):
-        await run_graph(chain, "tell me a story", "invoke" if mode == "sync" else "ainvoke", {})
+async def test_an_output_inside_a_list_or_a_model_is_checked(aguard: Guard, mode: str, shape: str) -> None:
+    make = LIST_OUTPUTS[shape]
+    bad = guarded(RunnableLambda(lambda _: make(BAD_SENTENCE)), aguard)
+    with pytest.raises(GuardBlockedError):
+        await run_graph(bad, "tell me a story", "invoke" if mode == "sync" else "ainvoke", {})
+    good = guarded(RunnableLambda(lambda _: make("Paris has many museums.")), aguard)
+    out = await run_graph(good, "tell me a story", "invoke" if mode == "sync" else "ainvoke", {})
+    assert out == make("Paris has many museums.")  # a safe structured output comes back as it was
+
+
+async def test_a_redacted_structured_output_is_blocked_not_reshaped(aguard: Guard) -> None:
+    redact = {"surfaces": {"response": {"action": "redact"}}}
+    chain = guarded(RunnableLambda(lambda _: [{"story": f"Paris is nice. {BAD_SENTENCE}"}]), aguard, policy=redact)
+    with pytest.raises(GuardBlockedError):
+        chain.invoke("tell me a story")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_stream_of_non_text_chunks_fails_clearly(aguard: Guard, mode: str) -> None:
+    def chunks(_: Any) -> Any:
+        yield "Paris is nice. "
+        yield [{"story": BAD_SENTENCE}]
+
+    async def achunks(_: Any) -> Any:
+        for chunk in chunks(_):
+            yield chunk
+
+    chain = guarded(RunnableGenerator(chunks, achunks), aguard)
+    with pytest.raises(GuardInputError, match="list"):
+        await run_graph(chain, "tell me a story", "stream" if mode == "sync" else "astream", {})
+
+
+def test_a_graph_compiled_with_debug_is_refused(aguard: Guard) -> None:
+    model = recording(BAD_SENTENCE)
+    agent = create_agent(model, tools=[], debug=True)
+    with pytest.raises(ConfigurationError, match="debug"):
+        guarded(agent, aguard).invoke({"messages": [HumanMessage("tell me a story")]})
+    assert model.seen == []
