@@ -119,7 +119,7 @@ def extract_output_text(value: Any, output_key: str | None = None) -> str | None
     if isinstance(value, Document):
         return value.page_content
     if isinstance(value, BaseModel):
-        return value.model_dump_json()
+        return _as_json(value)
     if isinstance(value, Mapping):
         keys = [output_key] if output_key else ["output", "answer", "text", "result", "content"]
         for key in keys:
@@ -133,22 +133,39 @@ def extract_output_text(value: Any, output_key: str | None = None) -> str | None
             raise GuardInputError(f"output has no key {output_key!r} (keys: {keys_seen!r})")
         raise GuardInputError(f"cannot find the text to check in an output with keys {keys_seen!r}; pass output_key=")
     if isinstance(value, list | tuple):
-        parts = [_item_text(item) for item in value]
+        try:
+            parts = [item_text(item) for item in value]
+        except RecursionError as exc:  # a list that contains itself, or nested thousands deep
+            raise GuardInputError(
+                f"cannot read the output to check it (a {type(value).__name__} nested too deep)"
+            ) from exc
         return "\n".join(p for p in parts if p) if value else None
     return None
 
 
-def _item_text(item: Any) -> str:
-    """The text of one item of a list output: its own text, or JSON when it has none to find."""
+def item_text(item: Any) -> str:
+    """The text of one item of a list output (or of a streamed chunk of no known kind): a str, a message or a
+    ``Document`` by its text, a list by its items, anything else (a dict: all of it, not only a usual key) as
+    JSON. An item that cannot be rendered raises ``GuardInputError``."""
     if item is None:
         return ""
+    if isinstance(item, str | BaseMessage | Document | list | tuple):
+        return extract_output_text(item) or ""
+    return _as_json(item)
+
+
+def _as_json(value: Any) -> str:
+    """``value`` as JSON text for the guard to read; ``GuardInputError`` when it cannot be (a cycle, a field
+    that does not serialise, nesting too deep)."""
     try:
-        text = extract_output_text(item)
-    except GuardInputError:  # a dict of other keys: all of it is checked instead
-        text = None
-    if text is not None:
-        return text
-    return json.dumps(item, ensure_ascii=False, default=str, sort_keys=True)
+        if isinstance(value, BaseModel):
+            return value.model_dump_json(fallback=str)
+        return json.dumps(value, ensure_ascii=False, default=str, sort_keys=True)
+    except (ValueError, TypeError, RecursionError) as exc:  # PydanticSerializationError is a ValueError
+        raise GuardInputError(
+            f"cannot read the output to check it ({type(value).__name__}: {exc}); "
+            "return text, or set check_output=False"
+        ) from exc
 
 
 def is_text_output(value: Any, output_key: str | None = None) -> bool:
@@ -208,6 +225,12 @@ def replace_output_text(value: Any, new_text: str, output_key: str | None = None
         if isinstance(messages, list) and messages and isinstance(messages[-1], BaseMessage):
             return {**value, "messages": [*messages[:-1], replace_output_text(messages[-1], new_text)]}
         return {**value, output_key or "output": new_text}
+    if isinstance(value, list | tuple):  # a refusal in the container's shape: one item of the first item's kind
+        first = value[0] if value else None
+        item: Any = Document(page_content=new_text) if isinstance(first, Document) else new_text
+        if isinstance(first, BaseMessage):
+            item = replace_output_text(first, new_text)
+        return type(value)([item]) if type(value) in (list, tuple) else [item]
     return new_text
 
 

@@ -10,6 +10,7 @@ check has passed it (see :mod:`flexguard_integrations.streaming`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_origin
@@ -35,6 +36,7 @@ from ._common import (
     extract_output_text,
     format_refusal,
     is_text_output,
+    item_text,
     logger,
     policy_from_config,
     replace_input_text,
@@ -196,13 +198,13 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     def _finish_output(self, decision: Decision, value: Any, output: Any) -> Any:
         if decision.action.passes:
             return output
-        if (
-            decision.action is Action.REDACT
-            and decision.redacted_text is not None
-            and is_text_output(output, self.output_key)
-        ):
-            return replace_output_text(output, decision.redacted_text, self.output_key)
-        return self._redirect(decision)  # a REDACT of a structured output (a list, a model) blocks it
+        if decision.action is Action.REDACT and decision.redacted_text is not None:
+            if is_text_output(output, self.output_key):
+                return replace_output_text(output, decision.redacted_text, self.output_key)
+            # a structured output (a list, a model) cannot be redacted in place: it is blocked, and says so
+            reason = f"{decision.reason}; a structured output cannot be redacted: blocked"
+            decision = dataclasses.replace(decision, action=Action.BLOCK, reason=reason, redacted_text=None)
+        return self._redirect(decision)
 
     def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Any:
         policy = self._policy(config)
@@ -895,8 +897,8 @@ def _single(inputs: Iterator[Any]) -> Any:
 
 
 def _chunk_text(chunk: Any, output_key: str | None) -> str:
-    """The text of a streamed chunk. Text streams only: a chunk of another kind (a list, a model: a JSON parser's
-    partial objects) raises ``GuardInputError`` rather than be released unread."""
+    """The text of a streamed chunk; a chunk of another kind (a list of documents, a model) is read as ``invoke``
+    reads an output (``item_text``), never released unread."""
     if isinstance(chunk, str):
         return chunk
     if isinstance(chunk, BaseMessage):
@@ -904,12 +906,7 @@ def _chunk_text(chunk: Any, output_key: str | None) -> str:
     if isinstance(chunk, Mapping):
         text = extract_output_text(chunk, output_key)
         return text or ""
-    if chunk is None:
-        return ""
-    raise GuardInputError(
-        f"guarded() moderates streams of text (str, message or dict chunks); this stream yields a "
-        f"{type(chunk).__name__}: use invoke() (its whole output is checked), or check_output=False"
-    )
+    return item_text(chunk)  # a list (a retriever's documents), a model...: read as invoke() reads it
 
 
 def guarded(

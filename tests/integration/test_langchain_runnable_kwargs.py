@@ -289,7 +289,7 @@ async def test_a_redacted_structured_output_is_blocked_not_reshaped(aguard: Guar
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-async def test_a_stream_of_non_text_chunks_fails_clearly(aguard: Guard, mode: str) -> None:
+async def test_a_stream_of_non_text_chunks_is_read_like_invoke(aguard: Guard, mode: str) -> None:
     def chunks(_: Any) -> Any:
         yield "Paris is nice. "
         yield [{"story": BAD_SENTENCE}]
@@ -299,8 +299,50 @@ async def test_a_stream_of_non_text_chunks_fails_clearly(aguard: Guard, mode: st
             yield chunk
 
     chain = guarded(RunnableGenerator(chunks, achunks), aguard)
-    with pytest.raises(GuardInputError, match="list"):
+    with pytest.raises(GuardBlockedError):
         await run_graph(chain, "tell me a story", "stream" if mode == "sync" else "astream", {})
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_guarded_retriever_streams_its_documents_once_checked(aguard: Guard, mode: str) -> None:
+    docs = [Document(page_content="The Louvre opens at nine."), Document(page_content="Tickets are online.")]
+    how = "stream" if mode == "sync" else "astream"
+    assert await run_graph(guarded(RunnableLambda(lambda _: docs), aguard), "museums?", how, {}) == [docs]
+    bad = [*docs, Document(page_content=BAD_SENTENCE)]
+    with pytest.raises(GuardBlockedError):
+        await run_graph(guarded(RunnableLambda(lambda _: bad), aguard), "museums?", how, {})
+
+
+async def test_every_field_of_a_dict_in_a_list_is_checked(aguard: Guard) -> None:
+    # not only the usual text key: a search hit's title is text the caller will show too
+    chain = guarded(RunnableLambda(lambda _: [{"text": "", "title": BAD_SENTENCE}]), aguard)
+    with pytest.raises(GuardBlockedError):
+        chain.invoke("search")
+
+
+def test_an_output_that_cannot_be_read_fails_clearly(aguard: Guard) -> None:
+    looped: list[Any] = []
+    looped.append(looped)
+    cyclic: dict[str, Any] = {}
+    cyclic["self"] = cyclic
+    for output in (looped, [cyclic]):
+        with pytest.raises(GuardInputError, match="cannot read the output"):
+            guarded(RunnableLambda(lambda _, o=output: o), aguard).invoke("anything")
+
+
+def test_a_refused_list_output_keeps_its_shape(aguard: Guard) -> None:
+    docs = [Document(page_content=BAD_SENTENCE)]
+    out = guarded(RunnableLambda(lambda _: docs), aguard, on_block="refuse").invoke("museums?")
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], Document)
+    assert "violence" in out[0].page_content and BAD_SENTENCE not in out[0].page_content
+
+
+def test_a_redacted_structured_output_is_reported_as_a_block(aguard: Guard) -> None:
+    redact = {"surfaces": {"response": {"action": "redact"}}}
+    chain = guarded(RunnableLambda(lambda _: [{"story": f"Paris is nice. {BAD_SENTENCE}"}]), aguard, policy=redact)
+    with pytest.raises(GuardBlockedError) as raised:
+        chain.invoke("tell me a story")
+    assert raised.value.decision.action.value == "block" and "cannot be redacted" in raised.value.decision.reason
 
 
 def test_a_graph_compiled_with_debug_is_refused(aguard: Guard) -> None:
