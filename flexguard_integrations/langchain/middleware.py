@@ -91,7 +91,7 @@ logger = logging.getLogger(__name__)
 _END_AFTER = "flexguard_end_after"
 _ANSWERS = "flexguard_answers"
 _RUN_START = "flexguard_run_start"
-_FRAMEWORK_ANSWER = "Returning structured response: "  # LangChain's ToolStrategy ToolMessage, by default
+_RUN_END = "flexguard_run_end"
 _HELD = "flexguard_held_output"
 HELD_FOR_REVIEW = "[response held for review by the safety guard]"
 RETURN_DIRECT_NO_REVIEW = (
@@ -122,14 +122,17 @@ class GuardAgentState(AgentState[Any]):
     instance that did not see the model call, after a restart, still knows them; a message reusing the call id
     with other text is a tool result).
 
-    ``flexguard_run_start``: the id of the last message when the run started (``before_agent``): the end of the
-    run only looks at what came after it.
+    ``flexguard_run_start``: the id of the last message when the run started (``before_agent``), and
+    ``flexguard_run_end``: the id of the last message when the previous run ended (``after_agent``): the end of
+    the run only looks at what came after the later of the two (the start may be stale when another
+    middleware's ``before_agent`` ended the run early, or removed when the input was rewritten).
     """
 
     flexguard_end_after: NotRequired[Annotated[str | None, PrivateStateAttr]]
     flexguard_held_output: NotRequired[Annotated[dict[str, Any] | None, PrivateStateAttr]]
     flexguard_answers: NotRequired[Annotated[list[str] | None, PrivateStateAttr]]
     flexguard_run_start: NotRequired[Annotated[str | None, PrivateStateAttr]]
+    flexguard_run_end: NotRequired[Annotated[str | None, PrivateStateAttr]]
 
 
 @dataclass
@@ -1061,9 +1064,12 @@ class GuardMiddleware(AgentMiddleware):
         """
         messages = list(state.get("messages", [])) if isinstance(state, Mapping) else []
         step = max((i for i, m in enumerate(messages) if isinstance(m, AIMessage) and m.tool_calls), default=-1)
-        began = state.get(_RUN_START) if isinstance(state, Mapping) else None
-        # the run's input, or -1 (no start recorded, or that message removed): the whole last tool step
-        start = next((i for i, m in enumerate(messages) if began is not None and m.id == began), -1)
+        marks = {state.get(_RUN_START), state.get(_RUN_END)} - {None} if isinstance(state, Mapping) else set()
+        found = [i for i, m in enumerate(messages) if m.id is not None and m.id in marks]
+        # after the run's input or the previous run's end, the later; with neither, the last turn boundary
+        start = (
+            max(found) if found else max((i for i in range(1, len(messages)) if _turn_starts(messages, i)), default=-1)
+        )
         answers = set(state.get(_ANSWERS) or ()) if isinstance(state, Mapping) else set()
         tasks: list[tuple[ToolMessage, str, Decision | None]] = []
         for i in range(step + 1, len(messages)):
@@ -1138,7 +1144,7 @@ class GuardMiddleware(AgentMiddleware):
             return None
         tasks = self._end_tasks(state)
         if not tasks:
-            return None
+            return _run_ended(state, None)
         policy = self._policy
         decisions: list[Decision] = []
         for _, text, stored in tasks:
@@ -1148,21 +1154,21 @@ class GuardMiddleware(AgentMiddleware):
             decision = self.guard.check(text, surface=Surface.TOOL_RESULT, policy=policy)
             dispatch_verdict(decision, "after_agent:tool_result")
             decisions.append(decision)
-        return self._end_update(tasks, decisions)
+        return _run_ended(state, self._end_update(tasks, decisions))
 
     async def aafter_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if not self.check_tool_results:
             return None
         tasks = self._end_tasks(state)
         if not tasks:
-            return None
+            return _run_ended(state, None)
         stored = [known for _, _, known in tasks]
         checks: list[tuple[BaseMessage, Surface, str]] = [(msg, Surface.TOOL_RESULT, text) for msg, text, _ in tasks]
         decisions = await self._acheck_inputs(checks, self._policy, stored)  # a failure cancels the other checks
         for decision, known in zip(decisions, stored, strict=True):
             if known is None:
                 await adispatch_verdict(decision, "after_agent:tool_result")
-        return self._end_update(tasks, decisions)
+        return _run_ended(state, self._end_update(tasks, decisions))
 
     # ================================================================= tool hooks
 
@@ -1588,6 +1594,21 @@ def _structured_names(request: Any) -> frozenset[str]:
     return frozenset(spec.name for spec in fmt.schema_specs)
 
 
+def _turn_starts(messages: Sequence[BaseMessage], i: int) -> bool:
+    """A HumanMessage right after a final answer (an AIMessage without tool calls): a new turn."""
+    prev = messages[i - 1]
+    return isinstance(messages[i], HumanMessage) and isinstance(prev, AIMessage) and not prev.tool_calls
+
+
+def _run_ended(state: Mapping[str, Any], update: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``update`` with the id of the run's last message (replacements keep their ids), for the next run's end."""
+    messages = state.get("messages") if isinstance(state, Mapping) else None
+    last = messages[-1].id if messages and isinstance(messages[-1], BaseMessage) else None
+    if last is None or state.get(_RUN_END) == last:
+        return update
+    return {**(update or {}), _RUN_END: last}
+
+
 def _answer_key(msg: ToolMessage) -> str:
     """A structured answer's ToolMessage as remembered: its call id and its text (a reused id is not enough)."""
     return _seen_key(msg.tool_call_id, message_text(msg))
@@ -1597,7 +1618,9 @@ def _answer_ids(request: Any, result: Sequence[BaseMessage]) -> set[str]:
     """The keys (``_answer_key``) of the ToolMessages in ``result`` that are the framework's answers to a
     structured call of the request's format: the call is named like one of its ``ToolStrategy`` tools (or, for a
     schema without a title, which LangChain names ``response_format_<random>``, has that prefix and names no
-    registered tool), and the message has the framework's text. Anything else is a tool result."""
+    registered tool): the framework's answer, or its error asking the model to retry (``handle_errors``). They
+    are remembered by call id and text, so a later message reusing the id is a tool result. Anything else a
+    model node writes is a tool result."""
     fmt = getattr(request, "response_format", None)
     if fmt is None or isinstance(fmt, ProviderStrategy):
         return set()
@@ -1608,13 +1631,12 @@ def _answer_ids(request: Any, result: Sequence[BaseMessage]) -> set[str]:
     names = _structured_names(request)
     tools = getattr(request, "tools", None) or ()
     registered = {t.get("name") if isinstance(t, Mapping) else getattr(t, "name", None) for t in tools}
-    custom = fmt.tool_message_content if isinstance(fmt, ToolStrategy) else None
     keys: set[str] = set()
     for msg in messages:
-        name, text = calls[msg.tool_call_id], message_text(msg)
+        name = calls[msg.tool_call_id]
         named = name in names or (name.startswith("response_format_") and name not in registered)
-        if named and msg.status != "error" and (text == custom if custom else text.startswith(_FRAMEWORK_ANSWER)):
-            keys.add(_answer_key(msg))
+        if named:  # the answer, or the framework's error asking the model to retry (handle_errors): the
+            keys.add(_answer_key(msg))  # call's arguments are the response either way
     return keys
 
 

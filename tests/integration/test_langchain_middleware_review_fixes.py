@@ -32,7 +32,7 @@ from langchain.agents.middleware import (
     hook_config,
 )
 from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, RemoveMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
@@ -1559,3 +1559,84 @@ async def test_a_turn_written_inside_the_tool_step_does_not_hide_a_result_withou
     result = await run(agent, {"messages": [HumanMessage("look it up")]}, mode)
     c1 = next(m for m in msgs(result) if isinstance(m, ToolMessage) and m.tool_call_id == "c1")
     assert c1.status == "error" and not leaked(result, INJECTION)
+
+
+# ---------------------------------------------------------------- 12. tenth review: retries, stale starts
+
+
+async def test_a_structured_answer_the_framework_rejects_is_still_checked_as_the_response(
+    guard: Guard, mode: str
+) -> None:
+    # handle_errors: the framework answers the bad call with an error ToolMessage and the model retries; the bad
+    # call's arguments are the response all the same
+    first = AIMessage("", id="a1", tool_calls=[call("Answer", {"wrong": BAD}, "s1")])
+    llm = model(first, AIMessage("", id="a2", tool_calls=[call("Answer", {"answer": GOOD}, "s2")]))
+    agent = create_agent(
+        llm,
+        tools=Tools().all,
+        middleware=[GuardMiddleware(guard)],
+        response_format=ToolStrategy(Answer, handle_errors=True),
+    )
+    result = await run(agent, {"messages": [HumanMessage("question?")]}, mode)
+    assert not leaked(result, SECRET)
+
+
+def _approved_grey_result_then(guard: Guard, server: FakeGuardServer, extra: list[Any]) -> tuple[Any, Any]:
+    server.add_rule(GREY, score=50, categories=["PRIVACY"])
+    saver = InMemorySaver()
+
+    def make(*replies: Any) -> Any:
+        mw = GuardMiddleware(guard, policy=REVIEW_POLICY)
+        return create_agent(
+            model(*replies), tools=Tools(search_result=GREY).all, middleware=[*extra, mw], checkpointer=saver
+        )
+
+    return make, saver
+
+
+class EndsEarly(AgentMiddleware):
+    @hook_config(can_jump_to=["end"])
+    def before_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        if state["messages"][-1].text == "stop":
+            return {"jump_to": "end", "messages": [AIMessage("gated")]}
+        return None
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        return self.before_agent(state, runtime)
+
+
+class RewritesTheInput(AgentMiddleware):
+    def before_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        last = state["messages"][-1]
+        if isinstance(last, HumanMessage) and last.text == "my card is 4111":
+            return {"messages": [RemoveMessage(id=last.id or ""), HumanMessage("my card is [CARD]")]}
+        return None
+
+    async def abefore_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        return self.before_model(state, runtime)
+
+
+@pytest.mark.parametrize("case", ["another before_agent ends the run", "the input is rewritten"])
+async def test_a_result_approved_in_an_earlier_run_survives_a_stale_or_removed_run_start(
+    guard: Guard, server: FakeGuardServer, mode: str, case: str
+) -> None:
+    extra: list[Any] = [EndsEarly()] if case.startswith("another") else [RewritesTheInput()]
+    make, _ = _approved_grey_result_then(guard, server, extra)
+    cfg: Any = {"configurable": {"thread_id": f"stale-start-{mode}-{case}"}}
+    first = await run(
+        make(AIMessage("", tool_calls=[call("search", {"query": "a"}, "c1")]), "done"),
+        {"messages": [HumanMessage("go")]},
+        mode,
+        cfg,
+    )
+    assert "__interrupt__" in first
+    await run(make("done"), Command(resume={"approve": True}), mode, cfg)
+    rec = Recorder()
+    text = "stop" if case.startswith("another") else "my card is 4111"
+    result = await run(
+        make("welcome"), {"messages": [HumanMessage(text)]}, mode, {**cfg, "callbacks": [rec]}
+    )  # a new instance
+    c1 = next(m for m in msgs(result) if isinstance(m, ToolMessage))
+    assert c1.status == "success" and c1.text == GREY  # the reviewer's approval stands
+    assert not [e for e in rec.events if e["where"].startswith("after_agent")]
