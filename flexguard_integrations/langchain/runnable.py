@@ -18,7 +18,15 @@ from typing import Any, Literal, get_origin
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk, convert_to_messages
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableSerializable
+from langchain_core.runnables import (
+    Runnable,
+    RunnableBinding,
+    RunnableConfig,
+    RunnableParallel,
+    RunnableSequence,
+    RunnableSerializable,
+    RunnableWithFallbacks,
+)
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.config import ContextThreadPoolExecutor, patch_config
 from langgraph.pregel import Pregel
@@ -287,6 +295,11 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
                     f"guarded() passes {', '.join(given)} only to a LangGraph graph it wraps directly (or through "
                     f"bind/with_config); it cannot tell what they do to {self.bound.get_name()!r}'s output: guard "
                     "the graph itself, or drop them"
+                )
+            if _debug_graph_inside(self.bound):
+                raise ConfigurationError(
+                    f"guarded() cannot check {self.bound.get_name()!r}: a LangGraph graph inside it is compiled with "
+                    "debug=True (it prints its output before the checks read it): compile it without debug"
                 )
             return
         expected = "values" if call == "invoke" else "updates"
@@ -767,6 +780,24 @@ def _graph_call(runnable: Runnable[Any, Any]) -> tuple[Pregel[Any, Any, Any, Any
             return None, kwargs
         runnable = runnable.bound
     return (runnable, kwargs) if isinstance(runnable, Pregel) else (None, kwargs)
+
+
+def _debug_graph_inside(runnable: Any, depth: int = 0) -> bool:
+    """Whether a LangGraph graph compiled with ``debug=True`` sits inside ``runnable``, through the wrappers and
+    compositions LangChain builds (bindings, retries, fallbacks, sequences, parallels)."""
+    if depth > 32:
+        return False
+    if isinstance(runnable, Pregel):
+        return bool(getattr(runnable, "debug", False))
+    if isinstance(runnable, RunnableBindingBase):
+        return _debug_graph_inside(runnable.bound, depth + 1)
+    if isinstance(runnable, RunnableWithFallbacks):
+        return any(_debug_graph_inside(r, depth + 1) for r in (runnable.runnable, *runnable.fallbacks))
+    if isinstance(runnable, RunnableSequence):
+        return any(_debug_graph_inside(r, depth + 1) for r in runnable.steps)
+    if isinstance(runnable, RunnableParallel):
+        return any(_debug_graph_inside(r, depth + 1) for r in runnable.steps__.values())
+    return False
 
 
 _GRAPH_SHAPING = ("stream_mode", "subgraphs", "version", "output_keys", "print_mode", "debug")

@@ -351,3 +351,17 @@ def test_a_graph_compiled_with_debug_is_refused(aguard: Guard) -> None:
     with pytest.raises(ConfigurationError, match="debug"):
         guarded(agent, aguard).invoke({"messages": [HumanMessage("tell me a story")]})
     assert model.seen == []
+
+
+@pytest.mark.parametrize("wrap", ["with_retry", "with_fallbacks", "sequence"])
+def test_a_graph_compiled_with_debug_is_refused_behind_a_wrapper(aguard: Guard, wrap: str) -> None:
+    model = recording(BAD_SENTENCE)
+    agent = create_agent(model, tools=[], debug=True)
+    wrapped: Any = {
+        "with_retry": lambda: agent.with_retry(stop_after_attempt=1),
+        "with_fallbacks": lambda: agent.with_fallbacks([agent]),
+        "sequence": lambda: RunnablePassthrough() | agent,
+    }[wrap]()
+    with pytest.raises(ConfigurationError, match="debug"):
+        guarded(wrapped, aguard).invoke({"messages": [HumanMessage("tell me a story")]})
+    assert model.seen == []
