@@ -954,6 +954,33 @@ class GuardMiddleware(AgentMiddleware):
         answers: list[str] = []
         return _with_answers(await self._awrap_model_call(request, self._amarking(handler, answers)), answers)
 
+    def _input_plan(
+        self,
+        request: Any,
+        tasks: list[tuple[BaseMessage, Surface, str]],
+        stored: list[Decision | None],
+        decisions: list[Decision],
+    ) -> _Plan | None:
+        """The model node's plan after the input checks (fresh decisions dispatched); may raise or interrupt."""
+        for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
+            if known is None:
+                dispatch_verdict(decision, f"before_model:{surface.value}")
+        update = self._before_update(request.state, tasks, decisions)
+        return None if update is None else self._plan(request, update)
+
+    async def _ainput_plan(
+        self,
+        request: Any,
+        tasks: list[tuple[BaseMessage, Surface, str]],
+        stored: list[Decision | None],
+        decisions: list[Decision],
+    ) -> _Plan | None:
+        for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
+            if known is None:
+                await adispatch_verdict(decision, f"before_model:{surface.value}")
+        update = self._before_update(request.state, tasks, decisions)
+        return None if update is None else self._plan(request, update)
+
     def _wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
         """With ``speculative_input``: the model runs in this thread while a worker thread checks the input.
 
@@ -970,12 +997,7 @@ class GuardMiddleware(AgentMiddleware):
         policy = self._policy
         stored = self._stored(tasks)
         if _known_not_passing(stored):  # the model must never read it: resolve it before the model call
-            decisions = self._check_inputs(tasks, policy, stored)
-            for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
-                if known is None:
-                    dispatch_verdict(decision, f"before_model:{surface.value}")
-            update = self._before_update(request.state, tasks, decisions)  # may raise or interrupt
-            plan = None if update is None else self._plan(request, update)
+            plan = self._input_plan(request, tasks, stored, self._check_inputs(tasks, policy, stored))
             if plan is not None and plan.end:
                 return self._respond(plan)
             rerun = request if plan is None or plan.rerun is None else plan.rerun
@@ -989,11 +1011,7 @@ class GuardMiddleware(AgentMiddleware):
             except Exception as exc:  # the input's decision comes first: a blocked input ends the same way
                 model_error = exc
             decisions = check.result()  # shutdown(wait=True) on exit: the worker never outlives the call
-        for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
-            if known is None:
-                dispatch_verdict(decision, f"before_model:{surface.value}")
-        update = self._before_update(request.state, tasks, decisions)
-        plan = None if update is None else self._plan(request, update)
+        plan = self._input_plan(request, tasks, stored, decisions)
         if plan is None or (not plan.end and plan.rerun is None):
             if model_error is not None:
                 raise model_error
@@ -1016,24 +1034,14 @@ class GuardMiddleware(AgentMiddleware):
         policy = self._policy
         stored = self._stored(tasks)
         if _known_not_passing(stored):  # the model must never read it: resolve it before the model call
-            decisions = await self._acheck_inputs(tasks, policy, stored)
-            for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
-                if known is None:
-                    await adispatch_verdict(decision, f"before_model:{surface.value}")
-            update = self._before_update(request.state, tasks, decisions)  # may raise or interrupt
-            plan = None if update is None else self._plan(request, update)
+            plan = await self._ainput_plan(request, tasks, stored, await self._acheck_inputs(tasks, policy, stored))
             if plan is not None and plan.end:
                 return self._respond(plan)
             rerun = request if plan is None or plan.rerun is None else plan.rerun
             return self._respond(plan, *await self._ahold(rerun, await self._acall(handler, rerun)))
         model = asyncio.ensure_future(_ahidden_call(handler, request))
         try:
-            decisions = await self._acheck_inputs(tasks, policy, stored)
-            for decision, known, (_, surface, _) in zip(decisions, stored, tasks, strict=True):
-                if known is None:
-                    await adispatch_verdict(decision, f"before_model:{surface.value}")
-            update = self._before_update(request.state, tasks, decisions)  # may raise or interrupt
-            plan = None if update is None else self._plan(request, update)
+            plan = await self._ainput_plan(request, tasks, stored, await self._acheck_inputs(tasks, policy, stored))
             if plan is None or (not plan.end and plan.rerun is None):
                 response = await model
         except BaseException:
