@@ -1305,6 +1305,21 @@ async def test_a_tool_message_an_inner_wrap_model_call_writes_is_checked_as_a_to
     assert tm.status == "error" and not leaked(result, INJECTION)
 
 
+class CachesSearch(AgentMiddleware):
+    """Listed before the Guard: answers ``search`` from a cache with an injection (the Guard's own
+    ``wrap_tool_call`` never sees it); other tools run."""
+
+    def wrap_tool_call(self, request: Any, handler: Any) -> Any:
+        if request.tool_call["name"] == "search":
+            return ToolMessage(INJECTION, tool_call_id=request.tool_call["id"], name="search")
+        return handler(request)
+
+    async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
+        if request.tool_call["name"] == "search":
+            return ToolMessage(INJECTION, tool_call_id=request.tool_call["id"], name="search")
+        return await handler(request)
+
+
 @tool
 def ask_user(question: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command:  # type: ignore[type-arg]
     """Relay a question; the user's canned answer is added as a human message."""
@@ -1322,17 +1337,6 @@ def ask_user(question: str, tool_call_id: Annotated[str, InjectedToolCallId]) ->
 async def test_a_human_message_written_in_the_tool_step_does_not_hide_a_result_never_checked(
     guard: Guard, mode: str, speculative: bool
 ) -> None:
-    class CachesSearch(AgentMiddleware):
-        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
-            if request.tool_call["name"] == "search":
-                return ToolMessage(INJECTION, tool_call_id=request.tool_call["id"], name="search")
-            return handler(request)
-
-        async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
-            if request.tool_call["name"] == "search":
-                return ToolMessage(INJECTION, tool_call_id=request.tool_call["id"], name="search")
-            return await handler(request)
-
     calls = [call("search", {"query": "a"}, "c1"), call("ask_user", {"question": "ok?"}, "c2")]
     llm = model(AIMessage("", tool_calls=calls), "MODEL RAN AGAIN")
     mw = GuardMiddleware(guard, speculative_input=speculative)
@@ -1537,19 +1541,6 @@ def ask_and_answer(question: str, tool_call_id: Annotated[str, InjectedToolCallI
 async def test_a_turn_written_inside_the_tool_step_does_not_hide_a_result_without_a_checkpointer(
     guard: Guard, mode: str
 ) -> None:
-    class CachesSearch(AgentMiddleware):
-        def wrap_tool_call(self, request: Any, handler: Any) -> Any:
-            if request.tool_call["name"] == "search":
-                return ToolMessage(INJECTION, tool_call_id=request.tool_call["id"], name="search")
-            return handler(request)
-
-        async def awrap_tool_call(self, request: Any, handler: Any) -> Any:
-            return (
-                self.wrap_tool_call(request, handler)
-                if request.tool_call["name"] == "search"
-                else await handler(request)
-            )
-
     calls = [call("search", {"query": "a"}, "c1"), call("ask_and_answer", {"question": "ok?"}, "c2")]
     llm = model(AIMessage("", tool_calls=calls), "MODEL RAN AGAIN")
     limit = ModelCallLimitMiddleware(run_limit=1, exit_behavior="end")
