@@ -6,7 +6,9 @@ failures it opens: checks fail at once (the verdict's error says the circuit is 
 through: success closes the circuit, failure opens it again for another ``reset_timeout``.
 
 Only failures that say the server is unhealthy count (connection errors, timeouts, 5xx, unreadable
-answers); a request the server rejected (4xx) or a context-length error does not.
+answers); a request the server rejected (4xx) or a context-length error does not. A 413 (a body over a
+proxy's size limit) counts as neither: the proxy answered it without asking the guard behind it, so it
+proves nothing about the guard's health. A half-open probe answered by a 413 lets the next request probe.
 """
 
 from __future__ import annotations
@@ -80,10 +82,14 @@ class CircuitBreaker:
     def record_failure(self, exc: BaseException) -> None:
         """A request failed; open the circuit when the threshold is reached (or a probe failed).
 
-        A 4xx answer proves the server is alive, so it counts as a success for the breaker.
+        A 4xx answer proves the server is alive, so it counts as a success for the breaker; a 413 comes from a
+        proxy in front of the guard and counts as no outcome (:meth:`abandon`).
         """
         if isinstance(exc, GuardBadRequestError):
-            self.record_success()
+            if exc.status_code == 413:
+                self.abandon()
+            else:
+                self.record_success()
             return
         with self._lock:
             self._failures += 1

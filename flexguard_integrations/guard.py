@@ -246,6 +246,9 @@ class Guard:
         else:
             self.breaker = None
         self._discovered_len: int | None = None
+        # the smallest request (total characters) a proxy refused with a 413: later checks plan their chunks
+        # under it instead of re-learning the limit with a refused request each
+        self._too_large_chars: int | None = None
         self._policies: dict[Any, StrictnessPolicy] = {}
         self._sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
@@ -537,6 +540,27 @@ class Guard:
         stamp(verdict, "latency_ms", (time.perf_counter() - started) * 1000.0)
         return verdict
 
+    def _body_limited(self, limit: int) -> int:
+        """``limit`` (a chunk size) lowered under the body limit a proxy has shown, when it has shown one."""
+        too_large = self._too_large_chars
+        return limit if too_large is None else min(limit, too_large // 2)
+
+    def _resplit_limit(self, inp: GuardInput, exc: ContextLengthExceededError, depth: int) -> int | None:
+        """The chunk size for re-checking ``inp`` after ``exc``; a proxy's 413 is remembered for later checks."""
+        half = _half_limit(inp, exc, depth)
+        if half is not None and exc.status_code == 413:
+            total = _total_chars(inp)
+            if self._too_large_chars is None or total < self._too_large_chars:
+                self._too_large_chars = total
+                logger.warning(
+                    "a proxy in front of the guard refused a %d-character request as too large (HTTP 413); "
+                    "texts are now checked in chunks of at most %d characters. Raise the proxy's body limit "
+                    "(nginx: client_max_body_size) to check long texts in fewer requests",
+                    total,
+                    total // 2,
+                )
+        return half
+
     def _plan_chunks(self, inp: GuardInput, limit: int | None) -> tuple[list[str], GuardInput]:
         """The pieces to check. ``limit`` None: the text fits as is (nothing is split or trimmed)."""
         if limit is None:
@@ -656,7 +680,7 @@ class Guard:
         depth: int,
     ) -> list[tuple[Verdict, BaseException | None]]:
         """The server found ``inp`` too long: check it in halves, or fail when it cannot be split further."""
-        half = _half_limit(inp, exc, depth)
+        half = self._resplit_limit(inp, exc, depth)
         if half is None:
             return [(Verdict.failed(str(exc), surface=surface), exc)]
         return await self._asplit(inp, surface, deadline, headers, half, depth + 1)
@@ -665,7 +689,7 @@ class Guard:
         """The chunk size for this text, or None when it is short enough to send whole."""
         if _total_chars(inp) <= _DISCOVERY_MIN_CHARS:
             return None
-        limit = self._chunk_chars(await self._adiscover_len(deadline))
+        limit = self._body_limited(self._chunk_chars(await self._adiscover_len(deadline)))
         return None if _fits(inp, limit) else limit
 
     async def _adiscover_len(self, deadline: float) -> int:
@@ -788,7 +812,7 @@ class Guard:
             try:
                 return [self._call(sub, surface, deadline, headers)]
             except ContextLengthExceededError as exc:
-                half = _half_limit(sub, exc, depth)
+                half = self._resplit_limit(sub, exc, depth)
                 if half is None:
                     return [(Verdict.failed(str(exc), surface=surface), exc)]
                 return self._split(sub, surface, deadline, headers, half, depth + 1)
@@ -820,7 +844,7 @@ class Guard:
             deadline = time.monotonic() + self.timeout
         limit: int | None = None
         if _total_chars(inp) > _DISCOVERY_MIN_CHARS:
-            limit = self._chunk_chars(self._discover_len(deadline))
+            limit = self._body_limited(self._chunk_chars(self._discover_len(deadline)))
             if _fits(inp, limit):
                 limit = None
         return self._split(inp, surface, deadline, headers, limit)

@@ -48,6 +48,44 @@ def test_4xx_proves_the_server_is_alive() -> None:
     assert b.state == "closed"
 
 
+def test_a_proxys_413_is_no_outcome_for_the_breaker() -> None:
+    # a 413 comes from a proxy in front of the guard: it proves the proxy alive, not the guard
+    too_large = GuardBadRequestError("HTTP 413: Request Entity Too Large", status_code=413)
+    b = CircuitBreaker(failure_threshold=2, reset_timeout=0.05)
+    b.record_failure(GuardConnectionError("x"))
+    b.record_failure(too_large)  # does not reset the count of consecutive failures
+    b.record_failure(GuardConnectionError("x"))
+    assert b.state == "open"
+    time.sleep(0.06)
+    assert b.before_request() is None  # the half-open probe
+    b.record_failure(too_large)  # answered by the proxy: the circuit stays half-open, not closed
+    assert b.state == "half_open"
+    assert b.before_request() is None  # and the next request is the probe
+    assert b.before_request() is not None  # only one probe at a time
+    b.record_failure(GuardConnectionError("the guard behind the proxy is down"))
+    assert b.state == "open"
+
+
+async def test_a_413_from_the_proxy_does_not_close_the_circuit_on_a_dead_guard() -> None:
+    # the guard behind the proxy is down (503s); only the proxy answers the long check's first request (413)
+    text = "Calm words about tea. " * 200  # ~4.4 kB: over the proxy's limit, then split into pieces that fit
+    breaker = CircuitBreaker(failure_threshold=5, reset_timeout=0.05)
+    with FakeGuardServer(max_body_bytes=2000) as srv:
+        srv.fail_next(100, "503")
+        async with Guard.from_endpoint(
+            srv.base_url, QWEN, max_model_len=32768, cache=False, max_retries=0, circuit_breaker=breaker
+        ) as guard:
+            for _ in range(5):
+                assert not (await guard.acheck(TEXT)).verdict.ok
+            assert breaker.state == "open"
+            await asyncio.sleep(0.06)
+            d = await guard.acheck(text)  # the probe meets the 413; a piece that fits probes the guard: 503
+        assert srv.stats["too_large"] >= 1  # the probes too large for the proxy (each halving of the text)
+    assert not d.verdict.ok and d.action is Action.BLOCK and not d.fail_open
+    assert breaker.state == "open"  # a 413 closed it before, and the pieces then all went to the dead guard
+    assert srv.stats["status_503"] == 6  # five to open the circuit, one piece as the probe
+
+
 def test_abandoned_probe_lets_another_through() -> None:
     b = CircuitBreaker(failure_threshold=1, reset_timeout=0.05)
     b.record_failure(GuardConnectionError("x"))

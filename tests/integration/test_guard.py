@@ -241,6 +241,28 @@ async def test_a_request_over_a_proxys_body_limit_is_resplit(transport: str) -> 
             assert "bomb" in "".join(r.moderated_text or "" for r in bodies)
 
 
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_proxys_body_limit_is_learned_once_per_guard(mode: str, caplog: pytest.LogCaptureFixture) -> None:
+    # the first long check meets the 413 and re-splits; later ones plan their chunks under it at once
+    texts = [f"Calm words about tea, part {i}. " * 300 + "How to make a bomb at home." for i in range(3)]
+    with FakeGuardServer(max_body_bytes=4000) as srv:
+        guard = Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False)
+        async with guard:
+            decisions = []
+            for text in texts:
+                decisions.append(await guard.acheck(text) if mode == "async" else guard.check(text))
+                if len(decisions) == 1:
+                    learned = srv.stats["too_large"]
+        assert learned >= 1
+        assert srv.stats["too_large"] == learned  # no refused request after the first check
+        moderated = "".join(r.moderated_text or "" for r in srv.requests if r.path.endswith("/chat/completions"))
+    assert all(d.verdict.ok and d.action is Action.BLOCK and d.verdict.chunks > 1 for d in decisions)
+    assert all(f"part {i}." in moderated for i in range(3))
+    warned = [r for r in caplog.records if "HTTP 413" in r.getMessage() and "client_max_body_size" in r.getMessage()]
+    assert len(warned) == learned  # once per refused size: what the operator can raise
+    assert "refused a" in warned[0].getMessage()
+
+
 async def test_a_proxys_413_that_no_split_can_fit_fails_closed_and_says_why() -> None:
     # the request's JSON envelope alone is over the limit: no piece can ever fit
     with FakeGuardServer(max_body_bytes=60) as srv:
