@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from langchain_core.callbacks import AsyncCallbackManager, CallbackManager
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import ensure_config, patch_config
 from langchain_core.tools import BaseTool
 from pydantic import AliasChoices, AliasPath, ConfigDict
 from pydantic.fields import FieldInfo
@@ -89,7 +91,81 @@ class GuardedTool(BaseTool):
 
     # ----------------------------------------------------------------- run
 
+    def _callback_manager(self, config: RunnableConfig, manager_cls: Any) -> Any:
+        return manager_cls.configure(
+            config.get("callbacks"),
+            self.callbacks,
+            self.verbose,
+            config.get("tags"),
+            self.tags,
+            config.get("metadata"),
+            self.metadata,
+        )
+
+    def _run_start(self, input: Any) -> dict[str, Any]:
+        """What ``on_tool_start`` gets for this call (what ``BaseTool.run`` gives it: injected arguments hidden)."""
+        call_id, args = self._split_input(input)
+        visible = self._visible_args(args)
+        return {
+            "serialized": {"name": self.name, "description": self.description},
+            "input_str": visible if isinstance(visible, str) else str(visible),
+            "inputs": dict(visible) if isinstance(visible, Mapping) else None,
+            "tool_call_id": call_id,
+        }
+
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """Check the arguments, run the tool, check its output.
+
+        Inside a run (an agent's tool node, a chain) the wrapped tool's own run is the trace and the verdicts
+        are events of the enclosing run. Called at the top level with callbacks, this tool opens its own tool
+        run first, as ``BaseTool.invoke`` does, so tracers and ``astream_events`` see the call and its
+        verdicts.
+        """
+        config = ensure_config(config)
+        manager = self._callback_manager(config, CallbackManager)
+        if manager.parent_run_id is not None or not manager.handlers:
+            return self._checked_invoke(input, config, **kwargs)
+        start = self._run_start(input)
+        run = manager.on_tool_start(
+            start["serialized"],
+            start["input_str"],
+            run_id=config.get("run_id"),
+            name=config.get("run_name"),
+            inputs=start["inputs"],
+            tool_call_id=start["tool_call_id"],
+        )
+        try:
+            output = self._checked_invoke(input, patch_config(config, callbacks=run.get_child()), **kwargs)
+        except BaseException as exc:
+            run.on_tool_error(exc, tool_call_id=start["tool_call_id"])
+            raise
+        run.on_tool_end(output, name=self.name)
+        return output
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """Async twin of :meth:`invoke`."""
+        config = ensure_config(config)
+        manager = self._callback_manager(config, AsyncCallbackManager)
+        if manager.parent_run_id is not None or not manager.handlers:
+            return await self._achecked_invoke(input, config, **kwargs)
+        start = self._run_start(input)
+        run = await manager.on_tool_start(
+            start["serialized"],
+            start["input_str"],
+            run_id=config.get("run_id"),
+            name=config.get("run_name"),
+            inputs=start["inputs"],
+            tool_call_id=start["tool_call_id"],
+        )
+        try:
+            output = await self._achecked_invoke(input, patch_config(config, callbacks=run.get_child()), **kwargs)
+        except BaseException as exc:
+            await run.on_tool_error(exc, tool_call_id=start["tool_call_id"])
+            raise
+        await run.on_tool_end(output, name=self.name)
+        return output
+
+    def _checked_invoke(self, input: Any, config: RunnableConfig, **kwargs: Any) -> Any:
         policy = self._policy(config)
         if self.check_args:
             decision = self.guard.check(" ", response=self._args_text(input), surface=Surface.TOOL_CALL, policy=policy)
@@ -104,7 +180,7 @@ class GuardedTool(BaseTool):
         dispatch_verdict(decision, f"tool_result:{self.tool.name}", config)
         return self._output(input, output, decision)
 
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+    async def _achecked_invoke(self, input: Any, config: RunnableConfig, **kwargs: Any) -> Any:
         policy = self._policy(config)
         if self.check_args:
             decision = await self.guard.acheck(

@@ -234,6 +234,116 @@ def test_guard_tool_policy_per_call_through_configurable(guard: Guard, server: F
     assert out.status == "error"
 
 
+class RunRecorder(Recorder):
+    """Tool runs and verdict events, with their run ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[tuple[str, UUID, UUID | None, str | None]] = []
+        self.ends: list[tuple[UUID, Any]] = []
+        self.errors: list[tuple[UUID, BaseException]] = []
+        self.event_runs: list[UUID] = []
+
+    def on_tool_start(self, serialized: Any, input_str: str, *, run_id: UUID, **kw: Any) -> None:
+        self.starts.append((serialized["name"], run_id, kw.get("parent_run_id"), input_str))
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kw: Any) -> None:
+        self.ends.append((run_id, output))
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kw: Any) -> None:
+        self.errors.append((run_id, error))
+
+    def on_custom_event(self, name: str, data: Any, *, run_id: UUID, **kw: Any) -> None:
+        super().on_custom_event(name, data, run_id=run_id, **kw)
+        self.event_runs.append(run_id)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("as_call", [False, True])
+async def test_a_top_level_call_with_callbacks_is_a_tool_run_with_its_verdicts(
+    server: FakeGuardServer, mode: str, as_call: bool
+) -> None:
+    # called directly (no agent, no chain), the guarded tool opens its own run: tracers see the call, and
+    # the verdicts, which need a run to be events of, reach the handler (they were dropped)
+    tools = Tools()
+    rec = RunRecorder()
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        wrapped = guard_tool(tools.lookup, g)
+        arg: Any = call("weather") if as_call else {"query": "weather"}
+        config: Any = {"callbacks": [rec]}
+        out = wrapped.invoke(arg, config) if mode == "sync" else await wrapped.ainvoke(arg, config)
+    assert (out.text if as_call else out) == SAFE
+    assert [(e["where"], e["action"]) for e in rec.events] == [
+        ("tool_call:lookup", "allow"),
+        ("tool_result:lookup", "allow"),
+    ]
+    (outer_name, outer, outer_parent, outer_input), (inner_name, _, inner_parent, _) = rec.starts
+    assert (outer_name, outer_parent, inner_name, inner_parent) == ("lookup", None, "lookup", outer)
+    assert outer_input == "{'query': 'weather'}"
+    assert rec.event_runs == [outer, outer]  # the events belong to the guarded tool's run
+    assert rec.ends[-1][0] == outer and rec.ends[-1][1] == out and not rec.errors
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_blocked_top_level_call_ends_its_run_with_the_refusal(server: FakeGuardServer, mode: str) -> None:
+    tools = Tools()
+    rec = RunRecorder()
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        wrapped = guard_tool(tools.lookup, g)
+        config: Any = {"callbacks": [rec], "run_name": "guarded lookup"}
+        out = wrapped.invoke(call(HARMFUL), config) if mode == "sync" else await wrapped.ainvoke(call(HARMFUL), config)
+    assert tools.ran == [] and out.status == "error"
+    assert [(e["where"], e["action"]) for e in rec.events] == [("tool_call:lookup", "block")]
+    assert len(rec.starts) == 1 and rec.ends == [(rec.starts[0][1], out)]  # the tool itself never started
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_top_level_call_that_raises_reports_the_error_on_its_run(server: FakeGuardServer, mode: str) -> None:
+    @tool
+    def broken(query: str) -> str:
+        """Always fails."""
+        raise RuntimeError("the tool broke")
+
+    rec = RunRecorder()
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        wrapped = guard_tool(broken, g)
+        with pytest.raises(RuntimeError, match="the tool broke"):
+            if mode == "sync":
+                wrapped.invoke({"query": "x"}, {"callbacks": [rec]})
+            else:
+                await wrapped.ainvoke({"query": "x"}, {"callbacks": [rec]})
+    outer = rec.starts[0][1]
+    assert [r for r, _ in rec.errors] == [rec.starts[1][1], outer]  # the inner run, then the guarded one
+
+
+async def test_astream_events_of_a_guarded_tool_show_the_run_and_its_verdicts(aguard: Guard) -> None:
+    tools = Tools()
+    wrapped = guard_tool(tools.lookup, aguard)
+    events = [e async for e in wrapped.astream_events({"query": "weather"}, version="v2")]
+    kinds = [(e["event"], e["name"]) for e in events]
+    assert kinds[0] == ("on_tool_start", "lookup") and kinds[-1] == ("on_tool_end", "lookup")
+    verdicts = [e["data"]["where"] for e in events if e["event"] == "on_custom_event" and e["name"] == VERDICT_EVENT]
+    assert verdicts == ["tool_call:lookup", "tool_result:lookup"]
+    assert events[-1]["data"]["output"] == SAFE
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_inside_an_agent_a_guarded_tool_adds_no_run_of_its_own(server: FakeGuardServer, mode: str) -> None:
+    tools = Tools()
+    rec = RunRecorder()
+    llm = fake_model(
+        AIMessage("", tool_calls=[{"name": "lookup", "args": {"query": "paris"}, "id": "t1", "type": "tool_call"}]),
+        "Sunny.",
+    )
+    async with Guard.from_endpoint(server.base_url, FLEX) as g:
+        agent = create_agent(llm, tools=guard_tools([tools.lookup], g))
+        payload = {"messages": [HumanMessage("weather?")]}
+        config: Any = {"callbacks": [rec]}
+        _ = agent.invoke(payload, config) if mode == "sync" else await agent.ainvoke(payload, config)
+    assert [name for name, *_ in rec.starts] == ["lookup"]  # the wrapped tool's run only, as before
+    assert [e["where"] for e in rec.events] == ["tool_call:lookup", "tool_result:lookup"]
+
+
 # ---------------------------------------------------------------- GuardCallbackHandler
 
 
