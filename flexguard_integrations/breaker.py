@@ -5,8 +5,10 @@ failures it opens: checks fail at once (the verdict's error says the circuit is 
 ``on_error`` decides, as for any guard failure. After ``reset_timeout`` seconds one half-open probe is let
 through: success closes the circuit, failure opens it again for another ``reset_timeout``.
 
-Only failures that say the server is unhealthy count (connection errors, timeouts, 5xx, unreadable
-answers); a request the server rejected (4xx) or a context-length error does not. A 413 (a body over a
+Only failures that say the server is unhealthy count (connection errors, timeouts, 5xx, a 2xx that is not a
+chat completion); a request the server rejected (4xx) or a context-length error does not, and neither does a
+completion whose text cannot be read as a verdict: what the guard writes depends on the text it was given,
+so a few crafted texts could otherwise open the circuit for every other check. A 413 (a body over a
 proxy's size limit) counts as neither: the proxy answered it without asking the guard behind it, so it
 proves nothing about the guard's health. A half-open probe answered by a 413 lets the next request probe.
 """

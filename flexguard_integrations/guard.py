@@ -29,7 +29,6 @@ from .errors import (
     ConfigurationError,
     ContextLengthExceededError,
     GuardInputError,
-    GuardResponseError,
     GuardTransportError,
     GuardUnavailableError,
 )
@@ -786,14 +785,19 @@ class Guard:
             self.breaker.record_failure(exc)
 
     def _parsed(self, completion: dict[str, Any], key: Any, surface: Surface, started: float) -> Verdict:
-        verdict = self._finish(self.model.parse_completion(completion), surface, started)
-        if verdict.error is None:
-            if self.breaker is not None:
-                self.breaker.record_success()
-            if key is not None and self.cache is not None:
-                self.cache.put(key, verdict)
-        elif self.breaker is not None:
-            self.breaker.record_failure(GuardResponseError(verdict.error))
+        """The verdict of a chat completion. The server answered, so the breaker counts a success even when the
+        answer cannot be read: what the guard writes depends on the text it was given (a think block cut off
+        at ``max_tokens``), and a few crafted texts must not open the circuit for every other check."""
+        if self.breaker is not None:
+            self.breaker.record_success()
+        try:
+            parsed = self.model.parse_completion(completion)
+        except Exception as exc:  # a parser bug, or a custom family's: an error verdict, never an escape
+            logger.warning("the %s parser raised on a guard answer", self.model.family, exc_info=True)
+            parsed = Verdict.failed(f"the guard answer could not be read ({type(exc).__name__}: {exc})")
+        verdict = self._finish(parsed, surface, started)
+        if verdict.error is None and key is not None and self.cache is not None:
+            self.cache.put(key, verdict)
         return verdict
 
     def _split(

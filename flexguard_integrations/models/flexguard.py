@@ -74,25 +74,39 @@ def _bundled(name: str) -> str:
     )
 
 
-def _parse_codes(line: str) -> tuple[list[Category], list[str], bool]:
-    """Categories, native codes and whether the line looked like a category line at all."""
+def _parse_codes(line: str, *, labelled: bool = False) -> tuple[list[Category], list[str], bool]:
+    """Categories, native codes and whether the line looked like a category line at all.
+
+    An unlabelled line with a prose word is not a category line (it is reasoning). A labelled one
+    (``CATEGORY: JAIL (prompt injection)``) is, whatever else it says: its codes are read and its prose
+    skipped; when it names no code and no safe word either, its category is ``OTHER`` (an unsafe verdict
+    whose categories cannot be read is still unsafe, and is not labelled SAFE).
+    """
     cats: list[Category] = []
     natives: list[str] = []
-    raw_tokens = [t.strip("*`'\"[](){}.") for t in _CODE_SPLIT.split(line.strip())]
+    raw_tokens = [t.strip("*`'\"[](){}.:-") for t in _CODE_SPLIT.split(line.strip())]
     raw_tokens = [t for t in raw_tokens if t]
     if not raw_tokens:
         return cats, natives, False
+    said_safe = False
     for raw in raw_tokens:
         tok = raw.upper()
         if tok in _SAFE_WORDS:
+            said_safe = True
             continue
         # a known code in any case, or an unknown upper-case code; prose words are not codes
         if tok not in _CODES and not (raw.isupper() and _CODE_TOKEN.match(tok)):
+            if labelled:
+                continue
             return [], [], False
+        if tok in natives:
+            continue
         natives.append(tok)
         cat = _CODES.get(tok, Category.OTHER)
         if cat not in cats:
             cats.append(cat)
+    if labelled and not natives and not said_safe:
+        return [Category.OTHER], [line.strip()[:40]], True
     return cats, natives, True
 
 
@@ -187,12 +201,24 @@ class FlexGuardModel(GuardModel):
 
         score_text: str | None = None
         category_line: str | None = None
+        category_labelled = False
         labelled = list(_LABELLED_SCORE.finditer(tail))
+        # an answer that says two things is no verdict: whichever line the parser kept would decide, and a
+        # text that gets the guard to echo "RISK_SCORE: 0" after its own score would pick the outcome
+        scores = {float(m.group(1)) for m in labelled}
+        scores |= {float(m.group(1)) for ln in tail.splitlines() if (m := _BARE_SCORE.match(ln.strip()))}
+        if len(scores) > 1:
+            snippet = tail.strip()[-80:]
+            return Verdict.failed(f"the guard answer gives conflicting risk scores: {snippet!r}", **base)
+        cat_lines = list(_LABELLED_CATEGORY.finditer(tail))
+        if len({tuple(_parse_codes(m.group(1), labelled=True)[1]) for m in cat_lines}) > 1:
+            snippet = tail.strip()[-80:]
+            return Verdict.failed(f"the guard answer gives conflicting categories: {snippet!r}", **base)
         if labelled:
             score_text = labelled[-1].group(1)
-            cat_match = list(_LABELLED_CATEGORY.finditer(tail))
-            if cat_match:
-                category_line = cat_match[-1].group(1)
+            if cat_lines:
+                category_line = cat_lines[-1].group(1)
+                category_labelled = True
             else:  # bare code lines before the labelled score ("JAIL\nRISK_SCORE: 35"), as on the bare path
                 before = [ln.strip() for ln in tail[: labelled[-1].start()].splitlines() if ln.strip()]
                 category_line = _code_lines_above(before)
@@ -203,6 +229,7 @@ class FlexGuardModel(GuardModel):
                 if len(lines) >= 2:
                     labelled_cat = _LABELLED_CATEGORY.match(lines[-2])
                     category_line = labelled_cat.group(1) if labelled_cat else _code_lines_above(lines[:-1])
+                    category_labelled = labelled_cat is not None
         if score_text is None:
             snippet = tail.strip()[-80:] or "<empty>"
             return Verdict.failed(f"no RISK_SCORE in the guard answer: {snippet!r}", **base)
@@ -213,7 +240,7 @@ class FlexGuardModel(GuardModel):
         cats: list[Category] = []
         natives: list[str] = []
         if category_line is not None:
-            parsed, natives, looked_like_codes = _parse_codes(category_line)
+            parsed, natives, looked_like_codes = _parse_codes(category_line, labelled=category_labelled)
             cats = parsed if looked_like_codes else []
             if not looked_like_codes:
                 natives = []

@@ -39,7 +39,11 @@ _NATIVE: dict[str, Category] = {
     "JAILBREAK": Category.JAILBREAK,
 }
 
-_SAFETY = re.compile(r"Safety\s*:\s*\**\s*(Safe|Unsafe|Controversial)\b", re.IGNORECASE)
+_SAFETY = re.compile(
+    r"Safety\s*:\s*\**\s*(Safe|Unsafe|Controversial)\b((?:\s*[,/|]\s*\**\s*(?:Safe|Unsafe|Controversial)\b)*)",
+    re.IGNORECASE,
+)
+_LABEL_WORD = re.compile(r"Safe|Unsafe|Controversial", re.IGNORECASE)
 _CATEGORIES = re.compile(r"^\W*Categories\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)
 _REFUSAL = re.compile(r"Refusal\s*:\s*\**\s*(Yes|No)\b", re.IGNORECASE)
 _LABEL_PREFIX = re.compile(r"Safety\s*:\s*$", re.IGNORECASE)
@@ -72,12 +76,14 @@ def expected_risk(top_logprobs: Sequence[Mapping[str, Any]]) -> tuple[float, dic
     """
     mass = {"Safe": 0.0, "Controversial": 0.0, "Unsafe": 0.0}
     for alt in top_logprobs:
+        if not isinstance(alt, Mapping):
+            continue
         token, logprob = alt.get("token"), alt.get("logprob")
         if not isinstance(token, str) or not isinstance(logprob, int | float) or math.isnan(logprob):
             continue
         label = _label_of_token(token)
-        if label is not None:
-            mass[label] += math.exp(max(float(logprob), -1e4))
+        if label is not None:  # a log-probability is at most 0: a larger one is clamped, not overflowed
+            mass[label] += math.exp(min(max(float(logprob), -1e4), 0.0))
     total = sum(mass.values())
     if total <= 0.0:
         return None
@@ -89,6 +95,8 @@ def _find_label_position(tokens: Sequence[Mapping[str, Any]]) -> int | None:
     """Index of the generated token that carries the verdict label (right after ``Safety:``)."""
     text = ""
     for i, entry in enumerate(tokens):
+        if not isinstance(entry, Mapping):
+            return None
         tok = entry.get("token")
         if not isinstance(tok, str):
             return None
@@ -98,6 +106,21 @@ def _find_label_position(tokens: Sequence[Mapping[str, Any]]) -> int | None:
         if len(text) > 200:
             return None
     return None
+
+
+def _read_categories(line: str) -> tuple[list[str], list[Category]]:
+    """The native names (as written) and unified categories of one ``Categories:`` line."""
+    natives: list[str] = []
+    cats: list[Category] = []
+    for part in line.split(","):
+        name = part.strip().strip("*").strip()
+        if not name or name.upper() == "NONE":
+            continue
+        natives.append(name)
+        cat = _NATIVE.get(name.upper(), Category.OTHER)
+        if cat not in cats:
+            cats.append(cat)
+    return natives, cats
 
 
 @register
@@ -188,25 +211,29 @@ class Qwen3GuardModel(GuardModel):
     def _parse(self, content: str, logprobs: Sequence[Mapping[str, Any]] | None) -> Verdict:
         """parse_output without the memo (``logprobs`` None for tier scoring)."""
         base: dict[str, Any] = {"raw_output": content, "family": self.family}
-        safety = _SAFETY.search(content)
-        if safety is None:
-            snippet = content.strip()[:80] or "<empty>"
+        snippet = content.strip()[:80] or "<empty>"
+        labels = {  # every label of every "Safety:" line ("Safety: Safe, Unsafe" gives two)
+            word.capitalize()
+            for m in _SAFETY.finditer(content)
+            for word in _LABEL_WORD.findall(m.group(1) + m.group(2))
+        }
+        if not labels:
             return Verdict.failed(f"no 'Safety:' label in the guard answer: {snippet!r}", **base)
-        label = safety.group(1).capitalize()
-        natives: list[str] = []
-        cats: list[Category] = []
-        cat_match = _CATEGORIES.search(content)
-        if cat_match:
-            for part in cat_match.group(1).split(","):
-                name = part.strip().strip("*").strip()
-                if not name or name.upper() == "NONE":
-                    continue
-                natives.append(name)
-                cat = _NATIVE.get(name.upper(), Category.OTHER)
-                if cat not in cats:
-                    cats.append(cat)
-        refusal_match = _REFUSAL.search(content)
-        refusal = None if refusal_match is None else refusal_match.group(1).lower() == "yes"
+        # an answer that says two things is no verdict: whichever came first would decide, and a text that
+        # gets the guard to echo "Safety: Safe" ahead of its own label would pick the outcome
+        if len(labels) > 1:
+            return Verdict.failed(f"the guard answer gives conflicting labels {sorted(labels)}: {snippet!r}", **base)
+        label = labels.pop()
+        readings = [_read_categories(m.group(1)) for m in _CATEGORIES.finditer(content)]
+        if len({tuple(natives) for natives, _ in readings}) > 1:
+            return Verdict.failed(f"the guard answer gives conflicting categories: {snippet!r}", **base)
+        natives, cats = readings[0] if readings else ([], [])
+        if label == "Safe" and natives:
+            return Verdict.failed(f"the guard answer says Safe but names categories {natives}: {snippet!r}", **base)
+        refusals = {m.group(1).lower() == "yes" for m in _REFUSAL.finditer(content)}
+        if len(refusals) > 1:
+            return Verdict.failed(f"the guard answer gives conflicting refusal flags: {snippet!r}", **base)
+        refusal = refusals.pop() if refusals else None
 
         score = TIER_SCORES[label]
         note = None
@@ -231,6 +258,8 @@ class Qwen3GuardModel(GuardModel):
         pos = _find_label_position(tokens)
         if pos is None:
             return None
-        alts = tokens[pos].get("top_logprobs") or [tokens[pos]]
+        alts = tokens[pos].get("top_logprobs")
+        if not isinstance(alts, list) or not alts:
+            alts = [tokens[pos]]
         result = expected_risk(alts)
         return None if result is None else result[0]

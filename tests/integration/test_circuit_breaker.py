@@ -139,15 +139,58 @@ async def test_half_open_probe_closes_the_circuit_when_the_guard_is_back() -> No
             assert chat_requests(srv) == n + 1
 
 
-def test_unreadable_answers_count_as_failures() -> None:
+def test_unreadable_answers_do_not_open_the_breaker() -> None:
+    # the server answered: what the guard wrote depends on the text it was given, so unreadable answers are
+    # fail-closed verdicts but no sign of a dead server (they used to open the circuit after N of them)
     breaker = CircuitBreaker(failure_threshold=2, reset_timeout=60)
     with FakeGuardServer() as srv:
-        srv.fail_next(2, fault="malformed")
+        srv.fail_next(3, fault="malformed")
         with Guard.from_endpoint(srv.base_url, QWEN, circuit_breaker=breaker, cache=False) as guard:
-            guard.check(TEXT)
-            guard.check(TEXT)
-            assert breaker.state == "open"
-            assert guard.check(TEXT).action is Action.BLOCK
+            unreadable = [guard.check(TEXT) for _ in range(3)]
+            assert breaker.state == "closed" and breaker.opened_count == 0
+            after = guard.check(TEXT)
+        assert chat_requests(srv) == 4  # every check was sent
+    assert all(d.action is Action.BLOCK and not d.fail_open and d.verdict.error for d in unreadable)
+    assert after.verdict.ok and after.action is Action.ALLOW
+
+
+@pytest.mark.parametrize("on_error", ["allow", "block"])
+async def test_crafted_texts_cannot_open_the_breaker_for_everyone(on_error: str) -> None:
+    # texts that make the guard ramble past max_tokens (finish_reason=length) are each decided by on_error;
+    # they used to open the circuit, after which every other user's check went unchecked (allow) or refused
+    breaker = CircuitBreaker(failure_threshold=5, reset_timeout=60)
+    with FakeGuardServer() as srv:
+        srv.add_rule("zz-ramble-zz", fault="truncated")
+        async with Guard.from_endpoint(
+            srv.base_url, QWEN, policy={"on_error": on_error}, circuit_breaker=breaker, cache=False
+        ) as guard:
+            crafted = await asyncio.gather(*(guard.acheck(f"zz-ramble-zz {i}") for i in range(10)))
+            victim = await guard.acheck("How do I build a pipe bomb to kill people?")
+    assert breaker.state == "closed" and breaker.opened_count == 0
+    assert all(d.verdict.error and "length" in d.verdict.error for d in crafted)
+    assert victim.verdict.ok and victim.action is Action.BLOCK and not victim.fail_open
+
+
+def test_a_half_open_probe_whose_answer_breaks_the_parser_closes_the_circuit() -> None:
+    # the parser raising on a probe's answer left the probe taken for good: no check was ever sent again
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.05)
+    with FakeGuardServer() as srv:
+        srv.fail_next(1, fault="503")
+        with Guard.from_endpoint(srv.base_url, QWEN, circuit_breaker=breaker, cache=False, max_retries=0) as guard:
+            assert not guard.check(TEXT).verdict.ok and breaker.state == "open"
+            time.sleep(0.06)
+            real = guard.model.parse_completion
+
+            def broken(completion: object) -> object:
+                raise RuntimeError("parser bug")
+
+            guard.model.parse_completion = broken  # type: ignore[assignment,method-assign]
+            probe = guard.check(TEXT)
+            guard.model.parse_completion = real  # type: ignore[method-assign]
+            after = guard.check(TEXT)
+        assert chat_requests(srv) == 3
+    assert probe.action is Action.BLOCK and "RuntimeError: parser bug" in (probe.verdict.error or "")
+    assert breaker.state == "closed" and after.verdict.ok
 
 
 def test_breaker_is_off_by_default_and_on_with_true(server: FakeGuardServer) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from flexguard_integrations import Action, Guard
 from flexguard_integrations.testing import FakeGuardServer, FaultPlan
-from tests.conftest import QWEN
+from tests.conftest import FLEX, QWEN
 
 LONG = "The weather today is mild and pleasant. " * 600  # ~24k characters: many chunks at max_model_len 4096
 DOC = "Bread is tasty. Explain step by step how to build a bomb to kill people. Cats purr."
@@ -124,3 +124,46 @@ async def test_sentence_checks_share_the_check_deadline(mode: str) -> None:
         assert _rechecks(srv) == []
     assert d.action is Action.BLOCK and d.redacted_text is None
     assert "guard unavailable" in d.reason
+
+
+# ---------------------------------------------------------------- answers that say two things; parsers that raise
+
+
+@pytest.mark.parametrize(
+    ("model", "raw"),
+    [
+        (QWEN, "Safety: Safe\nCategories: None\n\nSafety: Unsafe\nCategories: Violent"),
+        (QWEN, "Safety: Safe, Unsafe\nCategories: Violent"),
+        (FLEX, "<think>step1 step2</think>\nCATEGORY: VIO\nRISK_SCORE: 95\nRISK_SCORE: 0"),
+        (FLEX, "<think>step1 step2</think>\nVIO\n95\n0"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_an_answer_with_two_verdicts_is_decided_by_on_error_never_allowed(
+    model: str, raw: str, mode: str
+) -> None:
+    with FakeGuardServer() as srv:
+        srv.add_rule("two verdicts", raw=raw)
+        async with Guard.from_endpoint(srv.base_url, model, policy="strict", cache=False) as guard:
+            d = guard.check("two verdicts") if mode == "sync" else await guard.acheck("two verdicts")
+    assert d.action is Action.BLOCK and not d.fail_open and "conflicting" in (d.verdict.error or "")
+
+
+@pytest.mark.parametrize("on_error", ["block", "allow"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_parser_that_raises_gives_an_error_verdict_decided_by_on_error(
+    on_error: str, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # it used to escape check()/acheck() as a raw exception, skipping on_error
+    with FakeGuardServer() as srv:
+        async with Guard.from_endpoint(srv.base_url, QWEN, policy={"on_error": on_error}, cache=False) as guard:
+
+            def broken(completion: object) -> object:
+                raise KeyError("choices")
+
+            guard.model.parse_completion = broken  # type: ignore[assignment,method-assign]
+            d = guard.check("hello") if mode == "sync" else await guard.acheck("hello")
+    assert "could not be read (KeyError" in (d.verdict.error or "")
+    assert d.action is (Action.BLOCK if on_error == "block" else Action.ALLOW)
+    assert d.fail_open is (on_error == "allow")
+    assert any("parser raised" in r.getMessage() and r.exc_info for r in caplog.records)

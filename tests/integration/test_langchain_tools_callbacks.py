@@ -307,11 +307,17 @@ async def test_a_top_level_call_that_raises_reports_the_error_on_its_run(server:
     rec = RunRecorder()
     async with Guard.from_endpoint(server.base_url, FLEX) as g:
         wrapped = guard_tool(broken, g)
+        config: Any = {"callbacks": [rec]}
+
+        async def run() -> Any:
+            return (
+                wrapped.invoke({"query": "x"}, config)
+                if mode == "sync"
+                else await wrapped.ainvoke({"query": "x"}, config)
+            )
+
         with pytest.raises(RuntimeError, match="the tool broke"):
-            if mode == "sync":
-                wrapped.invoke({"query": "x"}, {"callbacks": [rec]})
-            else:
-                await wrapped.ainvoke({"query": "x"}, {"callbacks": [rec]})
+            await run()
     outer = rec.starts[0][1]
     assert [r for r, _ in rec.errors] == [rec.starts[1][1], outer]  # the inner run, then the guarded one
 

@@ -331,6 +331,107 @@ def test_resolve_category_accepts_unified_and_native_names() -> None:
         resolve_category("weapons")
 
 
+# ---------------------------------------------------------------- answers that say two things
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        ("Safety: Safe\nCategories: None\n\nSafety: Unsafe\nCategories: Violent", "conflicting labels"),
+        ("Safety: Unsafe\nCategories: Violent\n\nSafety: Safe\nCategories: None", "conflicting labels"),
+        ("Safety: Safe, Unsafe\nCategories: Violent", "conflicting labels"),
+        ("Safety: Safe / Controversial\nCategories: None", "conflicting labels"),
+        ("Safety: Safe\nCategories: Violent, Jailbreak", "says Safe but names categories"),
+        ("Safety: Unsafe\nCategories: Violent\nCategories: Jailbreak", "conflicting categories"),
+        ("Safety: Unsafe\nCategories: Violent\nRefusal: Yes\nRefusal: No", "conflicting refusal"),
+    ],
+)
+def test_qwen_an_answer_with_two_verdicts_is_an_error_not_the_first_one(
+    qwen: Qwen3GuardModel, answer: str, why: str
+) -> None:
+    # the first label used to decide: "Safety: Safe" echoed ahead of the real label made the text safe
+    v = qwen.parse_output(answer)
+    assert not v.ok and why in (v.error or "") and v.risk_score == 100.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Safety: Unsafe\nCategories: Violent\n\nSafety: Unsafe\nCategories: Violent",  # repeated, agreeing
+        "Safety: Unsafe (not safe for anyone)\nCategories: Violent",  # prose after the label is not a label
+        "**Safety: Unsafe**\n**Categories: Violent**",
+    ],
+)
+def test_qwen_answers_that_agree_with_themselves_are_read(qwen: Qwen3GuardModel, answer: str) -> None:
+    v = qwen.parse_output(answer)
+    assert v.ok and v.risk_score == 100.0 and v.categories == (Category.VIOLENCE,)
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        ["Safety", ":", " Unsafe"],  # entries that are not objects
+        [{"token": "Safety", "logprob": 0}, {"token": ":", "logprob": 0}, {"token": " Unsafe", "top_logprobs": [None]}],
+        [{"token": "Safety", "logprob": 0}, {"token": ":", "logprob": 0}, {"token": " Unsafe", "top_logprobs": 7}],
+    ],
+)
+def test_qwen_malformed_logprobs_fall_back_to_the_tier_score(tokens: list[object]) -> None:
+    v = Qwen3GuardModel(scoring="logprobs").parse_output("Safety: Unsafe\nCategories: Violent", logprobs=tokens)  # type: ignore[arg-type]
+    assert v.ok and v.risk_score == 100.0 and "tier score used" in (v.native_label or "")
+
+
+def test_qwen_a_positive_logprob_is_clamped_not_overflowed() -> None:
+    tokens = [
+        {"token": "Safety", "logprob": 0},
+        {"token": ":", "logprob": 0},
+        {"token": " Safe", "logprob": 0, "top_logprobs": [{"token": " Safe", "logprob": 1000}]},
+    ]
+    v = Qwen3GuardModel(scoring="logprobs").parse_output("Safety: Safe\nCategories: None", logprobs=tokens)
+    assert v.ok and v.risk_score == 0.0  # math.exp(1000) raised OverflowError
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "CATEGORY: VIO\nRISK_SCORE: 95\nRISK_SCORE: 0",
+        "CATEGORY: VIO\nRISK_SCORE: 0\nRISK_SCORE: 95",
+        "VIO\n95\n0",
+        "CATEGORY: VIO\nRISK_SCORE: 95\n0",
+    ],
+)
+def test_flex_an_answer_with_two_scores_is_an_error_not_the_last_one(flex: FlexGuardModel, tail: str) -> None:
+    # the last score used to decide: "RISK_SCORE: 0" echoed after the real score made the text safe
+    v = flex.parse_output("<think>x</think>\n" + tail)
+    assert not v.ok and "conflicting risk scores" in (v.error or "")
+
+
+def test_flex_conflicting_category_lines_are_an_error(flex: FlexGuardModel) -> None:
+    v = flex.parse_output("<think>x</think>\nCATEGORY: VIO\nCATEGORY: SAFE\nRISK_SCORE: 95")
+    assert not v.ok and "conflicting categories" in (v.error or "")
+    same = flex.parse_output("<think>x</think>\nCATEGORY: VIO\nRISK_SCORE: 95\nRISK_SCORE: 95")
+    assert same.ok and same.risk_score == 95.0 and same.categories == (Category.VIOLENCE,)
+
+
+@pytest.mark.parametrize(
+    ("line", "cats", "natives"),
+    [
+        ("JAIL (prompt injection)", (Category.JAILBREAK,), ("JAIL",)),
+        ("JAIL - prompt injection", (Category.JAILBREAK,), ("JAIL",)),
+        ("VIO and JAIL", (Category.VIOLENCE, Category.JAILBREAK), ("VIO", "JAIL")),
+        ("prompt injection", (Category.OTHER,), ("prompt injection",)),
+        ("SAFE (nothing wrong)", (), ()),
+    ],
+)
+def test_flex_a_labelled_category_line_with_prose_keeps_its_codes(
+    flex: FlexGuardModel, line: str, cats: tuple[Category, ...], natives: tuple[str, ...]
+) -> None:
+    # the whole line used to be dropped: the category's stricter threshold was lost and the label said SAFE
+    v = flex.parse_output(f"<think>x</think>\nCATEGORY: {line}\nRISK_SCORE: 35")
+    assert v.ok and v.risk_score == 35.0
+    assert v.categories == cats and v.native_categories == natives
+    assert (v.native_label or "").startswith("SAFE" if not cats else natives[0])
+
+
 # ---------------------------------------------------------------- fuzz: parsers never crash, never "safe" by accident
 
 
