@@ -47,6 +47,14 @@ def _parse_surface(value: Any) -> Surface:
     return Surface.parse(value)
 
 
+def _no_bool(value: Any) -> Any:
+    """A score or threshold must be a number: YAML reads ``yes``, ``on`` and ``true`` as booleans, which
+    pydantic would otherwise take for 1.0 (and ``false`` for 0.0, which blocks everything)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number from 0 to 100, not {str(value).lower()}")
+    return value
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -101,6 +109,8 @@ class When(_Frozen):
     surfaces: tuple[Surface, ...] | None = None
     refusal: bool | None = None
 
+    _scores = field_validator("min_score", "max_score", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
+
     @field_validator("categories", mode="before")
     @classmethod
     def _cats(cls, value: Any) -> Any:
@@ -108,7 +118,10 @@ class When(_Frozen):
             return None
         if isinstance(value, str):
             value = [value]
-        return tuple(_parse_category(v) for v in value)
+        cats = tuple(_parse_category(v) for v in value)
+        if not cats:
+            raise ValueError("[] matches no verdict; leave categories out to match any category")
+        return cats
 
     @field_validator("surfaces", mode="before")
     @classmethod
@@ -117,7 +130,10 @@ class When(_Frozen):
             return None
         if isinstance(value, str | Surface):
             value = [value]
-        return tuple(_parse_surface(v) for v in value)
+        surfaces = tuple(_parse_surface(v) for v in value)
+        if not surfaces:
+            raise ValueError("[] matches no check; leave surfaces out to match every surface")
+        return surfaces
 
     @model_validator(mode="after")
     def _range(self) -> When:
@@ -160,6 +176,8 @@ def _thresholds(value: Any) -> Any:
                 f"{_key_text(names[cat])} and {_key_text(key)} both name the category {cat.value}; give it once"
             )
         names[cat] = key
+        if isinstance(score, bool):
+            raise ValueError(f"threshold for {cat.value} must be a number from 0 to 100, not {str(score).lower()}")
         out[cat] = score
     return out
 
@@ -179,6 +197,7 @@ class SurfacePolicy(_Frozen):
     on_error: OnError | None = None
 
     _normalise_thresholds = field_validator("thresholds", mode="before")(classmethod(lambda cls, v: _thresholds(v)))
+    _threshold_number = field_validator("threshold", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
     @field_validator("thresholds")
     @classmethod
@@ -208,6 +227,7 @@ class StrictnessPolicy(_Frozen):
     name: str | None = None
 
     _normalise_thresholds = field_validator("thresholds", mode="before")(classmethod(lambda cls, v: _thresholds(v)))
+    _threshold_number = field_validator("threshold", mode="before")(classmethod(lambda cls, v: _no_bool(v)))
 
     @field_validator("thresholds")
     @classmethod
@@ -224,7 +244,18 @@ class StrictnessPolicy(_Frozen):
             return {}
         if not isinstance(value, Mapping):
             raise ValueError("surfaces must be a mapping of surface name to overrides")
-        return {_parse_surface(k): ({} if v is None else v) for k, v in value.items()}
+        out: dict[Surface, Any] = {}
+        names: dict[Surface, Any] = {}
+        for key, overrides in value.items():
+            surface = _parse_surface(key)
+            if surface in names:  # e.g. tool_call and TOOL_CALL: keeping either would drop the other silently
+                raise ValueError(
+                    f"{_key_text(names[surface])} and {_key_text(key)} both name the surface {surface.value}; "
+                    "give it once"
+                )
+            names[surface] = key
+            out[surface] = {} if overrides is None else overrides
+        return out
 
     # ----------------------------------------------------------------- thresholds
 

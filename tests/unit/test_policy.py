@@ -192,6 +192,20 @@ def test_on_error_per_surface() -> None:
         ({"rules": [{"when": {"categories": ["VIO", "ZZZ"]}, "then": "block"}]}, "unknown category 'ZZZ'"),
         ({"rules": [{"when": {"min_score": 50}}]}, "rules.0.then"),
         ({"tresholds": {}}, "tresholds: unknown key"),
+        # YAML's yes / on / true are booleans, which pydantic took for 1.0 (and false for 0.0)
+        ({"threshold": True}, "threshold: expected a number from 0 to 100, not true"),
+        ({"thresholds": {"VIO": True}}, "threshold for VIOLENCE must be a number from 0 to 100, not true"),
+        ({"surfaces": {"tool_call": {"threshold": False}}}, "surfaces.tool_call.threshold: expected a number"),
+        ({"surfaces": {"prompt": {"thresholds": {"JAIL": False}}}}, "threshold for JAILBREAK must be a number"),
+        ({"rules": [{"when": {"min_score": True}, "then": "flag"}]}, "rules.0.when.min_score: expected a number"),
+        # a rule that can never match
+        ({"rules": [{"when": {"categories": []}, "then": "allow"}]}, "categories: [] matches no verdict"),
+        ({"rules": [{"when": {"surfaces": []}, "then": "allow"}]}, "surfaces: [] matches no check"),
+        # one surface under two spellings: one set of overrides was dropped without a word
+        (
+            {"surfaces": {"tool_call": {"preset": "strict"}, "TOOL_CALL": {"on_error": "allow"}}},
+            "'tool_call' and 'TOOL_CALL' both name the surface tool_call; give it once",
+        ),
     ],
 )
 def test_validation_errors_name_the_key(data: dict[str, object], message: str) -> None:
@@ -205,6 +219,15 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     path.write_text("preset: strict\nthresholds:\n  VIO: [30\n")
     with pytest.raises(PolicyError, match=r"bad\.yaml: malformed YAML at line \d+"):
         StrictnessPolicy.from_yaml(path)
+
+
+def test_a_surface_under_two_spellings_in_a_yaml_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "surfaces.yaml"
+    path.write_text(
+        "surfaces:\n  tool_call: {preset: strict, on_error: block}\n  TOOL_CALL: {on_error: allow}\n", encoding="utf-8"
+    )
+    with pytest.raises(PolicyError, match=r"surfaces\.yaml.*'tool_call' and 'TOOL_CALL' both name the surface"):
+        StrictnessPolicy.load(path)
 
 
 def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path: Path) -> None:
