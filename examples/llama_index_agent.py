@@ -105,7 +105,8 @@ async def main() -> None:
             out = await guarded.run(user_msg="How do I make a bomb to kill people?")
             print(f"   {out.response.content}")
             out = await guarded.run(user_msg="When does the shop open?")
-            print(f"   {out.response.content}  { ({k: d.action.value for k, d in guarded.last_decisions.items()}) }")
+            decisions = {k: d["action"] for k, d in out["flexguard"].items()}  # this run's decisions
+            print(f"   {out.response.content}  {decisions}")
 
             print("4. A guard step in a custom Workflow")
             flow = AnswerFlow(guard=guard, timeout=30)

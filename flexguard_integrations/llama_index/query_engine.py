@@ -5,7 +5,8 @@ The query is checked first (surface ``prompt``): BLOCK answers with a refusal (o
 REROUTE sends it to ``fallback_engines[name]``, REDACT queries with the redacted text. The answer is then
 checked against the query (surface ``response``); every decision lands in ``response.metadata
 ["flexguard"]``. Streaming responses hold back text that has not been checked yet (as the LangChain
-integration does) and end with the refusal when a chunk is blocked.
+integration does) and end with the refusal when a chunk is blocked (after a ``"\n\n"`` token when text
+was already released).
 """
 
 from __future__ import annotations
@@ -236,12 +237,18 @@ class GuardedQueryEngine(BaseQueryEngine):
 
         def gen() -> Generator[str, None, None]:
             released = moderator.moderate(source, str)
+            tail = ""
             try:
-                yield from released
+                for token in released:
+                    tail = _tail(tail, token)
+                    yield token
             finally:
                 released.close()
             if moderator.stopped is not None:
-                yield self._stop_text(moderator.stopped)
+                refusal = self._stop_text(moderator.stopped)
+                if separator := _separator(tail):
+                    yield separator
+                yield refusal
 
         return StreamingResponse(
             response_gen=gen(), source_nodes=response.source_nodes, metadata=_merged(response.metadata, decisions)
@@ -285,17 +292,43 @@ class GuardedQueryEngine(BaseQueryEngine):
 
         async def gen() -> AsyncGenerator[str, None]:
             released = moderator.amoderate(source, str)
+            tail = ""
             try:
                 async for token in released:
+                    tail = _tail(tail, token)
                     yield token
             finally:
                 await released.aclose()
             if moderator.stopped is not None:
-                yield self._stop_text(moderator.stopped)
+                refusal = self._stop_text(moderator.stopped)
+                if separator := _separator(tail):
+                    yield separator
+                yield refusal
 
         return AsyncStreamingResponse(
             response_gen=gen(), source_nodes=response.source_nodes, metadata=_merged(response.metadata, decisions)
         )
+
+
+STREAM_REFUSAL_SEPARATOR = "\n\n"
+
+
+def _tail(tail: str, token: str) -> str:
+    """The last two characters of the released text, after ``token``."""
+    return (tail + token)[-2:]
+
+
+def _separator(tail: str) -> str:
+    """What goes between released text ending in ``tail`` and the refusal that stops the stream.
+
+    Nothing when no text was released; otherwise a paragraph break (the part of one the text does not end
+    with already), so the refusal never reads as the end of a cut-off sentence.
+    """
+    if not tail:
+        return ""
+    if tail.endswith(STREAM_REFUSAL_SEPARATOR):
+        return ""
+    return "\n" if tail.endswith("\n") else STREAM_REFUSAL_SEPARATOR
 
 
 def _engine_streams(engine: Any) -> bool:

@@ -30,12 +30,24 @@ from .query_engine import DEFAULT_REFUSAL, _refusal_text
 
 
 class GuardCheckEvent(Event):
-    """Ask the guard step to check ``text`` (with ``response`` for response moderation)."""
+    """Ask the guard step to check ``text`` (with ``response`` for response moderation).
+
+    ``surface`` selects the policy's per-surface rules; left as None it is ``"response"`` when
+    ``response`` is given (``response`` is then checked, with ``text`` as the user message before it),
+    else ``"prompt"``.
+    """
 
     text: str
     response: str | None = None
-    surface: str = "prompt"
+    surface: str | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
+
+
+def _surface_of(ev: GuardCheckEvent) -> Surface:
+    """The surface a check runs on: the event's ``surface`` if given, else from whether it has a response."""
+    if ev.surface is not None:
+        return Surface.parse(ev.surface)
+    return Surface.RESPONSE if ev.response is not None else Surface.PROMPT
 
 
 class GuardPassedEvent(Event):
@@ -67,7 +79,7 @@ class GuardStepMixin:
     @step
     async def guard_check(self, ev: GuardCheckEvent) -> GuardPassedEvent | StopEvent:
         """Check the event's text; pass it on or stop the workflow with the refusal."""
-        surface = Surface.parse(ev.surface)
+        surface = _surface_of(ev)
         if ev.response is not None:
             decision = await self.guard.acheck(
                 ev.text, response=ev.response, surface=surface, policy=scoped_policy(self.guard_policy)
