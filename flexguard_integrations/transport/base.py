@@ -315,6 +315,15 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{netloc}{slash}{path}"
 
 
+_USERINFO = re.compile(r"[^/\s@]+@")
+
+
+def shown_url(url: str) -> str:
+    """``url`` as an error message may show it, even when it is malformed: any ``user:password@`` becomes
+    ``***@`` and the query string and fragment (``?api_key=...``) are dropped."""
+    return _USERINFO.sub("***@", url.split("?", 1)[0].split("#", 1)[0])
+
+
 def split_credentials(url: str) -> tuple[str, str | None]:
     """(``url`` without ``user:password@``, a ``Basic`` authorization value for them or None)."""
     import base64
@@ -336,7 +345,10 @@ def normalise_base_url(base_url: str) -> tuple[str, str]:
 
     url = base_url.strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
-        raise ConfigurationError(f"guard base_url must start with http:// or https://, got {base_url!r}")
+        raise ConfigurationError(
+            f"guard base_url must start with http:// or https://, got {shown_url(base_url)!r} "
+            "(credentials and query string hidden)"
+        )
     if re.search(r"/v\d+$", url):
         return url, url.rsplit("/", 1)[0]
     if re.match(r"^https?://[^/]+$", url):

@@ -85,6 +85,22 @@ def test_credentials_in_base_url_and_an_api_key_is_a_configuration_error() -> No
     assert "s3cr3t" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("me:s3cr3t@127.0.0.1:8000/v1", "***@127.0.0.1:8000/v1"),  # the scheme forgotten
+        ("127.0.0.1:8000/v1?api_key=s3cr3t", "127.0.0.1:8000/v1"),
+        ("http//me:s3cr3t@127.0.0.1/v1", "http//***@127.0.0.1/v1"),  # a typo in the scheme
+        ("ftp://127.0.0.1/v1#s3cr3t", "ftp://127.0.0.1/v1"),
+    ],
+)
+def test_a_malformed_base_url_is_shown_without_its_secrets(url: str, shown: str) -> None:
+    # the error echoed the whole value, password or key included, into exceptions and logs
+    with pytest.raises(ConfigurationError, match="must start with http") as info:
+        Guard.from_endpoint(url, QWEN)
+    assert "s3cr3t" not in str(info.value) and repr(shown) in str(info.value)
+
+
 def test_openai_client_retries_fit_the_deadline() -> None:
     """The SDK's own retries are off: a Retry-After longer than what is left ends the check at once."""
     openai = pytest.importorskip("openai")
