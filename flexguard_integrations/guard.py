@@ -483,11 +483,17 @@ class Guard:
     ) -> tuple[GuardInput, Surface]:
         turns: tuple[tuple[Role, str], ...] = ()
         if history:
+            if not isinstance(history, list | tuple):
+                raise GuardInputError(
+                    f"history must be a list of (role, text) turns or role/content dicts, not {type(history).__name__}"
+                )
             parsed: list[tuple[Role, str]] = []
             for turn in history:
+                role: Any = None
+                content: Any = None
                 if isinstance(turn, Mapping):
                     role, content = turn.get("role"), turn.get("content")
-                else:
+                elif isinstance(turn, list | tuple) and len(turn) == 2:
                     role, content = turn
                 if role not in ("user", "assistant") or not isinstance(content, str):
                     raise GuardInputError(

@@ -217,6 +217,28 @@ def test_bad_history_is_rejected(guard: Guard) -> None:
         guard.check("hi", history=[("system", "x")])  # type: ignore[list-item]
 
 
+@pytest.mark.parametrize(
+    ("history", "message"),
+    [
+        ([("user",)], "history turns must be"),  # these raised bare ValueError / TypeError from unpacking
+        ([("user", "a", "b")], "history turns must be"),
+        ([5], "history turns must be"),
+        ("user: hi", "history must be a list"),
+        (7, "history must be a list"),
+        ({"role": "user", "content": "hi"}, "history must be a list"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_malformed_history_is_a_guard_input_error(guard: Guard, history: object, message: str, mode: str) -> None:
+    async def check() -> object:
+        if mode == "sync":
+            return guard.check("hi", history=history)  # type: ignore[arg-type]
+        return await guard.acheck("hi", history=history)  # type: ignore[arg-type]
+
+    with pytest.raises(GuardInputError, match=message):
+        await check()
+
+
 def test_bad_batch_item(guard: Guard) -> None:
     with pytest.raises(GuardInputError, match="batch items"):
         guard.batch([3.14])  # type: ignore[list-item]
