@@ -65,11 +65,18 @@ def check_window_sizes(chunk_chars: int, first_chunk_chars: int | None, prefix: 
 
 @dataclass
 class StreamStats:
-    """What the moderation cost: checks made, the most text held back at once, the most checks in flight."""
+    """What the moderation cost: checks made, the most text held back at once, the most checks in flight.
+
+    ``checked_chars`` counts the stream's characters sent to checks (each once; the earlier context a window
+    starts with is not counted again), ``released_chars`` the characters of the text released to the
+    reader (the redacted text where a window was redacted; with ``stream_first``, everything received
+    before the stream stopped).
+    """
 
     checks: int = 0
     max_held_chars: int = 0
     max_held_items: int = 0
+    checked_chars: int = 0
     released_chars: int = 0
     max_in_flight: int = 0
 
@@ -173,7 +180,7 @@ class StreamModerator(Generic[T]):
         self._taken += 1
         window = context + self._buffer
         self._tail = window[-self.context_chars :] if self.context_chars else ""
-        self.stats.released_chars += chars
+        self.stats.checked_chars += chars
         self._buffer = ""
         items, self._held = self._held, []
         return window, context, items, chars
@@ -212,6 +219,8 @@ class StreamModerator(Generic[T]):
 
     def _outcome(self, window: _Window[T], decision: Decision) -> list[T] | None:
         if decision.action.passes:
+            if not self.stream_first:
+                self.stats.released_chars += window.chars
             return window.items
         redacted = decision.redacted_text
         context = window.context
@@ -226,9 +235,17 @@ class StreamModerator(Generic[T]):
             new_text = redacted[len(context) :]
             if not self._windows:  # no later window took the unredacted text as its context yet
                 self._tail = (context + new_text)[-self.context_chars :] if self.context_chars else ""
+            self.stats.released_chars += len(new_text)
             return [self.redact_item(new_text)] if new_text else []
         self._stop(decision)
         return None
+
+    def _with_first(self, item: T, text: str, released: list[T]) -> list[T]:
+        """What a push releases: with ``stream_first`` the pushed item too (unless the stream has stopped)."""
+        if not self.stream_first or self._stopped is not None:
+            return released
+        self.stats.released_chars += len(text)
+        return [item, *released]
 
     def _release_done(self) -> list[T]:
         """Judge finished checks at the head of the queue, in order; return what they release."""
@@ -277,7 +294,7 @@ class StreamModerator(Generic[T]):
         released = self._release_done()
         self._astart()
         await self._reap()
-        return [item, *released] if self.stream_first and self._stopped is None else released
+        return self._with_first(item, text, released)
 
     async def adrain(self) -> AsyncGenerator[T, None]:
         """End of stream: check what is still unchecked and yield held items as their checks pass."""
@@ -339,8 +356,10 @@ class StreamModerator(Generic[T]):
                     return
                 kind, value = await events.get()
                 if kind == _ITEM:
-                    self._add(value, text_of(value))
-                    if self.stream_first:
+                    text = text_of(value)
+                    self._add(value, text)
+                    if self.stream_first:  # released at once, checked afterwards
+                        self.stats.released_chars += len(text)
                         yield value
                 elif kind == _END:
                     ended = True
@@ -382,7 +401,7 @@ class StreamModerator(Generic[T]):
         self._add(item, text)
         released = self._release_done()
         self._start()
-        return [item, *released] if self.stream_first and self._stopped is None else released
+        return self._with_first(item, text, released)
 
     def drain(self) -> Generator[T, None, None]:
         """Blocking twin of :meth:`adrain`."""
@@ -442,8 +461,10 @@ class StreamModerator(Generic[T]):
                     return
                 kind, value = events.get()
                 if kind == _ITEM:
-                    self._add(value, text_of(value))
-                    if self.stream_first:
+                    text = text_of(value)
+                    self._add(value, text)
+                    if self.stream_first:  # released at once, checked afterwards
+                        self.stats.released_chars += len(text)
                         yield value
                 elif kind == _END:
                     ended = True

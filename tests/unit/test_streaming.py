@@ -280,6 +280,43 @@ async def test_stream_first_releases_at_once_and_stops_at_the_failed_check() -> 
     assert mod.stopped is not None
 
 
+def _chars(items: list[str]) -> int:
+    return sum(len(i) for i in items)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize(
+    ("actions", "stream_first", "released", "checked"),
+    [
+        ({}, False, ITEMS, 30),  # everything passes
+        ({"b": Action.BLOCK}, False, ITEMS[:2], 30),  # window a only; window c's check had started (cancelled)
+        ({"b": Action.REDACT}, False, [*ITEMS[:2], "[REDACTED]", *ITEMS[4:]], 30),  # the redacted text, not b's
+        ({"a": Action.BLOCK}, True, ITEMS[:2], 10),  # stream_first: what went out before the stop was known
+    ],
+)
+async def test_stats_count_what_was_checked_and_what_was_released(
+    mode: str, actions: dict[str, Action], stream_first: bool, released: list[str], checked: int
+) -> None:
+    # released_chars counted the characters taken into checks: a stream blocked at once reported them released
+    guard = ScriptedGuard(actions=actions, redacted={"b": "[REDACTED]"})
+    guard.open_all = True
+    mod = _moderator(guard, redact_item=lambda text: text, stream_first=stream_first)
+    if stream_first:  # one item at a time, each check answered before the next push
+        out: list[str] = []
+        for item in ITEMS[:2]:
+            out += await mod.apush(item, item) if mode == "async" else mod.push(item, item)
+        out += await mod.aflush() if mode == "async" else mod.flush()
+        out += await mod.apush(ITEMS[2], ITEMS[2]) if mode == "async" else mod.push(ITEMS[2], ITEMS[2])
+        await mod.aclose() if mode == "async" else mod.close()
+    elif mode == "async":
+        out = [item async for item in mod.amoderate(Source(ITEMS).agen(), str)]
+    else:
+        out = list(mod.moderate(Source(ITEMS).gen(), str))
+    assert out == released
+    assert mod.stats.released_chars == _chars(released)
+    assert mod.stats.checked_chars == checked
+
+
 def test_arguments_are_validated() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         _moderator(ScriptedGuard(), max_pending=0)
