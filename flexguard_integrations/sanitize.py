@@ -28,9 +28,8 @@ _TAGS = re.compile(
 )
 # Lines that start like a turn of the guard's conversation block.
 # Lines that start like a turn of the guard's conversation block (after any line break a model reads as one).
-_ROLE_LINE = re.compile(
-    r"(?:^|(?<=[\r\n\v\f\x85\u2028\u2029]))([ \t]*)((?:USER|ASSISTANT|SYSTEM|TOOL)[ \t]*:)", re.IGNORECASE
-)
+# A turn marker at the start of a line (after spaces or tabs): matched on each line, anchored.
+_ROLE_START = re.compile(r"[ \t]*(?:USER|ASSISTANT|SYSTEM|TOOL)[ \t]*:", re.IGNORECASE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MAX_PASSES = 8
 
@@ -53,7 +52,7 @@ def neutralize(text: str) -> str:
     if not text.isascii() and _SURROGATES.search(text):  # isascii reads a flag: no scan of ASCII text
         text = fix_surrogates(text)
     if ":" in text:
-        text = _ROLE_LINE.sub(r"\1> \2", text)
+        text = _quote_turn_lines(text)
     if "<" not in text and "[" not in text:  # every control-token shape starts with one of these
         return text
     for _ in range(_MAX_PASSES):
@@ -62,6 +61,21 @@ def neutralize(text: str) -> str:
             return new
         text = new
     return text
+
+
+def _quote_turn_lines(text: str) -> str:
+    """``text`` with every line that starts like a turn (``USER:``...) quoted: ``> USER:``.
+
+    Lines are split where a model reads a line break (``str.splitlines``: \\n, \\r, \\v, \\f, U+2028...).
+    """
+    lines = text.splitlines(keepends=True)
+    quoted = False
+    for i, line in enumerate(lines):
+        if _ROLE_START.match(line):
+            lead = len(line) - len(line.lstrip(" \t"))
+            lines[i] = f"{line[:lead]}> {line[lead:]}"
+            quoted = True
+    return "".join(lines) if quoted else text
 
 
 def contains_control_tokens(text: str) -> bool:
