@@ -414,6 +414,11 @@ class Guard:
             f"transport={self.transport!r})"
         )
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Guard:
+        """A Guard is a client (connection pools, worker threads, a cache): a deep copy of an object that
+        holds one (a LlamaIndex postprocessor, a guarded runnable, a middleware) shares it."""
+        return self
+
     # ================================================================= lifecycle
 
     def close(self) -> None:

@@ -217,7 +217,8 @@ class GuardMiddleware(AgentMiddleware):
 
     state_schema = GuardAgentState
 
-    def __new__(cls, guard: Guard, **options: Any) -> GuardMiddleware:
+    def __new__(cls, guard: Guard | None = None, **options: Any) -> GuardMiddleware:
+        # guard is optional here only for copy.deepcopy and pickle, which call __new__(cls) alone
         # create_agent adds a graph node for every middleware class that overrides before_model; a
         # configuration whose before_model can never act gets a class without it, and saves the node's
         # superstep on every agent step (about a millisecond)
