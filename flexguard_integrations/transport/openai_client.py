@@ -4,8 +4,9 @@ Slower than the default httpx transport (the SDK adds about 0.8 ms per call, ref
 §5) but it reuses the client's base URL, key, proxies and hooks. The transport sends through copies of the
 clients with the SDK's own retries off and retries itself with the Guard's :class:`RetryPolicy`, so retries,
 ``Retry-After`` waits and backoff all fit in the check's one deadline; each attempt gets what is left of it as
-its timeout. The SDK's timeouts apply to each socket operation: a server that trickles its answer byte by byte
-can hold a blocking ``check()`` past its deadline on this transport (``acheck()`` is bounded by the Guard).
+its timeout. The SDK's timeouts apply to each socket operation, so a server that trickles its answer byte by
+byte would outlast them: the blocking path reads the answer as a stream (``with_streaming_response``) and
+gives up at the deadline between two reads (``acheck()`` is bounded by the Guard's own timer).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from ..errors import (
     GuardTimeoutError,
     GuardTransportError,
 )
-from .base import RetryPolicy, check_completion_shape, error_from_response, redact_url, remaining
+from .base import (
+    RetryPolicy,
+    check_completion_shape,
+    decode_completion,
+    error_from_response,
+    redact_url,
+    remaining,
+)
 
 T = TypeVar("T")
 
@@ -37,6 +45,16 @@ def _map_openai_error(exc: Exception) -> GuardTransportError:
         headers = {k.lower(): v for k, v in exc.response.headers.items()}
         return error_from_response(exc.status_code, headers, exc.response.content)
     return GuardTransportError(f"openai client failed: {type(exc).__name__}: {exc}")
+
+
+def _read_by(response: Any, deadline: float) -> bytes:
+    """The body of a streamed SDK response, read until ``deadline`` at the latest (checked between reads)."""
+    chunks: list[bytes] = []
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        if remaining(deadline) <= 0:
+            raise GuardTimeoutError("the guard server's answer was still arriving at the check's deadline")
+    return b"".join(chunks)
 
 
 class OpenAITransport:
@@ -146,10 +164,17 @@ class OpenAITransport:
             if remaining(deadline) <= 0:
                 raise GuardTimeoutError("guard check deadline passed before the request was sent")
             try:
-                result = client.chat.completions.create(**self._kwargs(body, deadline, headers))
+                # streamed, so the deadline is checked between reads: the SDK's timeouts are per read
+                with client.chat.completions.with_streaming_response.create(
+                    **self._kwargs(body, deadline, headers)
+                ) as response:
+                    raw = _read_by(response, deadline)
+                    content_type = response.headers.get("content-type")
+            except GuardTransportError:
+                raise
             except Exception as exc:
                 raise _map_openai_error(exc) from exc
-            return self._dump(result)
+            return decode_completion(raw, content_type)
 
         return self._retrying(send, deadline)
 

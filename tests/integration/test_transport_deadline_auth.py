@@ -101,6 +101,31 @@ def test_a_malformed_base_url_is_shown_without_its_secrets(url: str, shown: str)
     assert "s3cr3t" not in str(info.value) and repr(shown) in str(info.value)
 
 
+def test_openai_client_blocking_check_ends_at_its_deadline_when_the_answer_trickles() -> None:
+    # the SDK's timeouts are per read: a body trickled one byte per 0.2 s held check() for minutes
+    openai = pytest.importorskip("openai")
+    with FakeGuardServer() as srv:
+        srv.fail_next(1, fault="trickle")
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0)
+        g = Guard.from_openai_client(client, QWEN, timeout=1.0, max_retries=0, cache=False)
+        decision = check_in_thread(g, BENIGN)
+        assert decision is not None, "the blocking check outlived its deadline"
+        assert decision.action is Action.BLOCK and not decision.fail_open
+        assert "still arriving at the check's deadline" in (decision.verdict.error or "")
+        assert g.check(BENIGN).action is Action.ALLOW  # the next check is fine
+        assert [r.fault for r in chat_requests(srv)] == ["trickle", None]
+
+
+@pytest.mark.parametrize(("fault", "error"), [("html", "non-JSON (text/html)"), ("bad_shape", "no choices")])
+def test_openai_client_blocking_check_reads_a_bad_answer_as_an_error(fault: str, error: str) -> None:
+    openai = pytest.importorskip("openai")
+    with FakeGuardServer() as srv:
+        srv.fail_next(1, fault=fault)
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0)
+        decision = Guard.from_openai_client(client, QWEN, max_retries=0, cache=False).check(BENIGN)
+    assert decision.action is Action.BLOCK and error in (decision.verdict.error or "")
+
+
 def test_openai_client_retries_fit_the_deadline() -> None:
     """The SDK's own retries are off: a Retry-After longer than what is left ends the check at once."""
     openai = pytest.importorskip("openai")
