@@ -56,6 +56,11 @@ class CircuitBreaker:
     def _closed(self) -> bool:
         return self._state == "closed"
 
+    @property
+    def is_closed(self) -> bool:
+        """True while requests flow freely (read without the lock: a hint for planning, not a permit)."""
+        return self._state == "closed"
+
     def before_request(self) -> str | None:
         """None to send the request; otherwise why it must not be sent (the circuit is open)."""
         if self._closed():  # the common case, read without the lock: one str compare per check

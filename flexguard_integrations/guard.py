@@ -123,6 +123,7 @@ DEFAULT_MAX_MODEL_LEN = 32768
 _DISCOVERY_MIN_CHARS = 1024  # shorter texts never need the model's context length
 _MAX_SPLIT_DEPTH = 8
 _MIN_413_CHARS = 1024  # a request this small that a proxy still finds too large is not split further
+_TOO_LARGE_TTL = 600.0  # seconds a body size refused with a 413 shapes later checks
 
 if sys.version_info >= (3, 11):
     _timeout_cm = asyncio.timeout
@@ -245,9 +246,9 @@ class Guard:
         else:
             self.breaker = None
         self._discovered_len: int | None = None
-        # the smallest request (total characters) a proxy refused with a 413: later checks plan their chunks
-        # under it instead of re-learning the limit with a refused request each
-        self._too_large_chars: int | None = None
+        # (UTF-8 bytes of the texts, when) of the smallest request a proxy refused with a 413: for a while,
+        # later checks plan their chunks under it instead of re-learning the limit with a refused request each
+        self._too_large: tuple[int, float] | None = None
         self._policies: dict[Any, StrictnessPolicy] = {}
         self._sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
@@ -550,24 +551,47 @@ class Guard:
         stamp(verdict, "latency_ms", (time.perf_counter() - started) * 1000.0)
         return verdict
 
-    def _body_limited(self, limit: int) -> int:
-        """``limit`` (a chunk size) lowered under the body limit a proxy has shown, when it has shown one."""
-        too_large = self._too_large_chars
-        return limit if too_large is None else min(limit, too_large // 2)
+    def _probe_first(self) -> bool:
+        """True when a check's pieces must not all go at once: the circuit is not closed, so only one request
+        (the half-open probe) may be sent, and the others would be refused as "circuit open" although the
+        probe may find the guard back."""
+        return self.breaker is not None and not self.breaker.is_closed
+
+    def _body_limited(self, limit: int, inp: GuardInput) -> int:
+        """``limit`` (a chunk size, in characters) lowered for ``inp`` under the body size a proxy refused, when
+        one did within the last ``_TOO_LARGE_TTL`` seconds and ``inp`` is at least that large in bytes.
+
+        A proxy limits bytes, not characters: the chunk size is the refused size halved (what the re-split
+        would have used), in this text's own characters (3 bytes each for CJK, 1 for ASCII)."""
+        learned = self._too_large
+        if learned is None:
+            return limit
+        too_large, when = learned
+        if time.monotonic() - when > _TOO_LARGE_TTL:  # the proxy's limit may have been raised since
+            self._too_large = None
+            return limit
+        size = _total_bytes(inp)
+        if size < too_large:
+            return limit
+        return min(limit, max(32, int(too_large // 2 * _total_chars(inp) / size)))
 
     def _resplit_limit(self, inp: GuardInput, exc: ContextLengthExceededError, depth: int) -> int | None:
         """The chunk size for re-checking ``inp`` after ``exc``; a proxy's 413 is remembered for later checks."""
         half = _half_limit(inp, exc, depth)
         if half is not None and exc.status_code == 413:
-            total = _total_chars(inp)
-            if self._too_large_chars is None or total < self._too_large_chars:
-                self._too_large_chars = total
+            size = _total_bytes(inp)
+            with self._lock:  # rare (a 413): pieces refused at once in worker threads log one warning per size
+                learned = self._too_large
+                if learned is None or size <= learned[0]:
+                    self._too_large = (size, time.monotonic())
+            if learned is None or size < learned[0]:
                 logger.warning(
-                    "a proxy in front of the guard refused a %d-character request as too large (HTTP 413); "
-                    "texts are now checked in chunks of at most %d characters. Raise the proxy's body limit "
-                    "(nginx: client_max_body_size) to check long texts in fewer requests",
-                    total,
-                    total // 2,
+                    "a proxy in front of the guard refused a request with %d bytes of text as too large (HTTP "
+                    "413); for the next %d minutes, longer texts are checked in pieces of at most %d bytes. Raise "
+                    "the proxy's body limit (nginx: client_max_body_size) to check long texts in fewer requests",
+                    size,
+                    _TOO_LARGE_TTL // 60,
+                    size // 2,
                 )
         return half
 
@@ -661,8 +685,12 @@ class Guard:
         pieces, inp = self._plan_chunks(inp, limit)
         if len(pieces) == 1:
             return await self._aone(inp, pieces[0], surface, deadline, headers, depth)
+        first: list[tuple[Verdict, BaseException | None]] = []
+        if self._probe_first():  # the first piece alone: it is the half-open probe, the rest follow its answer
+            first = await self._aone(inp, pieces[0], surface, deadline, headers, depth)
+            pieces = pieces[1:]
         groups = await asyncio.gather(*(self._aone(inp, p, surface, deadline, headers, depth) for p in pieces))
-        return [item for group in groups for item in group]
+        return first + [item for group in groups for item in group]
 
     async def _aone(
         self,
@@ -699,7 +727,7 @@ class Guard:
         """The chunk size for this text, or None when it is short enough to send whole."""
         if _total_chars(inp) <= _DISCOVERY_MIN_CHARS:
             return None
-        limit = self._body_limited(self._chunk_chars(await self._adiscover_len(deadline)))
+        limit = self._body_limited(self._chunk_chars(await self._adiscover_len(deadline)), inp)
         return None if _fits(inp, limit) else limit
 
     async def _adiscover_len(self, deadline: float) -> int:
@@ -832,8 +860,12 @@ class Guard:
                     return [(Verdict.failed(str(exc), surface=surface), exc)]
                 return self._split(sub, surface, deadline, headers, half, depth + 1)
 
+        first: list[tuple[Verdict, BaseException | None]] = []
+        if len(pieces) > 1 and self._probe_first():  # as in _asplit: the probe alone, then the rest
+            first = one(pieces[0])
+            pieces = pieces[1:]
         groups = self._map(one, pieces)
-        return [item for group in groups for item in group]
+        return first + [item for group in groups for item in group]
 
     def _discover_len(self, deadline: float) -> int:
         if self.max_model_len:
@@ -859,7 +891,7 @@ class Guard:
             deadline = time.monotonic() + self.timeout
         limit: int | None = None
         if _total_chars(inp) > _DISCOVERY_MIN_CHARS:
-            limit = self._body_limited(self._chunk_chars(self._discover_len(deadline)))
+            limit = self._body_limited(self._chunk_chars(self._discover_len(deadline)), inp)
             if _fits(inp, limit):
                 limit = None
         return self._split(inp, surface, deadline, headers, limit)
@@ -1194,6 +1226,16 @@ class Guard:
 
 def _total_chars(inp: GuardInput) -> int:
     return len(inp.text) + len(inp.context) + sum(len(t) for _, t in inp.history)
+
+
+def _total_bytes(inp: GuardInput) -> int:
+    """UTF-8 bytes of the request's texts (what a proxy's body limit counts, the JSON envelope aside)."""
+    size = _utf8_len(inp.text) + _utf8_len(inp.context)
+    return size + sum(_utf8_len(t) for _, t in inp.history)
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _fits(inp: GuardInput, limit: int) -> bool:

@@ -29,7 +29,11 @@ _TAGS = re.compile(
 # Lines that start like a turn of the guard's conversation block.
 # Lines that start like a turn of the guard's conversation block (after any line break a model reads as one).
 # A turn marker at the start of a line (after spaces or tabs): matched on each line, anchored.
-_ROLE_START = re.compile(r"[ \t]*(?:USER|ASSISTANT|SYSTEM|TOOL)[ \t]*:", re.IGNORECASE)
+# Blank or invisible characters a line may start with and still read as a turn: spaces and tabs, no-break and
+# other Unicode spaces, zero-width characters and the BOM.
+_BLANK = r"[^\S\r\n\v\f\x1c-\x1e\x85\u2028\u2029]|[\u200b-\u200f\u2060\ufeff]"
+_LEAD = re.compile(f"(?:{_BLANK})*")
+_ROLE_START = re.compile(f"(?:{_BLANK})*(?:USER|ASSISTANT|SYSTEM|TOOL)(?:{_BLANK})*[:\uff1a]", re.IGNORECASE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MAX_PASSES = 8
 
@@ -51,7 +55,7 @@ def neutralize(text: str) -> str:
     """
     if not text.isascii() and _SURROGATES.search(text):  # isascii reads a flag: no scan of ASCII text
         text = fix_surrogates(text)
-    if ":" in text:
+    if ":" in text or "\uff1a" in text:  # an ASCII or a full-width colon
         text = _quote_turn_lines(text)
     if "<" not in text and "[" not in text:  # every control-token shape starts with one of these
         return text
@@ -72,7 +76,7 @@ def _quote_turn_lines(text: str) -> str:
     quoted = False
     for i, line in enumerate(lines):
         if _ROLE_START.match(line):
-            lead = len(line) - len(line.lstrip(" \t"))
+            lead = _LEAD.match(line).end()  # type: ignore[union-attr]
             lines[i] = f"{line[:lead]}> {line[lead:]}"
             quoted = True
     return "".join(lines) if quoted else text

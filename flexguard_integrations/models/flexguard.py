@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,7 +43,10 @@ _LABELLED_SCORE = re.compile(
     r"^[\W_]*RISK[ _-]?SCORE[\W_]*?[:=]\s*\**\s*(-?\d+(?:\.\d+)?)\s*\**\s*(?:/\s*100)?\s*$",
     re.IGNORECASE | re.MULTILINE,
 )
-_LABELLED_CATEGORY = re.compile(r"^[\W_]*CATEGOR(?:Y|IES)[\W_]*?[:=]\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+# "CATEGORY: VIO" on one line: nothing in it may cross into the next line (an empty "CATEGORY:" is empty)
+_LABELLED_CATEGORY = re.compile(
+    r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=][ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE
+)
 _BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?\s*\**$")  # "87", "**87**", "87/100"
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
 _CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
@@ -84,6 +88,8 @@ def _parse_codes(line: str, *, labelled: bool = False) -> tuple[list[Category], 
     """
     cats: list[Category] = []
     natives: list[str] = []
+    if line.strip().strip("*`'\"[](){}.:-").upper() in _SAFE_WORDS:  # "N/A" before "/" splits it
+        return cats, natives, True
     raw_tokens = [t.strip("*`'\"[](){}.:-") for t in _CODE_SPLIT.split(line.strip())]
     raw_tokens = [t for t in raw_tokens if t]
     if not raw_tokens:
@@ -122,6 +128,58 @@ def _code_lines_above(lines: Sequence[str]) -> str | None:
     if codes:
         return ", ".join(reversed(codes))
     return lines[-1] if lines else None
+
+
+@dataclass
+class _Tail:
+    """What the lines after the think block say: the score as written, the categories, or why it is no verdict."""
+
+    score_text: str | None = None
+    categories: list[Category] = field(default_factory=list)
+    natives: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _read_tail(tail: str) -> _Tail:
+    """Read the CATEGORY and RISK_SCORE lines of ``tail`` (labelled or bare)."""
+    labelled = list(_LABELLED_SCORE.finditer(tail))
+    # an answer that says two things is no verdict: whichever line the parser kept would decide, and a text
+    # that gets the guard to echo "RISK_SCORE: 0" after its own score would pick the outcome
+    scores = {float(m.group(1)) for m in labelled}
+    scores |= {float(m.group(1)) for ln in tail.splitlines() if (m := _BARE_SCORE.match(ln.strip()))}
+    if len(scores) > 1:
+        return _Tail(error=f"the guard answer gives conflicting risk scores: {tail.strip()[-80:]!r}")
+    cat_lines = [m.group(1) for m in _LABELLED_CATEGORY.finditer(tail)]
+    out = _Tail()
+    code_line: str | None = None  # an unlabelled line of codes
+    if labelled:
+        out.score_text = labelled[-1].group(1)
+        if not cat_lines:  # bare code lines before the labelled score ("JAIL\nRISK_SCORE: 35")
+            before = [ln.strip() for ln in tail[: labelled[-1].start()].splitlines() if ln.strip()]
+            code_line = _code_lines_above(before)
+    else:
+        lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+        if not lines or not (m := _BARE_SCORE.match(lines[-1])):
+            return out
+        out.score_text = m.group(1)
+        if len(lines) >= 2 and not _LABELLED_CATEGORY.match(lines[-2]):
+            cat_lines = []
+            code_line = _code_lines_above(lines[:-1])
+        elif len(lines) >= 2:
+            cat_lines = [_LABELLED_CATEGORY.match(lines[-2]).group(1)]  # type: ignore[union-attr]
+        else:
+            cat_lines = []
+    # several labelled lines (how the model writes several categories is not documented): their union, so a
+    # "SAFE" line never hides a category another line names
+    for line in cat_lines:
+        cats, natives, _ = _parse_codes(line, labelled=True)
+        out.categories += [c for c in cats if c not in out.categories]
+        out.natives += [n for n in natives if n not in out.natives]
+    if code_line is not None:
+        cats, natives, looked_like_codes = _parse_codes(code_line)
+        if looked_like_codes:
+            out.categories, out.natives = cats, natives
+    return out
 
 
 @register
@@ -199,51 +257,20 @@ class FlexGuardModel(GuardModel):
             tail = content
         base["reasoning"] = think or None
 
-        score_text: str | None = None
-        category_line: str | None = None
-        category_labelled = False
-        labelled = list(_LABELLED_SCORE.finditer(tail))
-        # an answer that says two things is no verdict: whichever line the parser kept would decide, and a
-        # text that gets the guard to echo "RISK_SCORE: 0" after its own score would pick the outcome
-        scores = {float(m.group(1)) for m in labelled}
-        scores |= {float(m.group(1)) for ln in tail.splitlines() if (m := _BARE_SCORE.match(ln.strip()))}
-        if len(scores) > 1:
-            snippet = tail.strip()[-80:]
-            return Verdict.failed(f"the guard answer gives conflicting risk scores: {snippet!r}", **base)
-        cat_lines = list(_LABELLED_CATEGORY.finditer(tail))
-        if len({tuple(_parse_codes(m.group(1), labelled=True)[1]) for m in cat_lines}) > 1:
-            snippet = tail.strip()[-80:]
-            return Verdict.failed(f"the guard answer gives conflicting categories: {snippet!r}", **base)
-        if labelled:
-            score_text = labelled[-1].group(1)
-            if cat_lines:
-                category_line = cat_lines[-1].group(1)
-                category_labelled = True
-            else:  # bare code lines before the labelled score ("JAIL\nRISK_SCORE: 35"), as on the bare path
-                before = [ln.strip() for ln in tail[: labelled[-1].start()].splitlines() if ln.strip()]
-                category_line = _code_lines_above(before)
-        else:
-            lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
-            if lines and (m := _BARE_SCORE.match(lines[-1])):
-                score_text = m.group(1)
-                if len(lines) >= 2:
-                    labelled_cat = _LABELLED_CATEGORY.match(lines[-2])
-                    category_line = labelled_cat.group(1) if labelled_cat else _code_lines_above(lines[:-1])
-                    category_labelled = labelled_cat is not None
+        read = _read_tail(tail)
+        if read.score_text is None and read.error is None and reasoning and not match:
+            # a reasoning parser may have put the final lines in reasoning_content too (reference 1.4 b)
+            read = _read_tail(f"{reasoning}\n{tail}")
+        if read.error is not None:
+            return Verdict.failed(read.error, **base)
+        score_text = read.score_text
         if score_text is None:
             snippet = tail.strip()[-80:] or "<empty>"
             return Verdict.failed(f"no RISK_SCORE in the guard answer: {snippet!r}", **base)
         score = float(score_text)
         if not 0.0 <= score <= 100.0:
             return Verdict.failed(f"risk score {score_text} is outside 0-100", **base)
-
-        cats: list[Category] = []
-        natives: list[str] = []
-        if category_line is not None:
-            parsed, natives, looked_like_codes = _parse_codes(category_line, labelled=category_labelled)
-            cats = parsed if looked_like_codes else []
-            if not looked_like_codes:
-                natives = []
+        cats, natives = read.categories, read.natives
         native_label = ", ".join(natives) if natives else "SAFE"
         return Verdict(
             risk_score=score,

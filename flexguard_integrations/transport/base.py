@@ -315,13 +315,17 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{netloc}{slash}{path}"
 
 
-_USERINFO = re.compile(r"[^/\s@]+@")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:?//")
 
 
 def shown_url(url: str) -> str:
-    """``url`` as an error message may show it, even when it is malformed: any ``user:password@`` becomes
-    ``***@`` and the query string and fragment (``?api_key=...``) are dropped."""
-    return _USERINFO.sub("***@", url.split("?", 1)[0].split("#", 1)[0])
+    """``url`` as an error message may show it, even when it is malformed: everything before the last ``@``
+    (user, password, an API key, whatever characters they hold) but a scheme becomes ``***@``, and the query
+    string and fragment (``?api_key=...``) are dropped."""
+    if "@" in url:
+        scheme = _SCHEME.match(url)
+        url = (scheme.group(0) if scheme else "") + "***@" + url.rsplit("@", 1)[1]
+    return url.split("?", 1)[0].split("#", 1)[0]
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:

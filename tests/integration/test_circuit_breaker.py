@@ -86,6 +86,50 @@ async def test_a_413_from_the_proxy_does_not_close_the_circuit_on_a_dead_guard()
     assert srv.stats["status_503"] == 6  # five to open the circuit, one piece as the probe
 
 
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("on_error", ["block", "allow"])
+async def test_the_first_long_check_after_an_outage_is_checked_whole(mode: str, on_error: str) -> None:
+    # a long check's pieces all went at once while the circuit was half-open: one was the probe, the others
+    # were refused as "circuit open", so a guard that had recovered blocked the check (or let most of it
+    # through unchecked under on_error=allow). Now the first piece probes alone and the rest follow it.
+    text = "Calm words about tea. " * 200  # ~4.4 kB, over the proxy's 2 kB limit: re-split into pieces
+    breaker = CircuitBreaker(failure_threshold=5, reset_timeout=0.05)
+    with FakeGuardServer(max_body_bytes=2000) as srv:
+        srv.fail_next(5, "503")
+        async with Guard.from_endpoint(
+            srv.base_url,
+            QWEN,
+            max_model_len=32768,
+            cache=False,
+            max_retries=0,
+            circuit_breaker=breaker,
+            policy={"on_error": on_error},
+        ) as guard:
+            for _ in range(5):
+                assert not (await guard.acheck(TEXT)).verdict.ok
+            assert breaker.state == "open"
+            await asyncio.sleep(0.06)  # the guard is back
+            d = await guard.acheck(text) if mode == "async" else guard.check(text)
+    assert d.verdict.ok and d.verdict.chunks > 1 and d.action is Action.ALLOW and not d.fail_open, d.reason
+    assert breaker.state == "closed" and breaker.short_circuited == 0
+
+
+async def test_a_long_check_while_the_guard_is_still_down_sends_one_probe() -> None:
+    text = "Calm words about tea. " * 200
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.05)
+    with FakeGuardServer() as srv:
+        srv.fail_next(100, "503")
+        async with Guard.from_endpoint(
+            srv.base_url, QWEN, max_model_len=4096, cache=False, max_retries=0, circuit_breaker=breaker
+        ) as guard:
+            assert not (await guard.acheck(TEXT)).verdict.ok
+            await asyncio.sleep(0.06)
+            d = await guard.acheck(text + text + text + text)  # several chunks at max_model_len 4096
+        assert srv.stats["status_503"] == 2  # the outage, then one probe: the other pieces are not sent
+    assert d.verdict.chunks > 1 and d.action is Action.BLOCK and not d.fail_open
+    assert breaker.state == "open"
+
+
 def test_abandoned_probe_lets_another_through() -> None:
     b = CircuitBreaker(failure_threshold=1, reset_timeout=0.05)
     b.record_failure(GuardConnectionError("x"))

@@ -259,8 +259,54 @@ async def test_a_proxys_body_limit_is_learned_once_per_guard(mode: str, caplog: 
     assert all(d.verdict.ok and d.action is Action.BLOCK and d.verdict.chunks > 1 for d in decisions)
     assert all(f"part {i}." in moderated for i in range(3))
     warned = [r for r in caplog.records if "HTTP 413" in r.getMessage() and "client_max_body_size" in r.getMessage()]
-    assert len(warned) == learned  # once per refused size: what the operator can raise
-    assert "refused a" in warned[0].getMessage()
+    sizes = [int(r.getMessage().split("refused a request with ")[1].split(" bytes")[0]) for r in warned]
+    # one warning per smaller refused size (pieces of one size refused at once warn once): what to raise
+    assert 1 <= len(sizes) <= learned and sizes == sorted(set(sizes), reverse=True)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_body_limit_learned_from_one_script_does_not_shrink_texts_of_another(mode: str) -> None:
+    # the limit was learned in characters: after one CJK text (3 bytes a character) was refused, English
+    # texts that fit went in 3 pieces, and response checks lost the start of their prompt
+    cjk = "今天天气很好，我们去公园散步吧。" * 1000  # 16,000 characters, 48 kB: over the proxy's 40 kB
+    english = "Calm words about tea and gardens. " * 600  # 20 kB: fits
+    prompt = "Please summarise this long report about tea. " * 200  # 9,200 characters
+    answer = "Here is the summary: tea is grown in many countries. " * 20
+    with FakeGuardServer(max_body_bytes=40_000) as srv:
+        async with Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False) as guard:
+
+            async def check(text: str, **kw: str) -> Any:
+                return await guard.acheck(text, **kw) if mode == "async" else guard.check(text, **kw)
+
+            assert (await check(cjk)).verdict.chunks > 1
+            refused = srv.stats["too_large"]
+            before = len(srv.requests)
+            d_en = await check(english)
+            d_resp = await check(prompt, response=answer)
+            sent = [json.loads(r.body)["messages"] for r in srv.requests[before:]]
+            assert (await check(cjk + "!")).verdict.chunks > 1  # CJK is still planned under the limit
+        assert srv.stats["too_large"] == refused  # nothing refused after the first check
+    assert d_en.verdict.chunks == 1 and d_resp.verdict.chunks == 1
+    assert len(sent) == 2 and sent[1][0]["content"] == prompt  # the whole prompt, not its last quarter
+
+
+async def test_a_learned_body_limit_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a proxy's limit may be raised: the learned size shapes checks for _TOO_LARGE_TTL seconds, not forever
+    import flexguard_integrations.guard as guard_module
+
+    text = "Calm words about tea. " * 400
+    with FakeGuardServer(max_body_bytes=4000) as srv:
+        async with Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False) as guard:
+            await guard.acheck(text)
+            assert srv.stats["too_large"] >= 1
+            learned = srv.stats["too_large"]
+            await guard.acheck(text + "!")
+            assert srv.stats["too_large"] == learned  # remembered
+            monkeypatch.setattr(guard_module, "_TOO_LARGE_TTL", 0.0)
+            srv.max_body_bytes = None  # the operator raised the limit
+            d = await guard.acheck(text + "?")
+        assert srv.stats["too_large"] == learned
+    assert d.verdict.chunks == 1  # one request again, the whole text
 
 
 async def test_a_proxys_413_that_no_split_can_fit_fails_closed_and_says_why() -> None:

@@ -92,13 +92,18 @@ def test_credentials_in_base_url_and_an_api_key_is_a_configuration_error() -> No
         ("127.0.0.1:8000/v1?api_key=s3cr3t", "127.0.0.1:8000/v1"),
         ("http//me:s3cr3t@127.0.0.1/v1", "http//***@127.0.0.1/v1"),  # a typo in the scheme
         ("ftp://127.0.0.1/v1#s3cr3t", "ftp://127.0.0.1/v1"),
+        # secrets holding "/", "#", "?" or a space were shown in part
+        ("htps://apikey:s3cr3t/YmFy+x@127.0.0.1/v1", "htps://***@127.0.0.1/v1"),
+        ("apikey:s3#cr3t@127.0.0.1/v1", "***@127.0.0.1/v1"),
+        ("apikey:s3?cr3t@127.0.0.1/v1", "***@127.0.0.1/v1"),
+        ("apikey:my s3cr3t@127.0.0.1/v1", "***@127.0.0.1/v1"),
     ],
 )
 def test_a_malformed_base_url_is_shown_without_its_secrets(url: str, shown: str) -> None:
     # the error echoed the whole value, password or key included, into exceptions and logs
     with pytest.raises(ConfigurationError, match="must start with http") as info:
         Guard.from_endpoint(url, QWEN)
-    assert "s3cr3t" not in str(info.value) and repr(shown) in str(info.value)
+    assert "s3cr3t" not in str(info.value) and "cr3t" not in str(info.value) and repr(shown) in str(info.value)
 
 
 def test_openai_client_blocking_check_ends_at_its_deadline_when_the_answer_trickles() -> None:

@@ -405,11 +405,48 @@ def test_flex_an_answer_with_two_scores_is_an_error_not_the_last_one(flex: FlexG
     assert not v.ok and "conflicting risk scores" in (v.error or "")
 
 
-def test_flex_conflicting_category_lines_are_an_error(flex: FlexGuardModel) -> None:
+def test_flex_several_category_lines_are_read_together(flex: FlexGuardModel) -> None:
+    # how the model writes several categories is not documented: their union (a SAFE line hides nothing)
     v = flex.parse_output("<think>x</think>\nCATEGORY: VIO\nCATEGORY: SAFE\nRISK_SCORE: 95")
-    assert not v.ok and "conflicting categories" in (v.error or "")
+    assert v.ok and v.categories == (Category.VIOLENCE,)
+    two = flex.parse_output("<think>x</think>\nCATEGORY: VIO\nCATEGORY: ILG\nRISK_SCORE: 85")
+    assert two.ok and two.categories == (Category.VIOLENCE, Category.ILLEGAL)  # ILG alone before
     same = flex.parse_output("<think>x</think>\nCATEGORY: VIO\nRISK_SCORE: 95\nRISK_SCORE: 95")
     assert same.ok and same.risk_score == 95.0 and same.categories == (Category.VIOLENCE,)
+
+
+@pytest.mark.parametrize(
+    ("tail", "cats"),
+    [
+        ("CATEGORY: N/A\nRISK_SCORE: 0", ()),  # was OTHER: "/" split the safe word
+        ("CATEGORY:\nRISK_SCORE: 5", ()),  # was OTHER "RISK_SCORE": the empty line ran into the next one
+        ("CATEGORY: none\nRISK_SCORE: 2", ()),
+    ],
+)
+def test_flex_empty_and_safe_category_lines_name_no_category(
+    flex: FlexGuardModel, tail: str, cats: tuple[Category, ...]
+) -> None:
+    v = flex.parse_output("<think>x</think>\n" + tail)
+    assert v.ok and v.categories == cats and (v.native_label or "").startswith("SAFE")
+
+
+def test_flex_final_lines_in_reasoning_content_are_read() -> None:
+    # a reasoning parser may put everything in reasoning_content and leave content empty (reference 1.4 b)
+    completion = {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": None, "reasoning_content": "step1: a\nstep8: b\nVIO\n88"},
+            }
+        ]
+    }
+    v = FlexGuardModel().parse_completion(completion)
+    assert v.ok and v.risk_score == 88.0 and v.categories == (Category.VIOLENCE,)
+    empty = FlexGuardModel().parse_completion(
+        {"choices": [{"message": {"content": "", "reasoning_content": "step1: nothing decided"}}]}
+    )
+    assert not empty.ok and "no RISK_SCORE" in (empty.error or "")
 
 
 @pytest.mark.parametrize(
