@@ -344,9 +344,29 @@ def guard_tools(tools: Sequence[BaseTool], guard: Guard, **options: Any) -> list
 
 # ---------------------------------------------------------------------------------------------- GuardedAgent
 
-#: Per-context decisions of GuardedAgent runs: the agent → the decisions of its last run in this context.
-#: Copied on write, so a run in one asyncio task never changes what another task reads.
-_RUN_DECISIONS: ContextVar[weakref.WeakKeyDictionary[GuardedAgent, dict[str, Decision]] | None] = ContextVar(
+
+class _RunRecord:
+    """The decisions of one GuardedAgent run, as :attr:`GuardedAgent.last_decisions` reads them in a context.
+
+    ``parent`` is the record the run's context inherited from the context that created its task (a run
+    awaited through ``asyncio.wait_for``, ``create_task``, a ``TaskGroup`` or ``gather``); a finishing run
+    writes its decisions there too, and on up the chain, so the creating context reads the newer run.
+    """
+
+    __slots__ = ("decisions", "parent", "task")
+
+    def __init__(
+        self, decisions: dict[str, Decision], parent: _RunRecord | None, task: asyncio.Task[Any] | None
+    ) -> None:
+        self.decisions = decisions
+        self.parent = parent
+        self.task: weakref.ref[asyncio.Task[Any]] | None = weakref.ref(task) if task is not None else None
+
+
+#: Per-context runs of GuardedAgents: the agent → the record of its last run started in this context.
+#: Copied on write, so a run in one asyncio task never changes which record another task reads; a record is
+#: only written by its own run and, when they finish, by the runs of tasks created from its context.
+_RUN_DECISIONS: ContextVar[weakref.WeakKeyDictionary[GuardedAgent, _RunRecord] | None] = ContextVar(
     "flexguard_llama_index_agent_decisions", default=None
 )
 
@@ -359,12 +379,35 @@ def _message_text(message: Any) -> str:
     return str(getattr(message, "content", "") or "")
 
 
+def _visible_text(message: Any) -> str:
+    """The text the user is shown: the message's top-level text blocks, joined as ``ChatMessage.content`` does."""
+    blocks = getattr(message, "blocks", None)
+    if isinstance(blocks, list):
+        return "\n".join(b.text for b in blocks if isinstance(b, TextBlock))
+    return str(getattr(message, "content", "") or "")
+
+
+def _hidden_text(message: Any) -> str:
+    """The text of the blocks that are not visible text: thinking, citations, citable and text documents."""
+    blocks = getattr(message, "blocks", None)
+    if not isinstance(blocks, list):
+        return ""
+    return _Screen([b for b in blocks if not isinstance(b, TextBlock)], withhold=False).text
+
+
 def _structured_text(structured: Any) -> str | None:
-    """A structured response as the JSON text the guard judges; None when there is none."""
+    """A structured response as the JSON text the guard judges; None when there is none.
+
+    A value JSON cannot hold (a handle, an arbitrary object in a Pydantic model) is rendered with ``repr``,
+    so the response is still judged rather than the run crashing.
+    """
     if structured is None:
         return None
     if hasattr(structured, "model_dump_json"):
-        return str(structured.model_dump_json())
+        try:
+            return str(structured.model_dump_json(fallback=repr))
+        except Exception:  # an older Pydantic without fallback=, or a serializer that fails anyway
+            return repr(structured)
     try:
         return json.dumps(structured, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
@@ -377,50 +420,98 @@ def _rewritten(message: ChatMessage, text: str) -> ChatMessage:
     return ChatMessage(role=message.role, content=text, additional_kwargs=keep)
 
 
-def _rewrite_answer(messages: list[ChatMessage], answer: str, text: str) -> bool:
-    """Replace the run's final answer at the end of ``messages`` by ``text``, in place; False when not found.
+def _is_answer(message: Any, full: str, visible: str) -> bool:
+    """Whether ``message`` is the stored final answer: the exact text of its blocks (``full``, stripped).
 
-    The answer is the last message when it is an assistant message holding the answer's text (a ReActAgent
-    stores its whole reasoning, answer included; a FunctionAgent the answer itself). A ``return_direct``
-    tool result the agent repeated as its answer is the tool message just before it: it is rewritten too.
+    A ``FunctionAgent`` stores the answer message itself; a ``ReActAgent`` stores its reasoning, which ends
+    with ``Answer: <the visible answer>``.
     """
-    if not messages or messages[-1].role != MessageRole.ASSISTANT:
+    if getattr(message, "role", None) != MessageRole.ASSISTANT:
         return False
-    answer = answer.strip()
-    if answer and answer not in _message_text(messages[-1]):
-        return False  # the last message is not this run's answer (the agent did not store it there)
-    messages[-1] = _rewritten(messages[-1], text)
-    if answer and len(messages) > 1:
-        before = messages[-2]
-        if before.role == MessageRole.TOOL and _message_text(before).strip() == answer:
-            messages[-2] = _rewritten(before, text)
+    text = _message_text(message).strip()
+    return text == full or (bool(visible) and text.endswith(f"\nAnswer: {visible}"))
+
+
+def _rewrite_answer(messages: list[ChatMessage], full: str, visible: str, text: str) -> bool:
+    """Replace the run's final answer in ``messages`` by ``text``, in place; False when it is not there.
+
+    The answer is searched from the end backwards by its exact content (``full``: the text of all its blocks;
+    ``visible``: its visible text), so messages another run of the conversation added after it are left as
+    they are. A ``return_direct`` tool result the agent repeated as its answer is the tool message just
+    before it: it is rewritten too.
+    """
+    full, visible = full.strip(), visible.strip()
+    if not full:
+        return False
+    for i in range(len(messages) - 1, -1, -1):
+        if _is_answer(messages[i], full, visible):
+            messages[i] = _rewritten(messages[i], text)
+            before = messages[i - 1] if i > 0 else None
+            if before is not None and before.role == MessageRole.TOOL and _message_text(before).strip() == full:
+                messages[i - 1] = _rewritten(before, text)
+            return True
+    return False
+
+
+def _rewrite_chat_store(memory: Any, full: str, visible: str, text: str) -> bool:
+    """Read, rewrite and write a chat-store memory's history in one go (run in a worker thread)."""
+    messages = list(memory.get_all())
+    if not _rewrite_answer(messages, full, visible, text):
+        return False
+    memory.set(messages)
     return True
 
 
-async def _rewrite_memory(memory: Any, answer: str, text: str) -> bool:
-    """Replace the final answer stored in an agent memory by ``text``; False when it is not there.
+_UNREWRITTEN = "it may still hold the original text, which the next run would feed back to the model"
 
-    A ``Memory`` (SQL chat store) has its active messages rewritten, its archived ones left as they are;
-    any other ``BaseMemory`` (``ChatMemoryBuffer``...) is read with ``aget_all`` and written with ``aset``.
+
+async def _rewrite_memory(memory: Any, full: str, visible: str, text: str) -> None:
+    """Replace the final answer stored in an agent memory by ``text``; a WARNING when that cannot be done.
+
+    Only memories known to hold a plain chat history are written: a ``Memory`` (its active messages; its
+    archived ones are left as they are), a chat-store memory (``ChatMemoryBuffer`` and any other
+    ``BaseChatStoreMemory``, ``ChatSummaryMemoryBuffer``), and the primary memory of a
+    ``SimpleComposableMemory`` (its secondary memories keep what they were given). Any other memory is
+    left unchanged.
     """
-    from llama_index.core.memory import Memory
+    from llama_index.core.memory import ChatSummaryMemoryBuffer, Memory, SimpleComposableMemory
+    from llama_index.core.memory.types import BaseChatStoreMemory
     from llama_index.core.storage.chat_store.base_db import MessageStatus
 
+    name = type(memory).__name__
+    if isinstance(memory, SimpleComposableMemory):
+        await _rewrite_memory(memory.primary_memory, full, visible, text)
+        if memory.secondary_memory_sources:
+            kinds = ", ".join(type(m).__name__ for m in memory.secondary_memory_sources)
+            logger.warning(
+                "the secondary memories of the agent's %s (%s) were not rewritten: they may still hold the "
+                "original text of the blocked or redacted answer, which the next run would feed back to the model",
+                name,
+                kinds,
+            )
+        return
     if isinstance(memory, Memory):
         store, key = memory.sql_store, memory.session_id
         messages = list(await store.get_messages(key, status=MessageStatus.ACTIVE))
-        if not _rewrite_answer(messages, answer, text):
-            return False
-        await store.delete_messages(key, status=MessageStatus.ACTIVE)
-        await store.add_messages(key, messages, status=MessageStatus.ACTIVE)
-        return True
-    if not hasattr(memory, "aget_all") or not hasattr(memory, "aset"):
-        return False
-    messages = list(await memory.aget_all())
-    if not _rewrite_answer(messages, answer, text):
-        return False
-    await memory.aset(messages)
-    return True
+        found = _rewrite_answer(messages, full, visible, text)
+        if found:  # not atomic: a conversation's runs must not overlap for this to be exact (see the docs)
+            await store.delete_messages(key, status=MessageStatus.ACTIVE)
+            await store.add_messages(key, messages, status=MessageStatus.ACTIVE)
+    elif isinstance(memory, (BaseChatStoreMemory, ChatSummaryMemoryBuffer)):
+        found = await asyncio.to_thread(_rewrite_chat_store, memory, full, visible, text)
+    else:
+        logger.warning(
+            "the agent's %s is not a chat history GuardedAgent can rewrite (a ChatMemoryBuffer or other "
+            "chat-store memory, a Memory, the primary memory of a SimpleComposableMemory): it was not changed "
+            "and %s",
+            name,
+            _UNREWRITTEN,
+        )
+        return
+    if not found:
+        logger.warning(
+            "the blocked or redacted answer was not found at the end of the agent's %s: %s", name, _UNREWRITTEN
+        )
 
 
 class GuardedAgent:
@@ -430,7 +521,8 @@ class GuardedAgent:
     blocked one never starts the agent) and the final answer after it: the text of every content block of
     ``output.response`` (text, thinking, citations, text documents) and the structured response (as JSON),
     checked as one text. A blocked answer is replaced by the refusal, in the output and in the agent's
-    memory. A run's decisions are attached to its output (``output["flexguard"]``, and
+    memory; a redacted one by its redacted visible text (thinking, citation and document blocks are never
+    shown). A run's decisions are attached to its output (``output["flexguard"]``, and
     ``output.raw["flexguard"]`` when ``raw`` is a dict); :attr:`last_decisions` reads them per context.
     Combine with :func:`guard_tools` to gate each tool call as well.
     """
@@ -457,23 +549,49 @@ class GuardedAgent:
 
         A run records its decisions in the context it runs in: the coroutine that awaits :meth:`run`, or
         the asyncio task it runs as. So concurrent runs (``asyncio.gather``, one task per request) each read
-        their own run's decisions, never another's. Read from a context where this agent never ran, it
-        gives the decisions of the run that finished last on this instance, whichever context ran it.
-        Under concurrency prefer the decisions attached to each output (``output["flexguard"]``).
+        their own run's decisions, never another's. A run in a task created from a context where this agent
+        already ran (``asyncio.wait_for``, ``create_task``, a ``TaskGroup``, ``gather``) is also recorded
+        there when it finishes, so that context reads the newer run. Read from a context where this agent
+        never ran, it gives the decisions of the run that finished last on this instance, whichever context
+        ran it. Under concurrency prefer the decisions attached to each output (``output["flexguard"]``).
         """
         runs = _RUN_DECISIONS.get()
-        if runs is not None and self in runs:
-            return runs[self]
-        return self._last_finished
+        record = runs.get(self) if runs is not None else None
+        return record.decisions if record is not None else self._last_finished
 
-    def _start_run(self) -> dict[str, Decision]:
-        """A fresh decisions dict for one run, made visible to :attr:`last_decisions` in this context."""
-        decisions: dict[str, Decision] = {}
+    def _start_run(self, decisions: dict[str, Decision]) -> _RunRecord:
+        """A fresh record of ``decisions`` for one run, made visible to :attr:`last_decisions` in this context.
+
+        Its parent is the record this context inherited when that came from another task (the context that
+        created this run's task); a record of this same task is replaced, so sequential runs build no chain.
+        """
+        try:
+            task: asyncio.Task[Any] | None = asyncio.current_task()
+        except RuntimeError:  # no running loop (a coroutine driven by hand)
+            task = None
         runs = _RUN_DECISIONS.get()
-        mine: weakref.WeakKeyDictionary[GuardedAgent, dict[str, Decision]] = weakref.WeakKeyDictionary(runs or {})
-        mine[self] = decisions
+        inherited = runs.get(self) if runs is not None else None
+        parent = inherited
+        if inherited is not None and inherited.task is not None and inherited.task() is task:
+            parent = inherited.parent
+        record = _RunRecord(decisions, parent, task)
+        mine: weakref.WeakKeyDictionary[GuardedAgent, _RunRecord] = weakref.WeakKeyDictionary(runs or {})
+        mine[self] = record
         _RUN_DECISIONS.set(mine)
-        return decisions
+        return record
+
+    def _finish_run(self, record: _RunRecord, decisions: dict[str, Decision]) -> None:
+        """Make the finished run the last one of this instance, of its context and of the contexts above.
+
+        The run's own record is set again: a run nested in this one (a tool calling this agent, in a task of
+        its own) wrote its decisions there when it finished.
+        """
+        self._last_finished = decisions
+        record.decisions = decisions
+        parent = record.parent
+        while parent is not None:
+            parent.decisions = decisions
+            parent = parent.parent
 
     @staticmethod
     def _attach(output: Any, decisions: dict[str, Decision]) -> Any:
@@ -506,12 +624,13 @@ class GuardedAgent:
         :func:`~flexguard_integrations.policy_scope`, the guarded tools the agent calls. Other keyword
         arguments go to ``agent.run`` (``memory=``, ``ctx=``, ``chat_history=``...).
         """
-        decisions = self._start_run()
+        decisions: dict[str, Decision] = {}
+        record = self._start_run(decisions)
         try:
             with policy_scope(policy) if policy is not None else contextlib.nullcontext():
                 return await self._run(user_msg, decisions, **kwargs)
         finally:
-            self._last_finished = decisions
+            self._finish_run(record, decisions)
 
     async def _run(self, user_msg: str, decisions: dict[str, Decision], **kwargs: Any) -> Any:
         decision = await self.guard.acheck(user_msg, surface=Surface.PROMPT, policy=scoped_policy(self.policy))
@@ -524,7 +643,8 @@ class GuardedAgent:
             return self._refusal(decision, decisions)
         handler = self.agent.run(user_msg=run_msg, **kwargs)
         output = await handler
-        answer = _message_text(getattr(output, "response", None))
+        response = getattr(output, "response", None)
+        answer = _message_text(response)
         structured = _structured_text(getattr(output, "structured_response", None))
         checked = "\n\n".join(t for t in (answer, structured) if t and t.strip())
         if not checked:
@@ -532,39 +652,83 @@ class GuardedAgent:
         decision = await self.guard.acheck(
             user_msg, response=checked, surface=Surface.RESPONSE, policy=scoped_policy(self.policy)
         )
-        if decision.action is Action.REDACT and structured is not None:
-            # a structured response cannot be redacted in place: it is blocked, and says so
-            reason = f"{decision.reason}; a structured response cannot be redacted: blocked"
-            decision = replace(decision, action=Action.BLOCK, reason=reason, redacted_text=None)
+        if decision.action is Action.REDACT:
+            decision = await self._redaction(user_msg, response, structured, decision)
         emit(decision, "agent:output")
         decisions["output"] = decision
         if decision.action.passes:
             return self._attach(output, decisions)
+        visible = _visible_text(response)
         if decision.action is Action.REDACT and decision.redacted_text is not None:
-            await self._rewrite_run_memory(handler, kwargs, answer, decision.redacted_text)
+            await self._rewrite_run_memory(handler, kwargs, answer, visible, decision.redacted_text)
             output.response = ChatMessage(role=MessageRole.ASSISTANT, content=decision.redacted_text)
             output.raw = {}  # the model's raw answer holds the unredacted text
             return self._attach(output, decisions)
-        await self._rewrite_run_memory(handler, kwargs, answer, _refusal_text(self.refusal, decision))
+        await self._rewrite_run_memory(handler, kwargs, answer, visible, _refusal_text(self.refusal, decision))
         return self._refusal(decision, decisions)
 
+    async def _redaction(self, user_msg: str, response: Any, structured: str | None, decision: Decision) -> Decision:
+        """The decision that replaces a REDACT of the answer: only redacted visible text may reach the user.
+
+        The first check judged every block; its redacted text would show thinking, citation titles and
+        sources, and document text as answer text. So when the answer has such blocks, the visible text is
+        checked again on its own: REDACT gives its redacted text, a pass keeps it as it is (the other blocks
+        are dropped), anything else blocks. A structured response, or an answer with no visible text, cannot
+        be redacted: it is blocked, and the reason says so.
+        """
+        if structured is not None:
+            reason = f"{decision.reason}; a structured response cannot be redacted: blocked"
+            return replace(decision, action=Action.BLOCK, reason=reason, redacted_text=None)
+        if not _hidden_text(response).strip():
+            return decision  # only visible text was checked: its redaction is the answer
+        visible = _visible_text(response)
+        if not visible.strip():
+            reason = f"{decision.reason}; the answer has no visible text to redact: blocked"
+            return replace(decision, action=Action.BLOCK, reason=reason, redacted_text=None)
+        second = await self.guard.acheck(
+            user_msg, response=visible, surface=Surface.RESPONSE, policy=scoped_policy(self.policy)
+        )
+        if second.action is Action.REDACT and second.redacted_text is not None:
+            return replace(second, reason=f"{second.reason} (the visible text, checked on its own)")
+        if second.action.passes:
+            reason = (
+                f"{decision.reason}; the visible text alone passes ({second.reason}): it is the answer, "
+                "without the thinking, citation and document blocks"
+            )
+            return replace(decision, reason=reason, redacted_text=visible)
+        return second
+
     @staticmethod
-    async def _rewrite_run_memory(handler: Any, kwargs: dict[str, Any], answer: str, text: str) -> None:
+    async def _rewrite_run_memory(handler: Any, kwargs: dict[str, Any], full: str, visible: str, text: str) -> None:
         """Put ``text`` in place of the blocked or redacted answer in the memory the run used.
 
         Workflow agents keep their memory in the run's context store (``memory=`` given to ``run`` ends up
-        there too); an agent without one falls back to the ``memory=`` argument.
+        there too); an agent without one falls back to the ``memory=`` argument. Nothing here raises: a
+        failure is logged as a WARNING (with its traceback), and the run's refusal or redaction still
+        comes out.
         """
         memory: Any = None
-        ctx = getattr(handler, "ctx", None)
-        store = getattr(ctx, "store", None)
-        if store is not None:
-            memory = await store.get("memory", default=None)
-        if memory is None:
-            memory = kwargs.get("memory")
-        if memory is not None and not await _rewrite_memory(memory, answer, text):
+        try:
+            ctx = getattr(handler, "ctx", None)
+            store = getattr(ctx, "store", None)
+            if store is not None:
+                memory = await store.get("memory", default=None)
+            if memory is None:
+                memory = kwargs.get("memory")
+            if memory is None:
+                return
+            if not full.strip():
+                logger.warning(
+                    "the blocked or redacted answer has no text (only a structured response): nothing to look "
+                    "for in the agent's %s, which was not changed",
+                    type(memory).__name__,
+                )
+                return
+            await _rewrite_memory(memory, full, visible, text)
+        except Exception:
             logger.warning(
-                "the blocked or redacted answer was not found at the end of the agent's %s: it may still hold "
-                "the original text, which the next run would feed back to the model",
-                type(memory).__name__,
+                "rewriting the blocked or redacted answer in the agent's %s failed: %s",
+                type(memory).__name__ if memory is not None else "memory",
+                _UNREWRITTEN,
+                exc_info=True,
             )
