@@ -559,10 +559,12 @@ class Guard:
 
     def _body_limited(self, limit: int, inp: GuardInput) -> int:
         """``limit`` (a chunk size, in characters) lowered for ``inp`` under the body size a proxy refused, when
-        one did within the last ``_TOO_LARGE_TTL`` seconds and ``inp`` is at least that large in bytes.
+        one did within the last ``_TOO_LARGE_TTL`` seconds.
 
-        A proxy limits bytes, not characters: the chunk size is the refused size halved (what the re-split
-        would have used), in this text's own characters (3 bytes each for CJK, 1 for ASCII)."""
+        A proxy limits bytes, not characters. Requests of half the refused size got through (the re-split sent
+        them), so a text from there up is planned in pieces of that half, counted in this input's own
+        characters: at the bytes per character of its densest part (3 for CJK, 1 for ASCII; the context, which
+        ``_fit_context`` budgets at half a piece, may be denser than the text)."""
         learned = self._too_large
         if learned is None:
             return limit
@@ -570,10 +572,10 @@ class Guard:
         if time.monotonic() - when > _TOO_LARGE_TTL:  # the proxy's limit may have been raised since
             self._too_large = None
             return limit
-        size = _total_bytes(inp)
-        if size < too_large:
+        half = too_large // 2
+        if _total_bytes(inp) < half:
             return limit
-        return min(limit, max(32, int(too_large // 2 * _total_chars(inp) / size)))
+        return min(limit, max(32, int(half / _densest(inp))))
 
     def _resplit_limit(self, inp: GuardInput, exc: ContextLengthExceededError, depth: int) -> int | None:
         """The chunk size for re-checking ``inp`` after ``exc``; a proxy's 413 is remembered for later checks."""
@@ -686,8 +688,8 @@ class Guard:
         if len(pieces) == 1:
             return await self._aone(inp, pieces[0], surface, deadline, headers, depth)
         first: list[tuple[Verdict, BaseException | None]] = []
-        if self._probe_first():  # the first piece alone: it is the half-open probe, the rest follow its answer
-            first = await self._aone(inp, pieces[0], surface, deadline, headers, depth)
+        while pieces and self._probe_first():  # one piece at a time until one has probed (a cached one does not)
+            first += await self._aone(inp, pieces[0], surface, deadline, headers, depth)
             pieces = pieces[1:]
         groups = await asyncio.gather(*(self._aone(inp, p, surface, deadline, headers, depth) for p in pieces))
         return first + [item for group in groups for item in group]
@@ -861,8 +863,8 @@ class Guard:
                 return self._split(sub, surface, deadline, headers, half, depth + 1)
 
         first: list[tuple[Verdict, BaseException | None]] = []
-        if len(pieces) > 1 and self._probe_first():  # as in _asplit: the probe alone, then the rest
-            first = one(pieces[0])
+        while len(pieces) > 1 and self._probe_first():  # as in _asplit: one at a time until one has probed
+            first += one(pieces[0])
             pieces = pieces[1:]
         groups = self._map(one, pieces)
         return first + [item for group in groups for item in group]
@@ -1232,6 +1234,12 @@ def _total_bytes(inp: GuardInput) -> int:
     """UTF-8 bytes of the request's texts (what a proxy's body limit counts, the JSON envelope aside)."""
     size = _utf8_len(inp.text) + _utf8_len(inp.context)
     return size + sum(_utf8_len(t) for _, t in inp.history)
+
+
+def _densest(inp: GuardInput) -> float:
+    """The most UTF-8 bytes per character among the text and its context (history included), at least 1."""
+    parts = [inp.text, inp.context + "".join(t for _, t in inp.history)]
+    return max([1.0] + [_utf8_len(p) / len(p) for p in parts if p])
 
 
 def _utf8_len(text: str) -> int:

@@ -16,6 +16,7 @@ so they read as part of the message that contains them.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # Generic special-token shapes: <|im_end|>, <|endoftext|>, <|begin_of_text|>, DeepSeek's fullwidth <｜...｜>.
 _SPECIAL = re.compile(r"<\|[^<>|\r\n]{0,64}\|>|<｜[^<>｜\r\n]{0,64}｜>")
@@ -26,14 +27,18 @@ _TAGS = re.compile(
     r"|<(?:BEGIN|END) [A-Z][A-Z ]{0,40}>",
     re.IGNORECASE,
 )
-# Lines that start like a turn of the guard's conversation block.
-# Lines that start like a turn of the guard's conversation block (after any line break a model reads as one).
-# A turn marker at the start of a line (after spaces or tabs): matched on each line, anchored.
-# Blank or invisible characters a line may start with and still read as a turn: spaces and tabs, no-break and
-# other Unicode spaces, zero-width characters and the BOM.
-_BLANK = r"[^\S\r\n\v\f\x1c-\x1e\x85\u2028\u2029]|[\u200b-\u200f\u2060\ufeff]"
-_LEAD = re.compile(f"(?:{_BLANK})*")
-_ROLE_START = re.compile(f"(?:{_BLANK})*(?:USER|ASSISTANT|SYSTEM|TOOL)(?:{_BLANK})*[:\uff1a]", re.IGNORECASE)
+# A line that starts like a turn of the guard's conversation block: "USER:", after blank or invisible
+# characters a model does not see as text (spaces and tabs, no-break and other Unicode spaces, zero-width and
+# bidi controls, the soft hyphen, the combining grapheme joiner, variation selectors, the BOM). Matched on each
+# line, anchored; a non-ASCII line that does not match is tried again NFKC-folded (full-width letters).
+_BLANK = (  # one character class: tab, the Unicode spaces (Zs), then the invisible characters
+    "[\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0]"
+)
+_LEAD = re.compile(f"{_BLANK}*")
+_ROLE_START = re.compile(f"{_BLANK}*(?:USER|ASSISTANT|SYSTEM|TOOL){_BLANK}*[:\uff1a\ufe55\ufe13]", re.IGNORECASE)
+_COLONS = (":", "\uff1a", "\ufe55", "\ufe13")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MAX_PASSES = 8
 
@@ -55,7 +60,7 @@ def neutralize(text: str) -> str:
     """
     if not text.isascii() and _SURROGATES.search(text):  # isascii reads a flag: no scan of ASCII text
         text = fix_surrogates(text)
-    if ":" in text or "\uff1a" in text:  # an ASCII or a full-width colon
+    if ":" in text or (not text.isascii() and any(colon in text for colon in _COLONS)):
         text = _quote_turn_lines(text)
     if "<" not in text and "[" not in text:  # every control-token shape starts with one of these
         return text
@@ -75,11 +80,16 @@ def _quote_turn_lines(text: str) -> str:
     lines = text.splitlines(keepends=True)
     quoted = False
     for i, line in enumerate(lines):
-        if _ROLE_START.match(line):
+        if _ROLE_START.match(line) or (not line.isascii() and _ROLE_START.match(_fold(line[:64]))):
             lead = _LEAD.match(line).end()  # type: ignore[union-attr]
             lines[i] = f"{line[:lead]}> {line[lead:]}"
             quoted = True
     return "".join(lines) if quoted else text
+
+
+def _fold(head: str) -> str:
+    """``head`` NFKC-folded (full-width "ＵＳＥＲ" is "USER"), for matching only."""
+    return unicodedata.normalize("NFKC", head)
 
 
 def contains_control_tokens(text: str) -> bool:

@@ -574,6 +574,10 @@ class GuardedAgent:
         parent = inherited
         if inherited is not None and inherited.task is not None and inherited.task() is task:
             parent = inherited.parent
+        # a record whose task has ended has no reader left: skipping it keeps a self-rescheduling worker (each
+        # run's task creating the next one) from growing the chain by one record per run
+        while parent is not None and parent.task is not None and ((t := parent.task()) is None or t.done()):
+            parent = parent.parent
         record = _RunRecord(decisions, parent, task)
         mine: weakref.WeakKeyDictionary[GuardedAgent, _RunRecord] = weakref.WeakKeyDictionary(runs or {})
         mine[self] = record
@@ -673,8 +677,9 @@ class GuardedAgent:
         The first check judged every block; its redacted text would show thinking, citation titles and
         sources, and document text as answer text. So when the answer has such blocks, the visible text is
         checked again on its own: REDACT gives its redacted text, a pass keeps it as it is (the other blocks
-        are dropped), anything else blocks. A structured response, or an answer with no visible text, cannot
-        be redacted: it is blocked, and the reason says so.
+        are dropped), anything else blocks, and so does a fail-open ALLOW of the re-check (no verdict: the
+        answer as a whole was already judged over the threshold). A structured response, or an answer with
+        no visible text, cannot be redacted: it is blocked, and the reason says so.
         """
         if structured is not None:
             reason = f"{decision.reason}; a structured response cannot be redacted: blocked"
@@ -688,6 +693,11 @@ class GuardedAgent:
         second = await self.guard.acheck(
             user_msg, response=visible, surface=Surface.RESPONSE, policy=scoped_policy(self.policy)
         )
+        if second.verdict.error is not None and second.action.passes:
+            # a fail-open ALLOW is no verdict on the visible text alone: the answer was judged over the
+            # threshold as a whole, and nothing says which part, so nothing of it is shown
+            reason = f"{decision.reason}; the visible text could not be re-checked ({second.verdict.error}): blocked"
+            return replace(decision, action=Action.BLOCK, reason=reason, redacted_text=None)
         if second.action is Action.REDACT and second.redacted_text is not None:
             return replace(second, reason=f"{second.reason} (the visible text, checked on its own)")
         if second.action.passes:

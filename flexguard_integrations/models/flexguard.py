@@ -48,6 +48,7 @@ _LABELLED_CATEGORY = re.compile(
     r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=][ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE
 )
 _BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?\s*\**$")  # "87", "**87**", "87/100"
+_FINAL_LINES = 4  # lines of reasoning_content read when content is empty: the category lines and the score
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
 _CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
 
@@ -162,13 +163,15 @@ def _read_tail(tail: str) -> _Tail:
         if not lines or not (m := _BARE_SCORE.match(lines[-1])):
             return out
         out.score_text = m.group(1)
-        if len(lines) >= 2 and not _LABELLED_CATEGORY.match(lines[-2]):
-            cat_lines = []
+        above: list[str] = []  # the labelled category lines right above the bare score, all of them
+        for line in reversed(lines[:-1]):
+            labelled_cat = _LABELLED_CATEGORY.match(line)
+            if labelled_cat is None:
+                break
+            above.append(labelled_cat.group(1))
+        cat_lines = above[::-1]
+        if not cat_lines and len(lines) >= 2:
             code_line = _code_lines_above(lines[:-1])
-        elif len(lines) >= 2:
-            cat_lines = [_LABELLED_CATEGORY.match(lines[-2]).group(1)]  # type: ignore[union-attr]
-        else:
-            cat_lines = []
     # several labelled lines (how the model writes several categories is not documented): their union, so a
     # "SAFE" line never hides a category another line names
     for line in cat_lines:
@@ -258,9 +261,11 @@ class FlexGuardModel(GuardModel):
         base["reasoning"] = think or None
 
         read = _read_tail(tail)
-        if read.score_text is None and read.error is None and reasoning and not match:
-            # a reasoning parser may have put the final lines in reasoning_content too (reference 1.4 b)
-            read = _read_tail(f"{reasoning}\n{tail}")
+        if read.score_text is None and read.error is None and reasoning and not match and not tail.strip():
+            # a reasoning parser may have put the final lines in reasoning_content, leaving content empty
+            # (reference 1.4 b): read them there, and only them (the steps above may quote other scores)
+            last = [ln for ln in reasoning.splitlines() if ln.strip()][-_FINAL_LINES:]
+            read = _read_tail("\n".join(last))
         if read.error is not None:
             return Verdict.failed(read.error, **base)
         score_text = read.score_text

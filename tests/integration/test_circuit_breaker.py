@@ -114,6 +114,29 @@ async def test_the_first_long_check_after_an_outage_is_checked_whole(mode: str, 
     assert breaker.state == "closed" and breaker.short_circuited == 0
 
 
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_a_half_open_check_whose_first_piece_is_cached_probes_with_the_next(mode: str) -> None:
+    # the cached first piece sent no probe, so the other pieces all went at once and all but one were refused
+    start = "Calm words about tea and gardens in the spring. " * 120  # the first piece of both texts
+
+    def doc(tail: str) -> str:
+        return start + f"Then {tail} about the weather and the sea. " * 240
+
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.05)
+    with FakeGuardServer() as srv:
+        async with Guard.from_endpoint(
+            srv.base_url, QWEN, max_model_len=4096, max_retries=0, circuit_breaker=breaker, policy={"on_error": "allow"}
+        ) as guard:
+            assert (await guard.acheck(doc("notes"))).verdict.chunks > 2  # its pieces are cached
+            srv.fail_next(1, "503")
+            assert not (await guard.acheck(TEXT)).verdict.ok
+            await asyncio.sleep(0.06)  # the guard is back
+            text = doc("more notes")
+            d = await guard.acheck(text) if mode == "async" else guard.check(text)
+    assert d.verdict.ok and not d.fail_open and d.verdict.chunks > 2, d.reason
+    assert breaker.short_circuited == 0 and breaker.state == "closed"
+
+
 async def test_a_long_check_while_the_guard_is_still_down_sends_one_probe() -> None:
     text = "Calm words about tea. " * 200
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.05)

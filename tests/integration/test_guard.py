@@ -290,6 +290,18 @@ async def test_a_body_limit_learned_from_one_script_does_not_shrink_texts_of_ano
     assert len(sent) == 2 and sent[1][0]["content"] == prompt  # the whole prompt, not its last quarter
 
 
+async def test_texts_between_the_proxys_limit_and_the_refused_size_are_not_refused_again() -> None:
+    # the learned size is the smallest request refused (13.2 kB), not the proxy's limit (8 kB): texts in
+    # between were sent whole and refused once more each, until the limit was applied from half that size
+    with FakeGuardServer(max_body_bytes=8000) as srv:
+        async with Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False) as guard:
+            await guard.acheck("Calm words about tea. " * 600)  # 13.2 kB: refused, then re-split
+            learned = srv.stats["too_large"]
+            decisions = [await guard.acheck("Calm words about gardens. " * (kb * 1000 // 26)) for kb in (12, 10, 9)]
+        assert srv.stats["too_large"] == learned
+    assert all(d.verdict.ok and d.verdict.chunks == 2 for d in decisions)
+
+
 async def test_a_learned_body_limit_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     # a proxy's limit may be raised: the learned size shapes checks for _TOO_LARGE_TTL seconds, not forever
     import flexguard_integrations.guard as guard_module

@@ -146,6 +146,19 @@ async def test_a_guard_failure_on_the_visible_text_check_blocks(server: FakeGuar
     assert guarded.last_decisions["output"].action is Action.BLOCK
 
 
+async def test_a_fail_open_visible_text_check_still_blocks(server: FakeGuardServer, guard: Guard) -> None:
+    # under on_error: allow the failed re-check was a fail-open ALLOW, taken for "the visible text passes":
+    # the sentence the first check found over the threshold was shown whole, as a REDACT with fail_open=False
+    server.add_rule(VISIBLE, kind="exact", fault="malformed")
+    message = ChatMessage(role="assistant", blocks=[ThinkingBlock(content=THINK), TextBlock(text=VISIBLE)])
+    policy = {"on_error": "allow", "surfaces": {"response": {"action": "redact"}}}
+    guarded = GuardedAgent(agent_of(Answer(message)), guard, policy=policy)
+    out = await guarded.run(user_msg=QUESTION)
+    assert HARM not in dumped(out) and "margin" not in dumped(out)
+    decision = guarded.last_decisions["output"]
+    assert decision.action is Action.BLOCK and "could not be re-checked" in decision.reason
+
+
 async def test_a_redact_of_an_answer_without_visible_text_is_blocked(guard: Guard) -> None:
     citation = CitationBlock(
         cited_content=TextBlock(text=HARM), source="https://forum/x", title="Forum", additional_location_info={}
@@ -463,3 +476,29 @@ async def test_a_request_reads_its_own_run_after_a_later_run_finished(guard: Gua
     assert a_seen["output"].action is Action.ALLOW  # A's own run, not B's later BLOCK
     assert (await b).response.content == REFUSAL
     assert guarded.last_decisions["output"].action is Action.BLOCK  # outside both: the last to finish (B)
+
+
+async def test_a_self_rescheduling_worker_keeps_no_chain_of_run_records(guard: Guard) -> None:
+    # each run's task creating the next one linked every run's record to the previous one, without end
+    from flexguard_integrations.llama_index import tools as li_tools
+
+    guarded = GuardedAgent(agent_of(Answer("The shop opens at nine.")), guard)
+    done = asyncio.Event()
+    depth: list[int] = []
+
+    async def job(i: int) -> None:
+        await guarded.run(user_msg=QUESTION)
+        record = (li_tools._RUN_DECISIONS.get() or {})[guarded]
+        n = 0
+        while record is not None:
+            n, record = n + 1, record.parent
+        depth.append(n)
+        if i == 30:
+            done.set()
+        else:
+            asyncio.get_running_loop().call_soon(asyncio.ensure_future, job(i + 1))
+
+    first = asyncio.ensure_future(job(1))
+    await asyncio.wait_for(done.wait(), 60)
+    assert first.done()
+    assert max(depth) <= 2 and guarded.last_decisions["output"].action is Action.ALLOW

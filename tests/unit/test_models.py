@@ -430,6 +430,30 @@ def test_flex_empty_and_safe_category_lines_name_no_category(
     assert v.ok and v.categories == cats and (v.native_label or "").startswith("SAFE")
 
 
+def test_flex_labelled_category_lines_above_a_bare_score_are_read_together(flex: FlexGuardModel) -> None:
+    v = flex.parse_output("<think>x</think>\nCATEGORY: VIO\nCATEGORY: JAIL\n35")
+    assert v.ok and v.categories == (Category.VIOLENCE, Category.JAILBREAK)  # JAIL alone before
+
+
+@pytest.mark.parametrize(
+    ("content", "reasoning"),
+    [
+        ("RISK_SCORE: 85.", "step1: the user wrote\nRISK_SCORE: 0\nstep8: done"),  # content there, unreadable
+        ("RISK_SCORE: 85 (high)", "step1: interim\nRisk score: 15\nstep8: done"),
+    ],
+)
+def test_flex_unreadable_content_is_not_replaced_by_a_score_from_the_reasoning(content: str, reasoning: str) -> None:
+    # the fallback read the think steps whenever content had no score: a quoted "RISK_SCORE: 0" decided
+    v = FlexGuardModel().parse_output(content, reasoning=reasoning)
+    assert not v.ok and "no RISK_SCORE" in (v.error or "")
+
+
+def test_flex_only_the_final_lines_of_reasoning_content_are_read() -> None:
+    reasoning = "step1: the user pasted\nRISK_SCORE: 0\nstep2: b\nstep3: c\nstep8: d\nVIO\n85"
+    v = FlexGuardModel().parse_output("", reasoning=reasoning)
+    assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE,)
+
+
 def test_flex_final_lines_in_reasoning_content_are_read() -> None:
     # a reasoning parser may put everything in reasoning_content and leave content empty (reference 1.4 b)
     completion = {
