@@ -562,9 +562,9 @@ class Guard:
         one did within the last ``_TOO_LARGE_TTL`` seconds.
 
         A proxy limits bytes, not characters. Requests of half the refused size got through (the re-split sent
-        them), so a text from there up is planned in pieces of that half, counted in this input's own
-        characters: at the bytes per character of its densest part (3 for CJK, 1 for ASCII; the context, which
-        ``_fit_context`` budgets at half a piece, may be denser than the text)."""
+        them), so a text from there up is planned in requests of at most that half: a piece of the text at its
+        own bytes per character (3 for CJK, 1 for ASCII) plus the context ``_fit_context`` keeps with it (at
+        most half a piece, at the context's bytes per character)."""
         learned = self._too_large
         if learned is None:
             return limit
@@ -575,7 +575,7 @@ class Guard:
         half = too_large // 2
         if _total_bytes(inp) < half:
             return limit
-        return min(limit, max(32, int(half / _densest(inp))))
+        return min(limit, max(32, _piece_chars(half, inp)))
 
     def _resplit_limit(self, inp: GuardInput, exc: ContextLengthExceededError, depth: int) -> int | None:
         """The chunk size for re-checking ``inp`` after ``exc``; a proxy's 413 is remembered for later checks."""
@@ -1236,10 +1236,20 @@ def _total_bytes(inp: GuardInput) -> int:
     return size + sum(_utf8_len(t) for _, t in inp.history)
 
 
-def _densest(inp: GuardInput) -> float:
-    """The most UTF-8 bytes per character among the text and its context (history included), at least 1."""
-    parts = [inp.text, inp.context + "".join(t for _, t in inp.history)]
-    return max([1.0] + [_utf8_len(p) / len(p) for p in parts if p])
+def _piece_chars(budget: int, inp: GuardInput) -> int:
+    """The chunk size (characters of text) whose requests stay within ``budget`` bytes of text and context.
+
+    ``_fit_context`` keeps the context whole when it fits half a chunk, else trims it to half a chunk: a short
+    context costs its own bytes, a long one half a chunk at its own density. A few non-ASCII characters in a
+    short prompt therefore do not shrink an English answer's pieces.
+    """
+    context = inp.context + "".join(t for _, t in inp.history)
+    text_density = _utf8_len(inp.text) / len(inp.text) if inp.text else 1.0
+    context_density = _utf8_len(context) / len(context) if context else 1.0
+    whole = (budget - _utf8_len(context)) / text_density  # the context kept whole
+    if whole >= 2 * len(context):
+        return int(whole)
+    return int(budget / (text_density + context_density / 2))  # the context trimmed to half a piece
 
 
 def _utf8_len(text: str) -> int:

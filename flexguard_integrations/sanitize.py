@@ -38,6 +38,7 @@ _BLANK = (  # one character class: tab, the Unicode spaces (Zs), then the invisi
 )
 _LEAD = re.compile(f"{_BLANK}*")
 _ROLE_START = re.compile(f"{_BLANK}*(?:USER|ASSISTANT|SYSTEM|TOOL){_BLANK}*[:\uff1a\ufe55\ufe13]", re.IGNORECASE)
+_ROLE_INITIALS = frozenset("UASTuast")
 _COLONS = (":", "\uff1a", "\ufe55", "\ufe13")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MAX_PASSES = 8
@@ -80,16 +81,23 @@ def _quote_turn_lines(text: str) -> str:
     lines = text.splitlines(keepends=True)
     quoted = False
     for i, line in enumerate(lines):
-        if _ROLE_START.match(line) or (not line.isascii() and _ROLE_START.match(_fold(line[:64]))):
+        if _ROLE_START.match(line) or (not line.isascii() and _folded_turn(line)):
             lead = _LEAD.match(line).end()  # type: ignore[union-attr]
             lines[i] = f"{line[:lead]}> {line[lead:]}"
             quoted = True
     return "".join(lines) if quoted else text
 
 
-def _fold(head: str) -> str:
-    """``head`` NFKC-folded (full-width "ＵＳＥＲ" is "USER"), for matching only."""
-    return unicodedata.normalize("NFKC", head)
+def _folded_turn(line: str) -> bool:
+    """True when ``line`` starts like a turn once its role word is NFKC-folded (full-width "ＵＳＥＲ：").
+
+    Only the dozen characters after the blank lead are folded, and only when the first of them folds to the
+    start of a role word: CJK lines (full-width colons are common there) cost one lookup, not a fold.
+    """
+    lead = _LEAD.match(line).end()  # type: ignore[union-attr]
+    if lead >= len(line) or unicodedata.normalize("NFKC", line[lead])[:1] not in _ROLE_INITIALS:
+        return False
+    return _ROLE_START.match(unicodedata.normalize("NFKC", line[lead : lead + 24])) is not None
 
 
 def contains_control_tokens(text: str) -> bool:

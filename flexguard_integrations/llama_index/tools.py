@@ -353,14 +353,21 @@ class _RunRecord:
     writes its decisions there too, and on up the chain, so the creating context reads the newer run.
     """
 
-    __slots__ = ("decisions", "parent", "task")
+    __slots__ = ("__weakref__", "_parent", "decisions", "task")
 
     def __init__(
         self, decisions: dict[str, Decision], parent: _RunRecord | None, task: asyncio.Task[Any] | None
     ) -> None:
         self.decisions = decisions
-        self.parent = parent
+        # weak: a record stays alive only while a context can read it (a context's run map holds it), so a
+        # self-rescheduling worker (each run's task creating the next) builds no chain of dead records
+        self._parent: weakref.ref[_RunRecord] | None = weakref.ref(parent) if parent is not None else None
         self.task: weakref.ref[asyncio.Task[Any]] | None = weakref.ref(task) if task is not None else None
+
+    @property
+    def parent(self) -> _RunRecord | None:
+        """The record of the context that created this run's task, while a context can still read it."""
+        return self._parent() if self._parent is not None else None
 
 
 #: Per-context runs of GuardedAgents: the agent → the record of its last run started in this context.
@@ -574,10 +581,6 @@ class GuardedAgent:
         parent = inherited
         if inherited is not None and inherited.task is not None and inherited.task() is task:
             parent = inherited.parent
-        # a record whose task has ended has no reader left: skipping it keeps a self-rescheduling worker (each
-        # run's task creating the next one) from growing the chain by one record per run
-        while parent is not None and parent.task is not None and ((t := parent.task()) is None or t.done()):
-            parent = parent.parent
         record = _RunRecord(decisions, parent, task)
         mine: weakref.WeakKeyDictionary[GuardedAgent, _RunRecord] = weakref.WeakKeyDictionary(runs or {})
         mine[self] = record
@@ -693,10 +696,10 @@ class GuardedAgent:
         second = await self.guard.acheck(
             user_msg, response=visible, surface=Surface.RESPONSE, policy=scoped_policy(self.policy)
         )
-        if second.verdict.error is not None and second.action.passes:
+        if second.action.passes and (second.fail_open or second.verdict.error is not None):
             # a fail-open ALLOW is no verdict on the visible text alone: the answer was judged over the
             # threshold as a whole, and nothing says which part, so nothing of it is shown
-            reason = f"{decision.reason}; the visible text could not be re-checked ({second.verdict.error}): blocked"
+            reason = f"{decision.reason}; the visible text could not be re-checked ({second.reason}): blocked"
             return replace(decision, action=Action.BLOCK, reason=reason, redacted_text=None)
         if second.action is Action.REDACT and second.redacted_text is not None:
             return replace(second, reason=f"{second.reason} (the visible text, checked on its own)")

@@ -48,7 +48,6 @@ _LABELLED_CATEGORY = re.compile(
     r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=][ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE
 )
 _BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?\s*\**$")  # "87", "**87**", "87/100"
-_FINAL_LINES = 4  # lines of reasoning_content read when content is empty: the category lines and the score
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
 _CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
 
@@ -115,6 +114,16 @@ def _parse_codes(line: str, *, labelled: bool = False) -> tuple[list[Category], 
     if labelled and not natives and not said_safe:
         return [Category.OTHER], [line.strip()[:40]], True
     return cats, natives, True
+
+
+def _final_lines(text: str) -> list[str]:
+    """The last line of ``text`` and every category line right above it (labelled, or a line of codes): the
+    end of an answer whose reasoning parser kept it in ``reasoning_content``, without the steps above."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    start = len(lines) - 1
+    while start > 0 and (_LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2]):
+        start -= 1
+    return lines[max(start, 0) :]
 
 
 def _code_lines_above(lines: Sequence[str]) -> str | None:
@@ -264,8 +273,7 @@ class FlexGuardModel(GuardModel):
         if read.score_text is None and read.error is None and reasoning and not match and not tail.strip():
             # a reasoning parser may have put the final lines in reasoning_content, leaving content empty
             # (reference 1.4 b): read them there, and only them (the steps above may quote other scores)
-            last = [ln for ln in reasoning.splitlines() if ln.strip()][-_FINAL_LINES:]
-            read = _read_tail("\n".join(last))
+            read = _read_tail("\n".join(_final_lines(reasoning)))
         if read.error is not None:
             return Verdict.failed(read.error, **base)
         score_text = read.score_text

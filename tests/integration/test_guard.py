@@ -302,6 +302,19 @@ async def test_texts_between_the_proxys_limit_and_the_refused_size_are_not_refus
     assert all(d.verdict.ok and d.verdict.chunks == 2 for d in decisions)
 
 
+async def test_a_short_non_ascii_prompt_does_not_shrink_an_answers_pieces() -> None:
+    # the pieces were sized at the densest part's bytes per character: five CJK characters of prompt made a
+    # 12 kB English answer go in 6 requests instead of 2
+    answer = "Calm words about gardens. " * (12000 // 26)
+    with FakeGuardServer(max_body_bytes=8000) as srv:
+        async with Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False) as guard:
+            await guard.acheck("Calm words about tea. " * 600)  # 13.2 kB: refused, re-split, size learned
+            refused = srv.stats["too_large"]
+            chunks = [(await guard.acheck(p, response=answer)).verdict.chunks for p in ("Any tips?", "园艺建议？")]
+        assert srv.stats["too_large"] == refused
+    assert chunks == [2, 2]
+
+
 async def test_a_learned_body_limit_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     # a proxy's limit may be raised: the learned size shapes checks for _TOO_LARGE_TTL seconds, not forever
     import flexguard_integrations.guard as guard_module

@@ -502,3 +502,39 @@ async def test_a_self_rescheduling_worker_keeps_no_chain_of_run_records(guard: G
     await asyncio.wait_for(done.wait(), 60)
     assert first.done()
     assert max(depth) <= 2 and guarded.last_decisions["output"].action is Action.ALLOW
+
+
+async def test_a_follow_up_task_reads_the_run_it_awaited_after_its_creator_ended(guard: Guard) -> None:
+    # a handler runs the agent, schedules a follow-up and ends; the follow-up awaits a run in a child task
+    # (wait_for) and reads last_decisions: pruning the ended handler's record made it read the handler's run
+    guarded = GuardedAgent(agent_of(answers_by_topic), guard)
+    seen: dict[str, str] = {}
+    done = asyncio.Event()
+
+    async def follow_up() -> None:
+        out = await asyncio.wait_for(guarded.run(user_msg=CHEMISTRY), 30)
+        seen["own"] = out["flexguard"]["output"]["action"]
+        seen["last"] = guarded.last_decisions["output"].action.value
+        done.set()
+
+    async def handler() -> None:
+        await guarded.run(user_msg=QUESTION)  # allowed
+        asyncio.get_running_loop().call_soon(asyncio.ensure_future, follow_up())
+
+    await asyncio.create_task(handler())
+    await asyncio.wait_for(done.wait(), 30)
+    assert seen == {"own": "block", "last": "block"}
+
+
+async def test_a_long_visible_text_whose_re_check_partly_fails_open_is_blocked(server: FakeGuardServer) -> None:
+    # a re-check in several chunks, one failing under on_error: allow, is a fail-open ALLOW whose verdict (the
+    # chunk that passed) has no error: it was taken for "the visible text passes" and the harm was shown
+    filler = "The shop opens at nine and the staff are friendly. " * 80
+    server.add_rule(re.compile(r"(?s)friendly\..*crowd\.\s*$"), fault="malformed")
+    async with Guard.from_endpoint(server.base_url, FLEX, cache=False, max_model_len=4096) as small:
+        policy = {"on_error": "allow", "surfaces": {"response": {"action": "redact"}}}
+        message = ChatMessage(role="assistant", blocks=[TextBlock(text=filler + HARM), ThinkingBlock(content=THINK)])
+        guarded = GuardedAgent(agent_of(Answer(message)), small, policy=policy)
+        out = await guarded.run(user_msg=QUESTION)
+    assert HARM not in dumped(out)
+    assert guarded.last_decisions["output"].action is Action.BLOCK

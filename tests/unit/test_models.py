@@ -454,6 +454,12 @@ def test_flex_only_the_final_lines_of_reasoning_content_are_read() -> None:
     assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE,)
 
 
+def test_flex_every_category_line_above_the_score_in_reasoning_content_is_read() -> None:
+    # a fixed four lines dropped the first of four one-code lines (JAIL, with its stricter threshold)
+    v = FlexGuardModel().parse_output("", reasoning="step1: a\nstep8: b\nJAIL\nVIO\nILG\nINF\n35")
+    assert v.ok and v.categories == (Category.JAILBREAK, Category.VIOLENCE, Category.ILLEGAL, Category.PRIVACY)
+
+
 def test_flex_final_lines_in_reasoning_content_are_read() -> None:
     # a reasoning parser may put everything in reasoning_content and leave content empty (reference 1.4 b)
     completion = {
