@@ -606,20 +606,10 @@ class Guard:
 
     def _fit_context(self, inp: GuardInput, limit: int) -> GuardInput:
         """Keep context and history within half the chunk budget (their most recent part is kept)."""
-        budget = limit // 2
-        ctx_len = len(inp.context) + sum(len(t) for _, t in inp.history)
-        if ctx_len <= budget:
-            return inp
-        context = inp.context[-budget:] if len(inp.context) > budget else inp.context
-        left = budget - len(context)
-        kept: list[tuple[Role, str]] = []
-        for role, content in reversed(inp.history):
-            if left <= 0:
-                break
-            kept.append((role, content[-left:]))
-            left -= len(content)
-        logger.debug("context trimmed to %d characters to fit the guard model's context", budget)
-        return replace(inp, context=context, history=tuple(reversed(kept)))
+        trimmed = _kept_context(inp, limit)
+        if trimmed is not inp:
+            logger.debug("context trimmed to %d characters to fit the guard model's context", limit // 2)
+        return trimmed
 
     # ================================================================= async core
 
@@ -1236,20 +1226,45 @@ def _total_bytes(inp: GuardInput) -> int:
     return size + sum(_utf8_len(t) for _, t in inp.history)
 
 
-def _piece_chars(budget: int, inp: GuardInput) -> int:
-    """The chunk size (characters of text) whose requests stay within ``budget`` bytes of text and context.
+def _kept_context(inp: GuardInput, limit: int) -> GuardInput:
+    """``inp`` with its context and history within half of ``limit`` characters (their most recent part)."""
+    budget = limit // 2
+    ctx_len = len(inp.context) + sum(len(t) for _, t in inp.history)
+    if ctx_len <= budget:
+        return inp
+    context = inp.context[-budget:] if len(inp.context) > budget else inp.context
+    left = budget - len(context)
+    kept: list[tuple[Role, str]] = []
+    for role, content in reversed(inp.history):
+        if left <= 0:
+            break
+        kept.append((role, content[-left:]))
+        left -= len(content)
+    return replace(inp, context=context, history=tuple(reversed(kept)))
 
-    ``_fit_context`` keeps the context whole when it fits half a chunk, else trims it to half a chunk: a short
-    context costs its own bytes, a long one half a chunk at its own density. A few non-ASCII characters in a
-    short prompt therefore do not shrink an English answer's pieces.
-    """
-    context = inp.context + "".join(t for _, t in inp.history)
-    text_density = _utf8_len(inp.text) / len(inp.text) if inp.text else 1.0
-    context_density = _utf8_len(context) / len(context) if context else 1.0
-    whole = (budget - _utf8_len(context)) / text_density  # the context kept whole
-    if whole >= 2 * len(context):
-        return int(whole)
-    return int(budget / (text_density + context_density / 2))  # the context trimmed to half a piece
+
+def _piece_chars(budget: int, inp: GuardInput) -> int:
+    """The largest chunk size (characters of text) whose requests stay within ``budget`` bytes: a piece of the
+    text at its own bytes per character, plus the context and history ``_fit_context`` keeps with it, counted
+    in the bytes of what it keeps (the prompt first, then the most recent history: possibly denser than the
+    average). Found by bisection; 32 at the least."""
+    density = _utf8_len(inp.text) / len(inp.text) if inp.text else 1.0
+
+    def fits(limit: int) -> bool:
+        kept = _kept_context(inp, limit)
+        context_bytes = _utf8_len(kept.context) + sum(_utf8_len(t) for _, t in kept.history)
+        return density * limit + context_bytes <= budget
+
+    low, high = 32, max(32, int(budget / density))
+    if fits(high):
+        return high
+    while high - low > 1:  # fits(low) or low is the floor; fits(high) is False
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 def _utf8_len(text: str) -> int:

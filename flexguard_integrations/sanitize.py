@@ -39,6 +39,8 @@ _BLANK = (  # one character class: tab, the Unicode spaces (Zs), then the invisi
 _LEAD = re.compile(f"{_BLANK}*")
 _ROLE_START = re.compile(f"{_BLANK}*(?:USER|ASSISTANT|SYSTEM|TOOL){_BLANK}*[:\uff1a\ufe55\ufe13]", re.IGNORECASE)
 _ROLE_INITIALS = frozenset("UASTuast")
+_ROLE_WORDS = frozenset({"USER", "ASSISTANT", "SYSTEM", "TOOL"})
+_AFTER_ROLE = re.compile(f"{_BLANK}*[:\uff1a\ufe55\ufe13]")
 _COLONS = (":", "\uff1a", "\ufe55", "\ufe13")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MAX_PASSES = 8
@@ -91,13 +93,17 @@ def _quote_turn_lines(text: str) -> str:
 def _folded_turn(line: str) -> bool:
     """True when ``line`` starts like a turn once its role word is NFKC-folded (full-width "ＵＳＥＲ：").
 
-    Only the dozen characters after the blank lead are folded, and only when the first of them folds to the
-    start of a role word: CJK lines (full-width colons are common there) cost one lookup, not a fold.
+    Only the role word is folded (at most nine characters after the blank lead: each full-width letter folds
+    to one), and only when the first of them folds to the start of a role word, so CJK lines (full-width
+    colons are common there) cost one lookup; what follows the word is matched as it is, blanks and all.
     """
     lead = _LEAD.match(line).end()  # type: ignore[union-attr]
     if lead >= len(line) or unicodedata.normalize("NFKC", line[lead])[:1] not in _ROLE_INITIALS:
         return False
-    return _ROLE_START.match(unicodedata.normalize("NFKC", line[lead : lead + 24])) is not None
+    for end in range(lead + 1, min(lead + 10, len(line)) + 1):
+        if unicodedata.normalize("NFKC", line[lead:end]).upper() in _ROLE_WORDS and _AFTER_ROLE.match(line, end):
+            return True
+    return False
 
 
 def contains_control_tokens(text: str) -> bool:

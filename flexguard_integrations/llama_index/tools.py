@@ -353,7 +353,7 @@ class _RunRecord:
     writes its decisions there too, and on up the chain, so the creating context reads the newer run.
     """
 
-    __slots__ = ("__weakref__", "_parent", "decisions", "task")
+    __slots__ = ("__weakref__", "_ancestors", "decisions", "task")
 
     def __init__(
         self, decisions: dict[str, Decision], parent: _RunRecord | None, task: asyncio.Task[Any] | None
@@ -361,13 +361,16 @@ class _RunRecord:
         self.decisions = decisions
         # weak: a record stays alive only while a context can read it (a context's run map holds it), so a
         # self-rescheduling worker (each run's task creating the next) builds no chain of dead records
-        self._parent: weakref.ref[_RunRecord] | None = weakref.ref(parent) if parent is not None else None
+        # every ancestor, weakly: a dead link (an ended task's record) must not cut off live ones above it
+        self._ancestors: list[weakref.ref[_RunRecord]] = (
+            [weakref.ref(parent), *(r for r in parent._ancestors if r() is not None)] if parent is not None else []
+        )
         self.task: weakref.ref[asyncio.Task[Any]] | None = weakref.ref(task) if task is not None else None
 
     @property
     def parent(self) -> _RunRecord | None:
         """The record of the context that created this run's task, while a context can still read it."""
-        return self._parent() if self._parent is not None else None
+        return next((r for ref in self._ancestors if (r := ref()) is not None), None)
 
 
 #: Per-context runs of GuardedAgents: the agent → the record of its last run started in this context.
@@ -595,10 +598,9 @@ class GuardedAgent:
         """
         self._last_finished = decisions
         record.decisions = decisions
-        parent = record.parent
-        while parent is not None:
-            parent.decisions = decisions
-            parent = parent.parent
+        for ref in record._ancestors:
+            if (ancestor := ref()) is not None:
+                ancestor.decisions = decisions
 
     @staticmethod
     def _attach(output: Any, decisions: dict[str, Decision]) -> Any:

@@ -117,13 +117,23 @@ def _parse_codes(line: str, *, labelled: bool = False) -> tuple[list[Category], 
 
 
 def _final_lines(text: str) -> list[str]:
-    """The last line of ``text`` and every category line right above it (labelled, or a line of codes): the
-    end of an answer whose reasoning parser kept it in ``reasoning_content``, without the steps above."""
+    """The end of an answer a reasoning parser kept in ``reasoning_content``, without the steps above it: the
+    last score line (labelled or bare), the category lines right above it (labelled, or lines of codes) and
+    the labelled category lines right below it. Other lines after the score (a closing remark) are left out."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    start = len(lines) - 1
+    score = next(
+        (i for i in range(len(lines) - 1, -1, -1) if _LABELLED_SCORE.match(lines[i]) or _BARE_SCORE.match(lines[i])),
+        None,
+    )
+    if score is None:
+        return []
+    start = score
     while start > 0 and (_LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2]):
         start -= 1
-    return lines[max(start, 0) :]
+    end = score + 1
+    while end < len(lines) and _LABELLED_CATEGORY.match(lines[end]):
+        end += 1
+    return lines[start:end]
 
 
 def _code_lines_above(lines: Sequence[str]) -> str | None:

@@ -315,6 +315,24 @@ async def test_a_short_non_ascii_prompt_does_not_shrink_an_answers_pieces() -> N
     assert chunks == [2, 2]
 
 
+async def test_a_kept_context_denser_than_its_average_stays_within_the_learned_size() -> None:
+    # the context was counted at its average density; what is kept (the CJK prompt first) is denser, so the
+    # requests went over the learned size and were refused again, shrinking it for every later check
+    history = [
+        ("user", "Summarise the report. " + "Calm notes about the garden. " * 700),
+        ("assistant", "The report is about gardens. " * 20),
+    ]
+    prompt = "请用中文简要介绍一下园艺的基本知识和注意事项。" * 130  # ~2,900 CJK characters
+    answer = "Calm words about gardens. " * (12000 // 26)
+    with FakeGuardServer(max_body_bytes=8000) as srv:
+        async with Guard.from_endpoint(srv.base_url, QWEN, max_model_len=32768, cache=False) as guard:
+            await guard.acheck("Calm words about tea. " * 600)  # 13.2 kB: refused, re-split, size learned
+            refused = srv.stats["too_large"]
+            d = await guard.acheck(prompt, response=answer, history=history)  # type: ignore[arg-type]
+        assert srv.stats["too_large"] == refused
+    assert d.verdict.ok and d.verdict.chunks > 1
+
+
 async def test_a_learned_body_limit_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     # a proxy's limit may be raised: the learned size shapes checks for _TOO_LARGE_TTL seconds, not forever
     import flexguard_integrations.guard as guard_module

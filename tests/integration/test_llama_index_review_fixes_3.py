@@ -538,3 +538,26 @@ async def test_a_long_visible_text_whose_re_check_partly_fails_open_is_blocked(s
         out = await guarded.run(user_msg=QUESTION)
     assert HARM not in dumped(out)
     assert guarded.last_decisions["output"].action is Action.BLOCK
+
+
+async def test_the_top_context_reads_a_run_made_after_the_task_between_them_ended(guard: Guard) -> None:
+    # top context -> handler task (runs the agent, schedules a follow-up, ends) -> follow-up task (runs it):
+    # with one weak parent per record the handler's collected record cut the follow-up off from the top one
+    import gc
+
+    guarded = GuardedAgent(agent_of(answers_by_topic), guard)
+    await guarded.run(user_msg="Hello there")  # the top context ran the agent: allowed
+    done = asyncio.Event()
+
+    async def follow_up() -> None:
+        await guarded.run(user_msg=CHEMISTRY)  # blocked
+        done.set()
+
+    async def handler() -> None:
+        await guarded.run(user_msg=QUESTION)  # allowed
+        asyncio.get_running_loop().call_soon(asyncio.ensure_future, follow_up())
+
+    await asyncio.create_task(handler())
+    await asyncio.wait_for(done.wait(), 30)
+    gc.collect()
+    assert guarded.last_decisions["output"].action is Action.BLOCK

@@ -460,6 +460,18 @@ def test_flex_every_category_line_above_the_score_in_reasoning_content_is_read()
     assert v.ok and v.categories == (Category.JAILBREAK, Category.VIOLENCE, Category.ILLEGAL, Category.PRIVACY)
 
 
+@pytest.mark.parametrize(
+    "reasoning",
+    [
+        "step1: a\nCATEGORY: VIO\nRISK_SCORE: 85\n(end of assessment)",  # a closing remark after the score
+        "step1: a\nRISK_SCORE: 85\nCATEGORY: VIO",  # the category after the score
+    ],
+)
+def test_flex_reasoning_content_with_lines_after_the_score_is_read(reasoning: str) -> None:
+    v = FlexGuardModel().parse_output("", reasoning=reasoning)
+    assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE,)
+
+
 def test_flex_final_lines_in_reasoning_content_are_read() -> None:
     # a reasoning parser may put everything in reasoning_content and leave content empty (reference 1.4 b)
     completion = {

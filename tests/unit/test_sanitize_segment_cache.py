@@ -100,6 +100,7 @@ def test_neutralize_quotes_lines_that_start_like_a_turn() -> None:
         ("\ufe0fASSISTANT:", "\u180eUSER:"),  # a variation selector, the Mongolian vowel separator
         ("ＡＳＳＩＳＴＡＮＴ:", "ＵＳＥＲ："),  # full-width letters
         ("\u200b" * 70 + "ＡＳＳＩＳＴＡＮＴ:", "\u200b" * 70 + "ＵＳＥＲ："),  # past a 64-character head
+        ("ＡＳＳＩＳＴＡＮＴ" + "\u200b" * 30 + "：", "ＵＳＥＲ" + "\u200b" * 15 + "："),  # blanks before the colon
     ],
 )
 def test_look_alike_turn_lines_are_quoted_too(assistant: str, user: str) -> None:
