@@ -37,11 +37,11 @@ _BLANK = (  # one character class: tab, the Unicode spaces (Zs), then the invisi
     "\u3164\ufe00-\ufe0f\ufeff\uffa0]"
 )
 _LEAD = re.compile(f"{_BLANK}*")
-_ROLE_START = re.compile(f"{_BLANK}*(?:USER|ASSISTANT|SYSTEM|TOOL){_BLANK}*[:\uff1a\ufe55\ufe13]", re.IGNORECASE)
-_ROLE_INITIALS = frozenset("UASTuast")
+_ROLE_START = re.compile(f"{_BLANK}*(?:USER|ASSISTANT|SYSTEM|TOOL){_BLANK}*[:\uff1a\ufe55\ufe13\u2a74]", re.IGNORECASE)
 _ROLE_WORDS = frozenset({"USER", "ASSISTANT", "SYSTEM", "TOOL"})
-_AFTER_ROLE = re.compile(f"{_BLANK}*[:\uff1a\ufe55\ufe13]")
-_COLONS = (":", "\uff1a", "\ufe55", "\ufe13")
+_ROLE_PREFIXES = frozenset(word[:n] for word in _ROLE_WORDS for n in range(1, len(word) + 1))
+_AFTER_ROLE = re.compile(f"{_BLANK}*[:\uff1a\ufe55\ufe13\u2a74]")  # U+2A74 folds to "::="
+_COLONS = (":", "\uff1a", "\ufe55", "\ufe13", "\u2a74")
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MAX_PASSES = 8
 
@@ -98,10 +98,11 @@ def _folded_turn(line: str) -> bool:
     colons are common there) cost one lookup; what follows the word is matched as it is, blanks and all.
     """
     lead = _LEAD.match(line).end()  # type: ignore[union-attr]
-    if lead >= len(line) or unicodedata.normalize("NFKC", line[lead])[:1] not in _ROLE_INITIALS:
-        return False
     for end in range(lead + 1, min(lead + 10, len(line)) + 1):
-        if unicodedata.normalize("NFKC", line[lead:end]).upper() in _ROLE_WORDS and _AFTER_ROLE.match(line, end):
+        folded = unicodedata.normalize("NFKC", line[lead:end]).upper()
+        if folded not in _ROLE_PREFIXES:  # no role word starts like this (usually known at once)
+            return False
+        if folded in _ROLE_WORDS and _AFTER_ROLE.match(line, end):
             return True
     return False
 

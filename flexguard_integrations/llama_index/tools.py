@@ -353,24 +353,38 @@ class _RunRecord:
     writes its decisions there too, and on up the chain, so the creating context reads the newer run.
     """
 
-    __slots__ = ("__weakref__", "_ancestors", "decisions", "task")
+    __slots__ = ("__weakref__", "decisions", "task", "up")
 
     def __init__(
         self, decisions: dict[str, Decision], parent: _RunRecord | None, task: asyncio.Task[Any] | None
     ) -> None:
         self.decisions = decisions
-        # weak: a record stays alive only while a context can read it (a context's run map holds it), so a
-        # self-rescheduling worker (each run's task creating the next) builds no chain of dead records
-        # every ancestor, weakly: a dead link (an ended task's record) must not cut off live ones above it
-        self._ancestors: list[weakref.ref[_RunRecord]] = (
-            [weakref.ref(parent), *(r for r in parent._ancestors if r() is not None)] if parent is not None else []
-        )
+        # the ancestors, as one shared chain of links (a link per record, not a copied list per record: a
+        # worker that keeps its finished tasks keeps their records, and copies would grow quadratically). A
+        # link holds its record weakly: a record lives while a context can read it, and a collected one
+        # (an ended task's) is skipped, never cutting off live records above it.
+        self.up: _Link | None = _Link(parent, parent.up) if parent is not None else None
         self.task: weakref.ref[asyncio.Task[Any]] | None = weakref.ref(task) if task is not None else None
 
     @property
     def parent(self) -> _RunRecord | None:
-        """The record of the context that created this run's task, while a context can still read it."""
-        return next((r for ref in self._ancestors if (r := ref()) is not None), None)
+        """The nearest ancestor record a context can still read."""
+        link = self.up
+        while link is not None:
+            if (record := link.record()) is not None:
+                return record
+            link = link.next
+        return None
+
+
+class _Link:
+    """One step up a chain of run records: the record (weakly) and the link above it."""
+
+    __slots__ = ("next", "record")
+
+    def __init__(self, record: _RunRecord, above: _Link | None) -> None:
+        self.record = weakref.ref(record)
+        self.next = above
 
 
 #: Per-context runs of GuardedAgents: the agent → the record of its last run started in this context.
@@ -598,9 +612,19 @@ class GuardedAgent:
         """
         self._last_finished = decisions
         record.decisions = decisions
-        for ref in record._ancestors:
-            if (ancestor := ref()) is not None:
+        below: _Link | None = None
+        link = record.up
+        while link is not None:
+            ancestor = link.record()
+            if ancestor is None:  # collected: unlink it, so later walks skip it
+                if below is None:
+                    record.up = link.next
+                else:
+                    below.next = link.next
+            else:
                 ancestor.decisions = decisions
+                below = link
+            link = link.next
 
     @staticmethod
     def _attach(output: Any, decisions: dict[str, Decision]) -> Any:

@@ -48,6 +48,7 @@ _LABELLED_CATEGORY = re.compile(
     r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=][ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE
 )
 _BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?\s*\**$")  # "87", "**87**", "87/100"
+_DIGIT = re.compile(r"\d")
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
 _CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
 
@@ -127,6 +128,12 @@ def _final_lines(text: str) -> list[str]:
     )
     if score is None:
         return []
+    # after the score only category lines and closing words may follow: a line there with a digit or a
+    # "score" is a final score this parser could not read ("RISK_SCORE: 85."), and the line found above it
+    # is one the steps quoted (possibly from the judged text itself), not the verdict
+    for line in lines[score + 1 :]:
+        if not _LABELLED_CATEGORY.match(line) and (_DIGIT.search(line) or "score" in line.lower()):
+            return []
     start = score
     while start > 0 and (_LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2]):
         start -= 1

@@ -561,3 +561,37 @@ async def test_the_top_context_reads_a_run_made_after_the_task_between_them_ende
     await asyncio.wait_for(done.wait(), 30)
     gc.collect()
     assert guarded.last_decisions["output"].action is Action.BLOCK
+
+
+async def test_run_records_of_a_worker_that_keeps_its_tasks_grow_linearly() -> None:
+    # each record copied the list of its live ancestors: a worker keeping its finished tasks (so their records
+    # stay readable) held N*(N+1)/2 references after N runs (289 MB after 8,000). One shared chain: N links.
+    import gc
+
+    from flexguard_integrations.llama_index import tools as li_tools
+
+    guarded = GuardedAgent.__new__(GuardedAgent)
+    guarded._last_finished = {}
+    kept: list[asyncio.Task[None]] = []
+    done = asyncio.Event()
+    last: list[Any] = []
+
+    async def step(i: int) -> None:
+        record = guarded._start_run({})  # what run() does around one run
+        guarded._finish_run(record, {})
+        last[:] = [record]
+        if i < 300:
+            kept.append(asyncio.get_running_loop().create_task(step(i + 1)))
+        else:
+            done.set()
+
+    await step(0)
+    await asyncio.wait_for(done.wait(), 30)
+    gc.collect()
+    links = sum(1 for o in gc.get_objects() if type(o) is li_tools._Link)
+    assert 300 <= links <= 310  # one link per record (gc tracks them: the count is not vacuous)
+    depth, link = 0, last[0].up
+    while link is not None:
+        depth, link = depth + 1, link.next
+    assert depth == 300  # every ancestor is still readable: all of them are reached
+    await asyncio.gather(*kept)

@@ -472,6 +472,20 @@ def test_flex_reasoning_content_with_lines_after_the_score_is_read(reasoning: st
     assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE,)
 
 
+@pytest.mark.parametrize(
+    "reasoning",
+    [
+        "step1: the text ends with the line\nRISK_SCORE: 0\nstep8: x\nCATEGORY: VIO\nRISK_SCORE: 85.",
+        "step1: a\n10\nstep8: b\nRISK_SCORE: 85 (extreme)",
+        "step1: a\nRISK_SCORE: 0\nRisk score - 85",
+    ],
+)
+def test_flex_an_unreadable_final_score_never_yields_a_score_quoted_in_the_steps(reasoning: str) -> None:
+    # the backward search took the last readable score line: one the steps quoted (from the judged text)
+    v = FlexGuardModel().parse_output("", reasoning=reasoning)
+    assert not v.ok and "no RISK_SCORE" in (v.error or "")
+
+
 def test_flex_final_lines_in_reasoning_content_are_read() -> None:
     # a reasoning parser may put everything in reasoning_content and leave content empty (reference 1.4 b)
     completion = {

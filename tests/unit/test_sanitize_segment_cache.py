@@ -101,6 +101,7 @@ def test_neutralize_quotes_lines_that_start_like_a_turn() -> None:
         ("ＡＳＳＩＳＴＡＮＴ:", "ＵＳＥＲ："),  # full-width letters
         ("\u200b" * 70 + "ＡＳＳＩＳＴＡＮＴ:", "\u200b" * 70 + "ＵＳＥＲ："),  # past a 64-character head
         ("ＡＳＳＩＳＴＡＮＴ" + "\u200b" * 30 + "：", "ＵＳＥＲ" + "\u200b" * 15 + "："),  # blanks before the colon
+        ("ＡＳＳＩＳＴＡＮＴ\u2a74", "USER\u2a74"),  # U+2A74 folds to "::="
     ],
 )
 def test_look_alike_turn_lines_are_quoted_too(assistant: str, user: str) -> None:
