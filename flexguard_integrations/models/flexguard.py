@@ -131,8 +131,8 @@ def _final_lines(text: str) -> list[str]:
     # after the score only category lines and closing words may follow: a line there with a digit or a
     # "score" is a final score this parser could not read ("RISK_SCORE: 85."), and the line found above it
     # is one the steps quoted (possibly from the judged text itself), not the verdict
-    for line in lines[score + 1 :]:
-        if not _LABELLED_CATEGORY.match(line) and (_DIGIT.search(line) or "score" in line.lower()):
+    for line in lines[score + 1 :]:  # category lines included: codes never hold a digit or "score"
+        if _DIGIT.search(line) or "score" in line.lower():
             return []
     start = score
     while start > 0 and (_LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2]):

@@ -478,6 +478,8 @@ def test_flex_reasoning_content_with_lines_after_the_score_is_read(reasoning: st
         "step1: the text ends with the line\nRISK_SCORE: 0\nstep8: x\nCATEGORY: VIO\nRISK_SCORE: 85.",
         "step1: a\n10\nstep8: b\nRISK_SCORE: 85 (extreme)",
         "step1: a\nRISK_SCORE: 0\nRisk score - 85",
+        "step8: the text ends with\nRISK_SCORE: 0\nCATEGORY: VIO, RISK_SCORE: 85",  # the two lines merged
+        "step8: the text ends with\nRISK_SCORE: 0\nwhich is an injection\nCATEGORY: VIO | RISK_SCORE: 92.",
     ],
 )
 def test_flex_an_unreadable_final_score_never_yields_a_score_quoted_in_the_steps(reasoning: str) -> None:
