@@ -102,13 +102,16 @@ class GuardedTool(BaseTool):
             self.metadata,
         )
 
-    def _run_start(self, input: Any) -> dict[str, Any]:
-        """What ``on_tool_start`` gets for this call (what ``BaseTool.run`` gives it: injected arguments hidden)."""
+    def _run_start(self, input: Any, config: RunnableConfig) -> dict[str, Any]:
+        """The arguments of ``on_tool_start`` for this call (what ``BaseTool.run`` gives it: injected arguments
+        hidden; the run's id and name from ``config``)."""
         call_id, args = self._split_input(input)
         visible = self._visible_args(args)
         return {
             "serialized": {"name": self.name, "description": self.description},
             "input_str": visible if isinstance(visible, str) else str(visible),
+            "run_id": config.get("run_id"),
+            "name": config.get("run_name"),
             "inputs": dict(visible) if isinstance(visible, Mapping) else None,
             "tool_call_id": call_id,
         }
@@ -125,15 +128,8 @@ class GuardedTool(BaseTool):
         manager = self._callback_manager(config, CallbackManager)
         if manager.parent_run_id is not None or not manager.handlers:
             return self._checked_invoke(input, config, **kwargs)
-        start = self._run_start(input)
-        run = manager.on_tool_start(
-            start["serialized"],
-            start["input_str"],
-            run_id=config.get("run_id"),
-            name=config.get("run_name"),
-            inputs=start["inputs"],
-            tool_call_id=start["tool_call_id"],
-        )
+        start = self._run_start(input, config)
+        run = manager.on_tool_start(**start)
         try:
             output = self._checked_invoke(input, patch_config(config, callbacks=run.get_child()), **kwargs)
         except BaseException as exc:
@@ -148,15 +144,8 @@ class GuardedTool(BaseTool):
         manager = self._callback_manager(config, AsyncCallbackManager)
         if manager.parent_run_id is not None or not manager.handlers:
             return await self._achecked_invoke(input, config, **kwargs)
-        start = self._run_start(input)
-        run = await manager.on_tool_start(
-            start["serialized"],
-            start["input_str"],
-            run_id=config.get("run_id"),
-            name=config.get("run_name"),
-            inputs=start["inputs"],
-            tool_call_id=start["tool_call_id"],
-        )
+        start = self._run_start(input, config)
+        run = await manager.on_tool_start(**start)
         try:
             output = await self._achecked_invoke(input, patch_config(config, callbacks=run.get_child()), **kwargs)
         except BaseException as exc:
