@@ -562,9 +562,7 @@ class Guard:
         one did within the last ``_TOO_LARGE_TTL`` seconds.
 
         A proxy limits bytes, not characters. Requests of half the refused size got through (the re-split sent
-        them), so a text from there up is planned in requests of at most that half: a piece of the text at its
-        own bytes per character (3 for CJK, 1 for ASCII) plus the context ``_fit_context`` keeps with it (at
-        most half a piece, at the context's bytes per character)."""
+        them), so a text from there up is planned in requests of at most that half (:func:`_piece_chars`)."""
         learned = self._too_large
         if learned is None:
             return limit
@@ -575,7 +573,7 @@ class Guard:
         half = too_large // 2
         if _total_bytes(inp) < half:
             return limit
-        return min(limit, max(32, _piece_chars(half, inp)))
+        return min(limit, _piece_chars(half, inp))
 
     def _resplit_limit(self, inp: GuardInput, exc: ContextLengthExceededError, depth: int) -> int | None:
         """The chunk size for re-checking ``inp`` after ``exc``; a proxy's 413 is remembered for later checks."""

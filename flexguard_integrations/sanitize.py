@@ -37,11 +37,11 @@ _BLANK = (  # one character class: tab, the Unicode spaces (Zs), then the invisi
     "\u3164\ufe00-\ufe0f\ufeff\uffa0]"
 )
 _LEAD = re.compile(f"{_BLANK}*")
-_ROLE_START = re.compile(f"{_BLANK}*(?:USER|ASSISTANT|SYSTEM|TOOL){_BLANK}*[:\uff1a\ufe55\ufe13\u2a74]", re.IGNORECASE)
 _ROLE_WORDS = frozenset({"USER", "ASSISTANT", "SYSTEM", "TOOL"})
 _ROLE_PREFIXES = frozenset(word[:n] for word in _ROLE_WORDS for n in range(1, len(word) + 1))
-_AFTER_ROLE = re.compile(f"{_BLANK}*[:\uff1a\ufe55\ufe13\u2a74]")  # U+2A74 folds to "::="
-_COLONS = (":", "\uff1a", "\ufe55", "\ufe13", "\u2a74")
+_COLONS = (":", "\uff1a", "\ufe55", "\ufe13", "\u2a74")  # ASCII, full-width, small, vertical; U+2A74 is "::="
+_AFTER_ROLE = re.compile(f"{_BLANK}*[{''.join(_COLONS)}]")
+_ROLE_START = re.compile(f"{_BLANK}*(?:{'|'.join(sorted(_ROLE_WORDS))}){_AFTER_ROLE.pattern}", re.IGNORECASE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MAX_PASSES = 8
 
