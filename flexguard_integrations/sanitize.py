@@ -30,12 +30,14 @@ _TAGS = re.compile(
 # A line that starts like a turn of the guard's conversation block: "USER:", after blank or invisible
 # characters a model does not see as text (spaces and tabs, no-break and other Unicode spaces, zero-width and
 # bidi controls, the soft hyphen, the combining grapheme joiner, variation selectors, the BOM). Matched on each
-# line, anchored; a non-ASCII line that does not match is tried again NFKC-folded (full-width letters).
-_BLANK = (  # one character class: tab, the Unicode spaces (Zs), then the invisible characters
-    "[\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# line, anchored; a non-ASCII line that does not match is tried again NFKC-folded (full-width letters) and
+# with the invisible characters inside its first word skipped.
+_INVISIBLE = (  # characters a model does not see as text; skipped inside a role word too ("US\u00adER:")
     "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
-    "\u3164\ufe00-\ufe0f\ufeff\uffa0]"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0"
 )
+_BLANK = f"[\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000{_INVISIBLE}]"  # tab, Unicode spaces (Zs), invisibles
+_INVISIBLE_CHAR = re.compile(f"[{_INVISIBLE}]")
 _LEAD = re.compile(f"{_BLANK}*")
 _ROLE_WORDS = frozenset({"USER", "ASSISTANT", "SYSTEM", "TOOL"})
 _ROLE_PREFIXES = frozenset(word[:n] for word in _ROLE_WORDS for n in range(1, len(word) + 1))
@@ -91,15 +93,20 @@ def _quote_turn_lines(text: str) -> str:
 
 
 def _folded_turn(line: str) -> bool:
-    """True when ``line`` starts like a turn once its role word is NFKC-folded (full-width "ＵＳＥＲ：").
+    """True when ``line`` starts like a turn once its role word is NFKC-folded (full-width "ＵＳＥＲ：") and
+    stripped of invisible characters ("US\u200bER:", which a model may still read as USER).
 
-    Only the role word is folded (at most nine characters after the blank lead: each full-width letter folds
-    to one), and only when the first of them folds to the start of a role word, so CJK lines (full-width
-    colons are common there) cost one lookup; what follows the word is matched as it is, blanks and all.
+    The role word is folded a character at a time, and the walk stops at the first visible character after
+    which no role word can go on, so CJK lines (full-width colons are common there) cost one lookup; what
+    follows the word is matched as it is, blanks and all.
     """
     lead = _LEAD.match(line).end()  # type: ignore[union-attr]
-    for end in range(lead + 1, min(lead + 10, len(line)) + 1):
-        folded = unicodedata.normalize("NFKC", line[lead:end]).upper()
+    folded = ""
+    for end in range(lead + 1, len(line) + 1):
+        char = line[end - 1]
+        if _INVISIBLE_CHAR.match(char):
+            continue
+        folded += unicodedata.normalize("NFKC", char).upper()
         if folded not in _ROLE_PREFIXES:  # no role word starts like this (usually known at once)
             return False
         if folded in _ROLE_WORDS and _AFTER_ROLE.match(line, end):
