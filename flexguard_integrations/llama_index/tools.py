@@ -456,8 +456,9 @@ def _is_answer(message: Any, full: str, visible: str) -> bool:
     return text == full or (bool(visible) and text.endswith(f"\nAnswer: {visible}"))
 
 
-def _rewrite_answer(messages: list[ChatMessage], full: str, visible: str, text: str) -> bool:
-    """Replace the run's final answer in ``messages`` by ``text``, in place; False when it is not there.
+def _rewrite_answer(messages: list[ChatMessage], full: str, visible: str, text: str) -> list[int]:
+    """Replace the run's final answer in ``messages`` by ``text``, in place; the indices of the messages
+    rewritten (none when it is not there).
 
     The answer is searched from the end backwards by its exact content (``full``: the text of all its blocks;
     ``visible``: its visible text), so messages another run of the conversation added after it are left as
@@ -466,15 +467,16 @@ def _rewrite_answer(messages: list[ChatMessage], full: str, visible: str, text: 
     """
     full, visible = full.strip(), visible.strip()
     if not full:
-        return False
+        return []
     for i in range(len(messages) - 1, -1, -1):
         if _is_answer(messages[i], full, visible):
             messages[i] = _rewritten(messages[i], text)
             before = messages[i - 1] if i > 0 else None
             if before is not None and before.role == MessageRole.TOOL and _message_text(before).strip() == full:
                 messages[i - 1] = _rewritten(before, text)
-            return True
-    return False
+                return [i - 1, i]
+            return [i]
+    return []
 
 
 def _rewrite_chat_store(memory: Any, full: str, visible: str, text: str) -> bool:
@@ -484,6 +486,31 @@ def _rewrite_chat_store(memory: Any, full: str, visible: str, text: str) -> bool
         return False
     memory.set(messages)
     return True
+
+
+async def _rewrite_sql_store(store: Any, key: str, full: str, visible: str, text: str) -> bool:
+    """Rewrite the answer's rows of a ``SQLAlchemyChatStore`` (a ``Memory``'s store) in one transaction.
+
+    Only the answer's own rows are updated, by row id, so messages another run of the conversation writes
+    meanwhile are neither lost nor reordered (deleting and re-adding the history lost them, and could leave
+    the original answer in place). The store's public API has no update, so this uses its table
+    (``_initialize``, llama-index-core 0.14).
+    """
+    from llama_index.core.storage.chat_store.base_db import MessageStatus
+    from sqlalchemy import select, update
+
+    session_factory, table = await store._initialize()
+    async with session_factory() as session:
+        active = (table.c.key == key) & (table.c.status == MessageStatus.ACTIVE.value)
+        query = select(table.c.id, table.c.data).where(active).order_by(table.c.timestamp, table.c.id)
+        rows = (await session.execute(query)).fetchall()
+        messages = [ChatMessage.model_validate(row.data) for row in rows]
+        changed = _rewrite_answer(messages, full, visible, text)
+        for i in changed:
+            data = messages[i].model_dump(mode="json")
+            await session.execute(update(table).where(table.c.id == rows[i].id).values(data=data))
+        await session.commit()
+    return bool(changed)
 
 
 _UNREWRITTEN = "it may still hold the original text, which the next run would feed back to the model"
@@ -501,6 +528,8 @@ async def _rewrite_memory(memory: Any, full: str, visible: str, text: str) -> No
     from llama_index.core.memory import ChatSummaryMemoryBuffer, Memory, SimpleComposableMemory
     from llama_index.core.memory.types import BaseChatStoreMemory
     from llama_index.core.storage.chat_store.base_db import MessageStatus
+    from llama_index.core.storage.chat_store.simple_chat_store import SimpleChatStore
+    from llama_index.core.storage.chat_store.sql import SQLAlchemyChatStore
 
     name = type(memory).__name__
     if isinstance(memory, SimpleComposableMemory):
@@ -516,13 +545,19 @@ async def _rewrite_memory(memory: Any, full: str, visible: str, text: str) -> No
         return
     if isinstance(memory, Memory):
         store, key = memory.sql_store, memory.session_id
-        messages = list(await store.get_messages(key, status=MessageStatus.ACTIVE))
-        found = _rewrite_answer(messages, full, visible, text)
-        if found:  # not atomic: a conversation's runs must not overlap for this to be exact (see the docs)
-            await store.delete_messages(key, status=MessageStatus.ACTIVE)
-            await store.add_messages(key, messages, status=MessageStatus.ACTIVE)
+        if isinstance(store, SQLAlchemyChatStore):
+            found = await _rewrite_sql_store(store, key, full, visible, text)
+        else:  # another AsyncDBChatStore: not atomic, a conversation's runs must not overlap (see the docs)
+            messages = list(await store.get_messages(key, status=MessageStatus.ACTIVE))
+            found = bool(_rewrite_answer(messages, full, visible, text))
+            if found:
+                await store.delete_messages(key, status=MessageStatus.ACTIVE)
+                await store.add_messages(key, messages, status=MessageStatus.ACTIVE)
     elif isinstance(memory, (BaseChatStoreMemory, ChatSummaryMemoryBuffer)):
-        found = await asyncio.to_thread(_rewrite_chat_store, memory, full, visible, text)
+        if type(getattr(memory, "chat_store", None)) is SimpleChatStore:  # in memory: no I/O, so on the loop,
+            found = _rewrite_chat_store(memory, full, visible, text)  # where no other run can write in between
+        else:  # a store that may do I/O (Redis...): in a thread; runs of one conversation must not overlap
+            found = await asyncio.to_thread(_rewrite_chat_store, memory, full, visible, text)
     else:
         logger.warning(
             "the agent's %s is not a chat history GuardedAgent can rewrite (a ChatMemoryBuffer or other "
