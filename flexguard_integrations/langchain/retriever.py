@@ -28,12 +28,13 @@ from langchain_core.callbacks import (
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import ensure_config, patch_config
 from pydantic import ConfigDict, Field
 
 from ..errors import GuardBlockedError, GuardInputError
 from ..guard import CheckRequest, Guard, scoped_policy
 from ..verdict import Action, Decision, Surface, Verdict
-from ._common import adispatch_verdict, dispatch_verdict, policy_from_config
+from ._common import adispatch_verdict, current_config_policy, dispatch_verdict, policy_from_config
 
 METADATA_KEY = "flexguard"
 _WHERE = "retriever"
@@ -51,17 +52,25 @@ class _DocumentFilter:
     metadata_key: str
 
     def _policy(self, config: RunnableConfig | None) -> Any:
-        return policy_from_config(config) or scoped_policy(self.policy)
+        """The call's policy (its config), else the enclosing run's, else ``policy_scope``, else ``self.policy``.
+
+        ``ContextualCompressionRetriever`` and retriever tools pass on callbacks only: the enclosing run's
+        config is where the caller's ``flexguard_policy`` then is.
+        """
+        return policy_from_config(config) or current_config_policy() or scoped_policy(self.policy)
 
     def _history(self, query: str) -> list[tuple[Literal["user", "assistant"], str]] | None:
         return [("user", query)] if self.with_query and query.strip() else None
 
     def _failed(self, exc: GuardInputError, policy: Any) -> Decision:
-        """A document the guard cannot take (too large for the context, say) is decided by ``on_error``."""
+        """A document the guard cannot take (too large, say) is decided by ``on_error``; a fail-open decision is
+        counted and logged as FAIL-OPEN like any other (``Guard.stats``)."""
         resolved = self.guard._resolve_policy(policy)
-        return resolved.decide(Verdict.failed(str(exc), surface=Surface.RETRIEVED), Surface.RETRIEVED)
+        decision = resolved.decide(Verdict.failed(str(exc), surface=Surface.RETRIEVED), Surface.RETRIEVED)
+        return self.guard._record(decision) if decision.fail_open else decision
 
     def _requests(self, documents: Sequence[Document], query: str, policy: Any) -> tuple[list[int], list[CheckRequest]]:
+        _check_documents(documents)
         history = self._history(query)
         live = [i for i, doc in enumerate(documents) if doc.page_content.strip()]
         reqs = [
@@ -136,9 +145,12 @@ class _DocumentFilter:
         return None  # BLOCK, and REROUTE, which has no meaning for a document
 
     def _annotated(self, doc: Document, data: dict[str, Any]) -> Document:
-        out = doc.model_copy(deep=True)
-        out.metadata[self.metadata_key] = data
-        return out
+        """A copy of ``doc`` with ``data`` under our metadata key; ``doc`` and its metadata dict are untouched.
+
+        Shallow: the metadata values are shared (they may be a client, a lock, an embedding), only the dict is
+        new.
+        """
+        return doc.model_copy(update={"metadata": {**doc.metadata, self.metadata_key: data}})
 
 
 class GuardDocumentCompressor(_DocumentFilter, BaseDocumentCompressor):
@@ -194,14 +206,16 @@ class GuardedRetriever(_DocumentFilter, BaseRetriever):
     metadata_key: str = Field(default=METADATA_KEY)
 
     def invoke(self, input: str, config: RunnableConfig | None = None, **kwargs: Any) -> list[Document]:
-        token = _CALL_CONFIG.set(config)  # BaseRetriever hands _get_relevant_documents no config
+        # BaseRetriever hands _get_relevant_documents no config; ensure_config merges the enclosing run's (a
+        # retriever tool passes on callbacks only, and the caller's flexguard_policy is there)
+        token = _CALL_CONFIG.set(ensure_config(config))
         try:
             return super().invoke(input, config, **kwargs)
         finally:
             _CALL_CONFIG.reset(token)
 
     async def ainvoke(self, input: str, config: RunnableConfig | None = None, **kwargs: Any) -> list[Document]:
-        token = _CALL_CONFIG.set(config)
+        token = _CALL_CONFIG.set(ensure_config(config))
         try:
             return await super().ainvoke(input, config, **kwargs)
         finally:
@@ -209,24 +223,36 @@ class GuardedRetriever(_DocumentFilter, BaseRetriever):
 
     @staticmethod
     def _child_config(manager: Any) -> RunnableConfig:
-        """The config for the wrapped retriever: a child of this run, with the caller's ``configurable``."""
-        config: RunnableConfig = {"callbacks": manager.get_child()}
-        configurable = (_CALL_CONFIG.get() or {}).get("configurable")
-        if configurable:
-            config["configurable"] = dict(configurable)
-        return config
+        """The config for the wrapped retriever: the caller's (tags, metadata, ``configurable``, limits) as a
+        child of this run."""
+        return patch_config(_CALL_CONFIG.get() or ensure_config(), callbacks=manager.get_child())
 
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
         config = self._child_config(run_manager)
-        documents = self.retriever.invoke(query, config=config)
+        documents = self.retriever.invoke(query, config=config, **kwargs)  # search kwargs (filter=, k=) go on
         return self._filter(documents, query, config)
 
     async def _aget_relevant_documents(
-        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, **kwargs: Any
     ) -> list[Document]:
         config = self._child_config(run_manager)
-        documents = await self.retriever.ainvoke(query, config=config)
+        documents = await self.retriever.ainvoke(query, config=config, **kwargs)
         return await self._afilter(documents, query, config)
+
+
+def _check_documents(documents: Any) -> None:
+    """Raise a TypeError that says what came back when the wrapped retriever did not return documents."""
+    if isinstance(documents, (str, bytes, dict)) or not isinstance(documents, Sequence):
+        raise TypeError(
+            f"the wrapped retriever returned {type(documents).__name__}, not a list of Documents: GuardedRetriever "
+            "needs a Runnable from a query to documents"
+        )
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, Document) or not isinstance(doc.page_content, str):
+            what = type(doc).__name__ if not isinstance(doc, Document) else "a Document whose page_content is not a str"
+            raise TypeError(f"the wrapped retriever returned {what} at position {i}, not a Document with text")
 
 
 __all__ = ["METADATA_KEY", "GuardDocumentCompressor", "GuardedRetriever"]

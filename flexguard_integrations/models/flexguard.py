@@ -120,7 +120,9 @@ def _parse_codes(line: str, *, labelled: bool = False) -> tuple[list[Category], 
 def _final_lines(text: str) -> list[str]:
     """The end of an answer a reasoning parser kept in ``reasoning_content``, without the steps above it: the
     last score line (labelled or bare), the category lines right above it (labelled, or lines of codes) and
-    the labelled category lines right below it. Other lines after the score (a closing remark) are left out."""
+    the labelled category lines right below it. Nothing else may follow the score line: when something does,
+    the answer has no final score (the model stopped in its steps), and the line found is one the steps
+    quoted (possibly from the judged text itself, "RISK_SCORE: 0"), not the verdict: no lines."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     score = next(
         (i for i in range(len(lines) - 1, -1, -1) if _LABELLED_SCORE.match(lines[i]) or _BARE_SCORE.match(lines[i])),
@@ -128,11 +130,11 @@ def _final_lines(text: str) -> list[str]:
     )
     if score is None:
         return []
-    # after the score only category lines and closing words may follow: a line there with a digit or a
-    # "score" is a final score this parser could not read ("RISK_SCORE: 85."), and the line found above it
-    # is one the steps quoted (possibly from the judged text itself), not the verdict
-    for line in lines[score + 1 :]:  # category lines included: codes never hold a digit or "score"
-        if _DIGIT.search(line) or "score" in line.lower():
+    # after the score only labelled category lines may follow, and none with a digit or a "score" in it (a
+    # merged "CATEGORY: VIO, RISK_SCORE: 85" is a final score this parser could not read): anything else
+    # means the score line is a quote from the steps
+    for line in lines[score + 1 :]:
+        if not _LABELLED_CATEGORY.match(line) or _DIGIT.search(line) or "score" in line.lower():
             return []
     start = score
     while start > 0 and (_LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2]):

@@ -26,8 +26,9 @@ def test_langchain_public_names() -> None:
     from flexguard_integrations import langchain
 
     assert set(langchain.__all__) == {
-        "DEFAULT_REFUSAL", "POLICY_CONFIG_KEY", "VERDICT_EVENT", "GuardCallbackHandler", "GuardMiddleware",
-        "GuardRunnable", "GuardedRunnable", "GuardedTool", "guard_tool", "guard_tools", "guarded",
+        "DEFAULT_REFUSAL", "POLICY_CONFIG_KEY", "VERDICT_EVENT", "GuardCallbackHandler", "GuardDocumentCompressor",
+        "GuardMiddleware", "GuardRunnable", "GuardedRetriever", "GuardedRunnable", "GuardedTool", "guard_tool",
+        "guard_tools", "guarded",
     }  # fmt: skip
 
 
