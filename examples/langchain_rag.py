@@ -35,10 +35,10 @@ def section(title: str) -> None:
     print(f"\n== {title}")
 
 
-def show(documents: list[Document]) -> None:
+def show(documents: list[Document], label: str = "kept") -> None:
     for doc in documents:
         note = doc.metadata.get("flexguard", {}).get("action", "")
-        print(f"  kept: {doc.page_content!r}" + (f"  [{note}]" if note else ""))
+        print(f"  {label}: {doc.page_content!r}" + (f"  [{note}]" if note else ""))
 
 
 async def main() -> None:
@@ -47,7 +47,7 @@ async def main() -> None:
     raw = store.as_retriever(search_kwargs={"k": 3})
     with FakeGuardServer() as server, Guard.from_endpoint(server.base_url, MODEL) as guard:
         section("the store returns all three documents")
-        show(await raw.ainvoke(QUESTION))
+        show(await raw.ainvoke(QUESTION), label="returned")
 
         section("GuardedRetriever: the injection and the harmful document are dropped")
         retriever = GuardedRetriever(retriever=raw, guard=guard)
@@ -80,6 +80,7 @@ async def main() -> None:
         )
         print("  answer:", await chain.ainvoke(QUESTION))
         print("  the prompt held the injection:", "Ignore all previous" in prompts[0])
+        print("  the prompt held the harmful text:", "bomb" in prompts[0])
 
         section('on_block="raise": stop instead of dropping')
         try:

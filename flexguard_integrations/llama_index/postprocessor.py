@@ -56,8 +56,11 @@ class GuardNodePostprocessor(BaseNodePostprocessor):
         return None
 
     def _failed(self, exc: GuardInputError) -> Decision:
+        """A node the guard cannot take (too large, say) is decided by ``on_error``; a fail-open decision is
+        counted and logged as FAIL-OPEN like any other (``Guard.stats``)."""
         policy = self.guard._resolve_policy(scoped_policy(self.policy))
-        return policy.decide(Verdict.failed(str(exc), surface=Surface.RETRIEVED), Surface.RETRIEVED)
+        decision = policy.decide(Verdict.failed(str(exc), surface=Surface.RETRIEVED), Surface.RETRIEVED)
+        return self.guard._record(decision) if decision.fail_open else decision
 
     def _own_key_shown(self, node: BaseNode) -> bool:
         """True when ``node`` carries our metadata key in its LLM view (say, from the source document)."""

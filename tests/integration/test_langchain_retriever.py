@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -322,4 +323,105 @@ def test_the_rag_example_runs_and_drops_what_it_says() -> None:
     assert "Our shop opens at nine" in guarded_part and "Ignore all" not in guarded_part and "bomb" not in guarded_part
     assert "[REDACTED: VIOLENCE]'  [redact]" in proc.stdout
     assert "the prompt held the injection: False" in proc.stdout
+    assert "the prompt held the harmful text: False" in proc.stdout
+    assert proc.stdout.count("  returned: ") == 3
     assert "raised: retrieved document" in proc.stdout
+
+
+# ---------------------------------------------------------------- review fixes: config, kwargs, copies, output
+
+
+async def test_a_per_call_policy_reaches_a_retriever_tool_and_a_nested_call(server: FakeGuardServer) -> None:
+    # the Guard only flags retrieved documents; the caller asks for the strict default per call. The tool
+    # passes on callbacks only, and a nested call no config at all: the policy was lost and the bomb came back
+    from langchain_core.tools import create_retriever_tool
+
+    strict: Any = {"configurable": {"flexguard_policy": "strict"}}
+    with Guard.from_endpoint(server.base_url, FLEX, cache=False, policy=FLAG_RETRIEVED) as g:
+        retriever = GuardedRetriever(retriever=ListRetriever(documents=docs(BENIGN[0], HARMFUL)), guard=g)
+        assert contents(retriever.invoke(QUERY)) == [BENIGN[0], HARMFUL]  # the Guard's own policy flags it
+        tool = create_retriever_tool(retriever, "search", "search the shop documents")
+        assert "bomb" not in tool.invoke({"query": QUERY}, config=strict)
+        assert "bomb" not in await tool.ainvoke({"query": QUERY}, config=strict)
+        assert BENIGN[0] in tool.invoke({"query": QUERY}, config=strict)
+        nested = RunnableLambda(lambda q: retriever.invoke(q))  # noqa: PLW0108  (no config passed on, on purpose)
+        assert contents(nested.invoke(QUERY, config=strict)) == [BENIGN[0]]
+        chain = retriever | RunnableLambda(contents)
+        assert await chain.ainvoke(QUERY, config=strict) == [BENIGN[0]]
+        assert contents(retriever.batch([QUERY], config=strict)[0]) == [BENIGN[0]]
+
+
+async def test_the_compressor_reads_the_policy_of_the_run_it_is_called_in(server: FakeGuardServer) -> None:
+    strict: Any = {"configurable": {"flexguard_policy": "strict"}}
+    with Guard.from_endpoint(server.base_url, FLEX, cache=False, policy=FLAG_RETRIEVED) as g:
+        compressor = GuardDocumentCompressor(guard=g)
+        inside = RunnableLambda(lambda q: compressor.compress_documents(docs(BENIGN[0], HARMFUL), q))
+        assert contents(list(inside.invoke(QUERY))) == [BENIGN[0], HARMFUL]
+        assert contents(list(inside.invoke(QUERY, config=strict))) == [BENIGN[0]]
+
+        async def ainside(q: str) -> list[Document]:
+            return list(await compressor.acompress_documents(docs(BENIGN[0], HARMFUL), q))
+
+        assert contents(await RunnableLambda(ainside).ainvoke(QUERY, config=strict)) == [BENIGN[0]]
+
+
+async def test_search_kwargs_given_at_call_time_reach_the_wrapped_retriever(guard: Guard) -> None:
+    store = InMemoryVectorStore(DeterministicFakeEmbedding(size=16))
+    store.add_texts(
+        ["acme: the shop opens at nine.", "globex: the price list.", "globex: the holiday plan."],
+        metadatas=[{"tenant": "acme"}, {"tenant": "globex"}, {"tenant": "globex"}],
+    )
+    retriever = GuardedRetriever(retriever=store.as_retriever(search_kwargs={"k": 3}), guard=guard)
+
+    def acme(doc: Document) -> bool:
+        return bool(doc.metadata["tenant"] == "acme")
+
+    # a tenant filter was dropped: the other tenant's documents came back (and, benign, passed the guard)
+    assert [d.metadata["tenant"] for d in retriever.invoke(QUERY, filter=acme)] == ["acme"]
+    assert [d.metadata["tenant"] for d in await retriever.ainvoke(QUERY, filter=acme)] == ["acme"]
+    assert len(retriever.invoke(QUERY, k=1)) == 1
+
+
+def test_the_wrapped_retriever_gets_the_callers_tags_metadata_and_limits(guard: Guard) -> None:
+    seen: list[RunnableConfig] = []
+
+    def retrieve(query: str, config: RunnableConfig) -> list[Document]:
+        seen.append(config)
+        return docs(BENIGN[0])
+
+    retriever = GuardedRetriever(retriever=RunnableLambda(retrieve), guard=guard)
+    config: Any = {"tags": ["t1"], "metadata": {"tenant": "acme"}, "recursion_limit": 5, "max_concurrency": 2}
+    retriever.invoke(QUERY, config=config)
+    assert "t1" in seen[0]["tags"] and seen[0]["metadata"]["tenant"] == "acme"
+    assert seen[0]["recursion_limit"] == 5 and seen[0]["max_concurrency"] == 2
+
+
+def test_documents_with_uncopyable_metadata_are_annotated_without_a_deep_copy(guard: Guard) -> None:
+    lock = threading.Lock()  # a client, a connection...: deepcopy raised "cannot pickle '_thread.lock'"
+    original = [
+        Document(page_content=HARMFUL, metadata={"conn": lock}),
+        Document(page_content="", metadata={"conn": lock}),
+    ]
+    kept = list(GuardDocumentCompressor(guard=guard, policy=FLAG_RETRIEVED).compress_documents(original, QUERY))
+    assert [d.metadata["conn"] is lock for d in kept] == [True, True]
+    assert kept[0].metadata["flexguard"]["action"] == "flag" and "unchecked" in kept[1].metadata["flexguard"]
+    assert original[0].metadata == {"conn": lock} and original[1].metadata == {"conn": lock}  # not mutated
+
+
+def test_a_document_too_large_to_check_under_on_error_allow_is_a_counted_logged_fail_open(
+    server: FakeGuardServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flexguard_integrations")
+    huge = Document(page_content=HARMFUL + " " + "lorem ipsum " * 250_000, id="huge")
+    with Guard.from_endpoint(server.base_url, FLEX, cache=False, policy={"on_error": "allow"}) as g:
+        kept = GuardDocumentCompressor(guard=g).compress_documents([huge], QUERY)
+        assert g.stats.fail_open == 1
+    assert kept[0].metadata["flexguard"]["fail_open"] is True
+    assert sum("FAIL-OPEN" in r.getMessage() and "3,000,036 characters" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("output", ["a string", {"documents": []}, None, ["not a document"]])
+def test_a_wrapped_runnable_that_returns_no_documents_is_a_clear_error(guard: Guard, output: Any) -> None:
+    retriever = GuardedRetriever(retriever=RunnableLambda(lambda q: output), guard=guard)
+    with pytest.raises(TypeError, match=r"the wrapped retriever returned .*not a"):
+        retriever.invoke(QUERY)

@@ -383,3 +383,15 @@ def test_redacting_a_media_node_drops_it_under_on_block_drop(guard: Guard) -> No
     pp = GuardNodePostprocessor(guard=guard, policy=REDACT_RETRIEVED)
     kept = pp.postprocess_nodes([NodeWithScore(node=node, score=0.5), *scored("fine.")])
     assert [n.node.node_id for n in kept] == ["n0"]
+
+
+def test_a_node_too_large_to_check_under_on_error_allow_is_a_counted_logged_fail_open(
+    server: FakeGuardServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flexguard_integrations")
+    huge = NodeWithScore(node=TextNode(text=HARMFUL + " " + "lorem ipsum " * 250_000, id_="huge"), score=0.9)
+    with Guard.from_endpoint(server.base_url, FLEX, cache=False, policy={"on_error": "allow"}) as g:
+        kept = GuardNodePostprocessor(guard=g).postprocess_nodes([huge])
+        assert g.stats.fail_open == 1  # it was 0, with no FAIL-OPEN line: a silent fail-open
+    assert kept[0].node.metadata["flexguard"]["fail_open"] is True
+    assert sum("FAIL-OPEN" in r.getMessage() and "characters" in r.getMessage() for r in caplog.records) == 1
