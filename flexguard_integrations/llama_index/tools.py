@@ -493,24 +493,42 @@ async def _rewrite_sql_store(store: Any, key: str, full: str, visible: str, text
 
     Only the answer's own rows are updated, by row id, so messages another run of the conversation writes
     meanwhile are neither lost nor reordered (deleting and re-adding the history lost them, and could leave
-    the original answer in place). The store's public API has no update, so this uses its table
-    (``_initialize``, llama-index-core 0.14).
+    the original answer in place). Archived rows (moved out of the active window by the token limit) are
+    searched too. The update is read back: on llama-index's default in-memory database every session shares
+    one connection, and another session handing it back rolls it back, which undid the update silently; it
+    is then made again (three attempts, then a WARNING). The store's public API has no update, so this uses
+    its table (``_initialize``, llama-index-core 0.14).
     """
-    from llama_index.core.storage.chat_store.base_db import MessageStatus
     from sqlalchemy import select, update
 
     session_factory, table = await store._initialize()
-    async with session_factory() as session:
-        active = (table.c.key == key) & (table.c.status == MessageStatus.ACTIVE.value)
-        query = select(table.c.id, table.c.data).where(active).order_by(table.c.timestamp, table.c.id)
-        rows = (await session.execute(query)).fetchall()
-        messages = [ChatMessage.model_validate(row.data) for row in rows]
-        changed = _rewrite_answer(messages, full, visible, text)
-        for i in changed:
-            data = messages[i].model_dump(mode="json")
-            await session.execute(update(table).where(table.c.id == rows[i].id).values(data=data))
-        await session.commit()
-    return bool(changed)
+    for _ in range(_SQL_REWRITE_ATTEMPTS):
+        async with session_factory() as session:
+            query = select(table.c.id, table.c.data).where(table.c.key == key).order_by(table.c.timestamp, table.c.id)
+            rows = (await session.execute(query)).fetchall()
+            messages = [ChatMessage.model_validate(row.data) for row in rows]
+            changed = _rewrite_answer(messages, full, visible, text)
+            if not changed:
+                return False
+            wanted = {rows[i].id: messages[i].model_dump(mode="json") for i in changed}
+            for row_id, data in wanted.items():
+                await session.execute(update(table).where(table.c.id == row_id).values(data=data))
+            await session.commit()
+        async with session_factory() as session:
+            check = select(table.c.id, table.c.data).where(table.c.id.in_(list(wanted)))
+            stored = {row.id: row.data for row in (await session.execute(check)).fetchall()}
+        if stored == wanted:
+            return True
+    logger.warning(
+        "the rewrite of the blocked or redacted answer in the agent's Memory did not hold after %d attempts "
+        "(another session of its database rolled it back): %s",
+        _SQL_REWRITE_ATTEMPTS,
+        _UNREWRITTEN,
+    )
+    return True  # found; the WARNING above already says it may still be there
+
+
+_SQL_REWRITE_ATTEMPTS = 3
 
 
 _UNREWRITTEN = "it may still hold the original text, which the next run would feed back to the model"

@@ -8,6 +8,7 @@ and the blocked answer could stay) and to read and write back a ``ChatMemoryBuff
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -81,3 +82,75 @@ async def test_messages_stored_during_the_rewrite_are_kept_in_order(
     texts = await texts_of(memory)
     assert HARM not in texts
     assert texts == [CHEMISTRY, REFUSAL, *others]
+
+
+async def stored_rows(memory: Memory) -> list[tuple[str, str]]:
+    """(status, text) of every row of the memory's session, archived ones included."""
+    from sqlalchemy import select
+
+    session_factory, table = await memory.sql_store._initialize()
+    async with session_factory() as session:
+        query = select(table.c.status, table.c.data).where(table.c.key == memory.session_id).order_by(table.c.id)
+        rows = (await session.execute(query)).fetchall()
+    return [(row.status, str(ChatMessage.model_validate(row.data).content)) for row in rows]
+
+
+async def test_an_answer_archived_by_another_run_is_rewritten_too(guard: Guard, tmp_path: Path) -> None:
+    # another run's messages push the blocked answer out of the active window (token limit) before the rewrite
+    uri = f"sqlite+aiosqlite:///{tmp_path / 'memory.db'}"
+    memory = Memory.from_defaults(
+        async_database_uri=uri, token_limit=40, chat_history_token_ratio=0.5, token_flush_size=5
+    )
+    held = HeldAnswerCheck(guard)
+    task = asyncio.create_task(
+        GuardedAgent(agent_of(Answer(HARM)), cast(Guard, held)).run(user_msg=CHEMISTRY, memory=memory)
+    )
+    await asyncio.wait_for(held.arrived.wait(), 10)
+    for i in range(6):
+        await memory.aput(ChatMessage(role="user", content=f"another run's message {i}"))
+    assert ("archived", HARM) in await stored_rows(memory)
+    held.release.set()
+    assert (await task).response.content == REFUSAL
+    rows = await stored_rows(memory)
+    assert ("archived", REFUSAL) in rows and all(text != HARM for _, text in rows)
+
+
+async def test_an_update_rolled_back_by_another_session_is_made_again_or_reported(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # on the default in-memory database another session handing the shared connection back rolls it back:
+    # the update was lost and nothing said so. Here every commit of the rewrite is rolled back.
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    memory = Memory.from_defaults()
+    commits = 0
+    real_commit = AsyncSession.commit
+
+    async def rolled_back(self: AsyncSession) -> None:
+        nonlocal commits
+        if any("UPDATE" in str(stmt) for stmt in getattr(self, "_flexguard_seen", [])):
+            commits += 1
+            await self.rollback()
+        else:
+            await real_commit(self)
+
+    real_execute = AsyncSession.execute
+
+    async def execute(self: AsyncSession, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        self._flexguard_seen = [*getattr(self, "_flexguard_seen", []), statement]  # type: ignore[attr-defined]
+        return await real_execute(self, statement, *args, **kwargs)
+
+    guarded = GuardedAgent(agent_of(Answer(HARM)), guard)
+    with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+        monkeypatch.setattr(AsyncSession, "commit", rolled_back)
+        monkeypatch.setattr(AsyncSession, "execute", execute)
+        out = await guarded.run(user_msg=CHEMISTRY, memory=memory)
+        monkeypatch.undo()
+    assert out.response.content == REFUSAL
+    assert commits == 3  # made again twice, then reported
+    assert HARM in await texts_of(memory)
+    assert [r.getMessage() for r in caplog.records if "did not hold" in r.getMessage()] == [
+        "the rewrite of the blocked or redacted answer in the agent's Memory did not hold after 3 attempts "
+        "(another session of its database rolled it back): it may still hold the original text, which the next "
+        "run would feed back to the model"
+    ]
