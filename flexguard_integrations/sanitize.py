@@ -28,20 +28,45 @@ _TAGS = re.compile(
     re.IGNORECASE,
 )
 # A line that starts like a turn of the guard's conversation block: "USER:", after blank or invisible
-# characters a model does not see as text (spaces and tabs, no-break and other Unicode spaces, zero-width and
-# bidi controls, the soft hyphen, the combining grapheme joiner, variation selectors, the BOM). Matched on each
-# line, anchored; a non-ASCII line that does not match is tried again NFKC-folded (full-width letters) and
-# with the invisible characters inside its first word skipped.
-_INVISIBLE = (  # characters a model does not see as text; skipped inside a role word too ("US\u00adER:")
-    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
-    "\u3164\ufe00-\ufe0f\ufeff\uffa0"
+# characters a model does not see as text (spaces and tabs, no-break and other Unicode spaces, Unicode's
+# default-ignorable characters: zero-width and bidi controls, the soft hyphen, variation selectors, tag
+# characters, the BOM...; and control characters). Matched on each line, anchored; a line that does not match
+# and is not plain printable ASCII is tried again with its first word read as a model would: invisible
+# characters and combining marks inside it skipped, each letter NFKC-folded (full-width "ＵＳＥＲ") and Cyrillic
+# or Greek look-alikes read as the Latin letter ("UЅЕR").
+_INVISIBLE = (  # Default_Ignorable_Code_Point (Unicode 15), and the C0/C1 controls that break no line
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+    "\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f"
 )
-_BLANK = f"[\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000{_INVISIBLE}]"  # tab, Unicode spaces (Zs), invisibles
-_INVISIBLE_CHAR = re.compile(f"[{_INVISIBLE}]")
+_PLAIN_ASCII = bytes(range(0x20, 0x7F)) + b"\t\n\r\x0b\x0c\x1c\x1d\x1e"  # printable, and what breaks a line
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f]")  # the ASCII ones (an ASCII line holding one is tried again)
+# tab, Unicode spaces (Zs), the Braille blank, invisibles
+_BLANK = f"[\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u2800{_INVISIBLE}]"
+_COMBINING = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"  # marks a reader may see past
+_SKIPPED_IN_WORD = re.compile(f"[{_INVISIBLE}{_COMBINING}]+")
 _LEAD = re.compile(f"{_BLANK}*")
 _ROLE_WORDS = frozenset({"USER", "ASSISTANT", "SYSTEM", "TOOL"})
 _ROLE_PREFIXES = frozenset(word[:n] for word in _ROLE_WORDS for n in range(1, len(word) + 1))
-_COLONS = (":", "\uff1a", "\ufe55", "\ufe13", "\u2a74")  # ASCII, full-width, small, vertical; U+2A74 is "::="
+# Cyrillic and Greek letters that look like the Latin letters of the role words (Unicode confusables)
+_LOOKALIKES = str.maketrans(
+    {
+        **dict.fromkeys("\u0410\u0430\u0391\u03b1", "A"),
+        **dict.fromkeys("\u0415\u0435\u0395\u03b5", "E"),
+        **dict.fromkeys("\u0406\u0456\u0399\u03b9\u04c0\u04cf", "I"),
+        **dict.fromkeys("\u041c\u043c\u039c", "M"),
+        **dict.fromkeys("\u039d", "N"),
+        **dict.fromkeys("\u041e\u043e\u039f\u03bf", "O"),
+        **dict.fromkeys("\u0405\u0455", "S"),
+        **dict.fromkeys("\u0422\u0442\u03a4\u03c4", "T"),
+        **dict.fromkeys("\u054d\u057d", "U"),
+        **dict.fromkeys("\u0423\u0443\u04ae\u04af\u03a5\u03c5", "Y"),
+    }
+)
+# ASCII, full-width, small, vertical; U+2A74 "::="; the ratio sign, the modifier colon, the triangular colon,
+# the raised colon, Hebrew sof pasuq (look-alikes a model may read as a colon)
+_COLONS = (":", "\uff1a", "\ufe55", "\ufe13", "\u2a74", "\u2236", "\ua789", "\u02d0", "\u02f8", "\u05c3")
+_ANY_COLON = re.compile(f"[{''.join(_COLONS)}]")
 _AFTER_ROLE = re.compile(f"{_BLANK}*[{''.join(_COLONS)}]")
 _ROLE_START = re.compile(f"{_BLANK}*(?:{'|'.join(sorted(_ROLE_WORDS))}){_AFTER_ROLE.pattern}", re.IGNORECASE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
@@ -65,7 +90,7 @@ def neutralize(text: str) -> str:
     """
     if not text.isascii() and _SURROGATES.search(text):  # isascii reads a flag: no scan of ASCII text
         text = fix_surrogates(text)
-    if ":" in text or (not text.isascii() and any(colon in text for colon in _COLONS)):
+    if ":" in text or (not text.isascii() and _ANY_COLON.search(text)):
         text = _quote_turn_lines(text)
     if "<" not in text and "[" not in text:  # every control-token shape starts with one of these
         return text
@@ -83,9 +108,14 @@ def _quote_turn_lines(text: str) -> str:
     Lines are split where a model reads a line break (``str.splitlines``: \\n, \\r, \\v, \\f, U+2028...).
     """
     lines = text.splitlines(keepends=True)
+    # ASCII text is read again line by line only when it holds a control character ("US\x00ER:"); the check
+    # deletes the printable and line-breaking bytes and looks for a rest (a fifth of a regex search's cost)
+    controls = not text.isascii() or bool(text.encode("ascii").translate(None, _PLAIN_ASCII))
     quoted = False
     for i, line in enumerate(lines):
-        if _ROLE_START.match(line) or (not line.isascii() and _folded_turn(line)):
+        if _ROLE_START.match(line) or (
+            controls and (not line.isascii() or _CONTROL.search(line)) and _folded_turn(line)
+        ):
             lead = _LEAD.match(line).end()  # type: ignore[union-attr]
             lines[i] = f"{line[:lead]}> {line[lead:]}"
             quoted = True
@@ -93,24 +123,29 @@ def _quote_turn_lines(text: str) -> str:
 
 
 def _folded_turn(line: str) -> bool:
-    """True when ``line`` starts like a turn once its role word is NFKC-folded (full-width "ＵＳＥＲ：") and
-    stripped of invisible characters ("US\u200bER:", which a model may still read as USER).
+    """True when ``line`` starts like a turn once its first word is read as a model would: invisible characters
+    and combining marks in it skipped ("US\u200bER:"), each letter NFKC-folded (full-width "ＵＳＥＲ：") and
+    look-alikes mapped to the Latin letter ("UЅЕR:").
 
-    The role word is folded a character at a time, and the walk stops at the first visible character after
-    which no role word can go on, so CJK lines (full-width colons are common there) cost one lookup; what
-    follows the word is matched as it is, blanks and all.
+    The walk stops at the first letter after which no role word can go on, so CJK lines (full-width colons
+    are common there) cost one lookup; a run of skipped characters costs one regex match. What follows the
+    word is matched as it is, blanks and all.
     """
-    lead = _LEAD.match(line).end()  # type: ignore[union-attr]
+    pos = _LEAD.match(line).end()  # type: ignore[union-attr]
     folded = ""
-    for end in range(lead + 1, len(line) + 1):
-        char = line[end - 1]
-        if _INVISIBLE_CHAR.match(char):
+    while pos < len(line):
+        char = line[pos]
+        if not char.isalnum() and (skipped := _SKIPPED_IN_WORD.match(line, pos)) is not None:
+            pos = skipped.end()
             continue
-        folded += unicodedata.normalize("NFKC", char).upper()
+        folded += unicodedata.normalize("NFKC", char.translate(_LOOKALIKES)).upper()
+        pos += 1
         if folded not in _ROLE_PREFIXES:  # no role word starts like this (usually known at once)
             return False
-        if folded in _ROLE_WORDS and _AFTER_ROLE.match(line, end):
-            return True
+        if folded in _ROLE_WORDS:
+            marks = _SKIPPED_IN_WORD.match(line, pos)  # the word's last letter may carry marks too ("R\u0336:")
+            if _AFTER_ROLE.match(line, marks.end() if marks else pos):
+                return True
     return False
 
 
