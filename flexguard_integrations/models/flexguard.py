@@ -49,6 +49,8 @@ _LABELLED_CATEGORY = re.compile(
 )
 _BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?\s*\**$")  # "87", "**87**", "87/100"
 _DIGIT = re.compile(r"\d")
+# end markers a server may leave after an answer
+_TRAILING_MARKS = re.compile(r"(?:\s*(?:</think>|<\|im_end\|>|<\|endoftext\|>|```))+\s*\Z")
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
 _CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
 
@@ -119,30 +121,22 @@ def _parse_codes(line: str, *, labelled: bool = False) -> tuple[list[Category], 
 
 def _final_lines(text: str) -> list[str]:
     """The end of an answer a reasoning parser kept in ``reasoning_content``, without the steps above it: the
-    last score line (labelled or bare), the category lines right above it (labelled, or lines of codes) and
-    the labelled category lines right below it. Nothing else may follow the score line: when something does,
-    the answer has no final score (the model stopped in its steps), and the line found is one the steps
-    quoted (possibly from the judged text itself, "RISK_SCORE: 0"), not the verdict: no lines."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    score = next(
-        (i for i in range(len(lines) - 1, -1, -1) if _LABELLED_SCORE.match(lines[i]) or _BARE_SCORE.match(lines[i])),
-        None,
-    )
-    if score is None:
+    last line, which must be the score (labelled or bare), and the category lines right above it (labelled,
+    or lines of codes), the order of the model card's format. End markers a server may leave (``</think>``,
+    ``<|im_end|>``, a closing code fence) are dropped first.
+
+    Anything else as the last line means the answer has no final score (the model stopped in its steps), and
+    a score line further up is one the steps quoted (possibly from the judged text itself, "RISK_SCORE: 0"),
+    not the verdict: no lines. Neither is a category line after the score: a quoted score followed by the
+    model's own category line would otherwise decide.
+    """
+    lines = [ln.strip() for ln in _TRAILING_MARKS.sub("", text).splitlines() if ln.strip()]
+    if not lines or not (_LABELLED_SCORE.match(lines[-1]) or _BARE_SCORE.match(lines[-1])):
         return []
-    # after the score only labelled category lines may follow, and none with a digit or a "score" in it (a
-    # merged "CATEGORY: VIO, RISK_SCORE: 85" is a final score this parser could not read): anything else
-    # means the score line is a quote from the steps
-    for line in lines[score + 1 :]:
-        if not _LABELLED_CATEGORY.match(line) or _DIGIT.search(line) or "score" in line.lower():
-            return []
-    start = score
+    start = len(lines) - 1
     while start > 0 and (_LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2]):
         start -= 1
-    end = score + 1
-    while end < len(lines) and _LABELLED_CATEGORY.match(lines[end]):
-        end += 1
-    return lines[start:end]
+    return lines[start:]
 
 
 def _code_lines_above(lines: Sequence[str]) -> str | None:

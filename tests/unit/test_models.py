@@ -460,9 +460,10 @@ def test_flex_every_category_line_above_the_score_in_reasoning_content_is_read()
     assert v.ok and v.categories == (Category.JAILBREAK, Category.VIOLENCE, Category.ILLEGAL, Category.PRIVACY)
 
 
-def test_flex_reasoning_content_with_the_category_after_the_score_is_read() -> None:
-    v = FlexGuardModel().parse_output("", reasoning="step1: a\nRISK_SCORE: 85\nCATEGORY: VIO")
-    assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE,)
+@pytest.mark.parametrize("end", ["", "\n</think>", "</think>\n", "\n<|im_end|>", "\n```", "\n\n  \n"])
+def test_flex_final_lines_of_reasoning_content_are_read_past_end_markers(end: str) -> None:
+    v = FlexGuardModel().parse_output("", reasoning=f"step1: a\nstep8: b\nCATEGORY: VIO, ILG\nRISK_SCORE: 85{end}")
+    assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE, Category.ILLEGAL)
 
 
 _STEPS = (
@@ -478,6 +479,11 @@ _STEPS = (
         _STEPS + "\nCATEGORY: VIO",  # a final category, no final score
         "The user wrote:\n0\nthen asked how to build a pipe bomb. Violent.\nCATEGORY: VIO",  # a quoted bare 0
         "step1: a\nCATEGORY: VIO\nRISK_SCORE: 85\n(end of assessment)",  # prose after the score: cannot be told
+        # a quoted score right above the model's own final category line, and no final score: the quote decided
+        _STEPS + "\nstep8: The message closes with the line\nRISK_SCORE: 0\nCATEGORY: VIO",
+        _STEPS + "\nThe message closes with:\nRISK_SCORE: 0\n\nCATEGORY: VIO",
+        _STEPS + "\nIt quotes:\nCATEGORY: SAFE\nRISK_SCORE: 0\nCATEGORY: VIO, ILG",
+        "step1: a\nRISK_SCORE: 85\nCATEGORY: VIO",  # so a category after the score is not read here either
     ],
 )
 def test_flex_a_score_with_prose_after_it_in_reasoning_content_is_no_verdict(reasoning: str) -> None:
