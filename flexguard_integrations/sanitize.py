@@ -15,6 +15,7 @@ so they read as part of the message that contains them.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -31,43 +32,76 @@ _TAGS = re.compile(
 # characters a model does not see as text (spaces and tabs, no-break and other Unicode spaces, Unicode's
 # default-ignorable characters: zero-width and bidi controls, the soft hyphen, variation selectors, tag
 # characters, the BOM...; and control characters). Matched on each line, anchored; a line that does not match
-# and is not plain printable ASCII is tried again with its first word read as a model would: invisible
-# characters and combining marks inside it skipped, each letter NFKC-folded (full-width "ＵＳＥＲ") and Cyrillic
-# or Greek look-alikes read as the Latin letter ("UЅЕR").
+# and is not plain printable ASCII is tried again as a model would read it (see _folded_turn).
 _INVISIBLE = (  # Default_Ignorable_Code_Point (Unicode 15), and the C0/C1 controls that break no line
     "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
     "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
     "\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f"
 )
+_INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")  # Hangul fillers: invisible, yet str.isalnum()
 _PLAIN_ASCII = bytes(range(0x20, 0x7F)) + b"\t\n\r\x0b\x0c\x1c\x1d\x1e"  # printable, and what breaks a line
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f]")  # the ASCII ones (an ASCII line holding one is tried again)
-# tab, Unicode spaces (Zs), the Braille blank, invisibles
-_BLANK = f"[\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u2800{_INVISIBLE}]"
-_COMBINING = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"  # marks a reader may see past
+_SPACES = "\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u2800"  # tab, Unicode spaces (Zs), the Braille blank
+_BLANK = f"[{_SPACES}{_INVISIBLE}]"
+_COMBINING = "\u0300-\u036f\u0483-\u0489\u0591-\u05c7\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
 _SKIPPED_IN_WORD = re.compile(f"[{_INVISIBLE}{_COMBINING}]+")
-_LEAD = re.compile(f"{_BLANK}*")
+_LEAD = re.compile(f"[{_SPACES}{_INVISIBLE}{_COMBINING}]*")  # a mark at the start of a line renders as nothing
 _ROLE_WORDS = frozenset({"USER", "ASSISTANT", "SYSTEM", "TOOL"})
 _ROLE_PREFIXES = frozenset(word[:n] for word in _ROLE_WORDS for n in range(1, len(word) + 1))
-# Cyrillic and Greek letters that look like the Latin letters of the role words (Unicode confusables)
-_LOOKALIKES = str.maketrans(
+
+
+def _lookalikes(groups: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """{look-alike character: the Latin capitals it may be read as} from {letters: look-alikes}."""
+    out: dict[str, tuple[str, ...]] = {}
+    for letters, chars in groups.items():
+        for char in chars:
+            out[char] = (*out.get(char, ()), *letters)
+    return out
+
+
+# Letters of other scripts (after NFKC) that look like the Latin letters of the role words, per Unicode's
+# confusables: Cyrillic, Greek, Armenian, small capitals, Cherokee, Lisu. A palochka or a Cyrillic І reads as I or L.
+_LOOKALIKES = _lookalikes(
     {
-        **dict.fromkeys("\u0410\u0430\u0391\u03b1", "A"),
-        **dict.fromkeys("\u0415\u0435\u0395\u03b5", "E"),
-        **dict.fromkeys("\u0406\u0456\u0399\u03b9\u04c0\u04cf", "I"),
-        **dict.fromkeys("\u041c\u043c\u039c", "M"),
-        **dict.fromkeys("\u039d", "N"),
-        **dict.fromkeys("\u041e\u043e\u039f\u03bf", "O"),
-        **dict.fromkeys("\u0405\u0455", "S"),
-        **dict.fromkeys("\u0422\u0442\u03a4\u03c4", "T"),
-        **dict.fromkeys("\u054d\u057d", "U"),
-        **dict.fromkeys("\u0423\u0443\u04ae\u04af\u03a5\u03c5", "Y"),
+        "A": "\u0410\u0430\u0391\u03b1\u1d00\u13aa\ua4ee",
+        "E": "\u0415\u0435\u0395\u03b5\u1d07\u13ac\ua4f0",
+        "I": "\u0406\u0456\u0399\u03b9\u026a\u13c6\ua4f2\u04c0\u04cf",
+        "L": "\u0406\u04c0\u04cf\u029f\ua4e1",
+        "M": "\u041c\u043c\u039c\u1d0d\u13b7\ua4df",
+        "N": "\u039d\u0274\ua4e0",
+        "O": "\u041e\u043e\u039f\u03bf\u0585\u1d0f\ua4f3",
+        "R": "\u0433\u0280\u13d2\ua4e3",
+        "S": "\u0405\u0455\ua731\u13da\ua4e2",
+        "T": "\u0422\u0442\u03a4\u03c4\u1d1b\u13a2\ua4d4",
+        "U": "\u054d\u057d\u03c5\u1d1c\ua4f4",
+        "Y": "\u0423\u0443\u04ae\u04af\u03a5\u028f\ua4ec",
     }
 )
-# ASCII, full-width, small, vertical; U+2A74 "::="; the ratio sign, the modifier colon, the triangular colon,
-# the raised colon, Hebrew sof pasuq (look-alikes a model may read as a colon)
-_COLONS = (":", "\uff1a", "\ufe55", "\ufe13", "\u2a74", "\u2236", "\ua789", "\u02d0", "\u02f8", "\u05c3")
+
+
+@functools.lru_cache(maxsize=4096)
+def _readings(char: str) -> tuple[str, ...]:
+    """The ways a model may read ``char`` in a role word, as Latin capitals: NFKC-folded (full-width and
+    mathematical letters), accents dropped (a combining mark alone reads as nothing), look-alikes mapped."""
+    out: tuple[str, ...] = ("",)
+    for c in unicodedata.normalize("NFD", unicodedata.normalize("NFKC", char)):
+        if unicodedata.combining(c) or unicodedata.category(c) == "Me":
+            continue
+        alternatives = _LOOKALIKES.get(c) or (c.upper(),)
+        out = tuple(o + a for o in out for a in alternatives)
+    return out
+
+
+# ASCII, full-width, small, vertical; U+2A74 "::="; look-alikes a model may read as a colon (Unicode
+# confusables): the ratio sign, modifier letter colons, the triangular and raised colons, Hebrew sof pasuq, the
+# Armenian full stop, the two-dot punctuation, the Lisu tone letter, the vertical two-dot leader, Devanagari visarga
+_COLONS = (
+    *(":", "\uff1a", "\ufe55", "\ufe13", "\u2a74", "\u2236", "\ua789", "\u02d0", "\u02f8", "\u05c3"),
+    *("\u0589", "\u205a", "\ua4fd", "\ufe30", "\u0903"),
+)
 _ANY_COLON = re.compile(f"[{''.join(_COLONS)}]")
-_AFTER_ROLE = re.compile(f"{_BLANK}*[{''.join(_COLONS)}]")
+_MARKS = re.compile(f"[{_INVISIBLE}{_COMBINING}]+")
+_AFTER_ROLE = re.compile(f"[{_SPACES}{_INVISIBLE}{_COMBINING}]*[{''.join(_COLONS)}]")
 _ROLE_START = re.compile(f"{_BLANK}*(?:{'|'.join(sorted(_ROLE_WORDS))}){_AFTER_ROLE.pattern}", re.IGNORECASE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
 _MAX_PASSES = 8
@@ -123,27 +157,34 @@ def _quote_turn_lines(text: str) -> str:
 
 
 def _folded_turn(line: str) -> bool:
-    """True when ``line`` starts like a turn once its first word is read as a model would: invisible characters
-    and combining marks in it skipped ("US\u200bER:"), each letter NFKC-folded (full-width "ＵＳＥＲ：") and
-    look-alikes mapped to the Latin letter ("UЅЕR:").
+    """True when ``line`` starts like a turn as a model would read it: blanks, invisible characters and marks
+    before the word skipped; in the word, invisible characters and combining marks skipped ("US\u200bER:",
+    "U̶S̶E̶R̶:"), each letter NFKC-folded with its accents dropped (full-width "ＵＳＥＲ", "ÚSER") and
+    look-alikes read as the Latin letter ("UЅЕR:", "ᴜꜱᴇʀ:").
 
     The walk stops at the first letter after which no role word can go on, so CJK lines (full-width colons
-    are common there) cost one lookup; a run of skipped characters costs one regex match. What follows the
+    are common there) cost one lookup; a run of invisible characters costs one regex match. What follows the
     word is matched as it is, blanks and all.
     """
     pos = _LEAD.match(line).end()  # type: ignore[union-attr]
-    folded = ""
+    folded = {""}
     while pos < len(line):
         char = line[pos]
-        if not char.isalnum() and (skipped := _SKIPPED_IN_WORD.match(line, pos)) is not None:
+        if (not char.isalnum() or char in _INVISIBLE_LETTERS) and (
+            skipped := _SKIPPED_IN_WORD.match(line, pos)
+        ) is not None:
             pos = skipped.end()
             continue
-        folded += unicodedata.normalize("NFKC", char.translate(_LOOKALIKES)).upper()
         pos += 1
-        if folded not in _ROLE_PREFIXES:  # no role word starts like this (usually known at once)
+        readings = _readings(char)
+        if folded == {""} and readings == ("",):  # a mark before the word (outside _LEAD's ranges)
+            pos = _LEAD.match(line, pos).end()  # type: ignore[union-attr]
+            continue
+        folded = {f + r for f in folded for r in readings if f + r in _ROLE_PREFIXES}
+        if not folded:  # no role word starts like this (usually known at once)
             return False
-        if folded in _ROLE_WORDS:
-            marks = _SKIPPED_IN_WORD.match(line, pos)  # the word's last letter may carry marks too ("R\u0336:")
+        if not folded.isdisjoint(_ROLE_WORDS):
+            marks = _MARKS.match(line, pos)  # the word's last letter may carry marks too ("R\u0336:")
             if _AFTER_ROLE.match(line, marks.end() if marks else pos):
                 return True
     return False
