@@ -54,8 +54,9 @@ class _DocumentFilter:
     def _policy(self, config: RunnableConfig | None) -> Any:
         """The call's policy (its config), else the enclosing run's, else ``policy_scope``, else ``self.policy``.
 
-        ``ContextualCompressionRetriever`` and retriever tools pass on callbacks only: the enclosing run's
-        config is where the caller's ``flexguard_policy`` then is.
+        Retriever tools and chains pass on callbacks only: the enclosing run's config is where the caller's
+        ``flexguard_policy`` then is. (A ``ContextualCompressionRetriever`` invoked on its own sets no run
+        config: its compressor sees ``policy_scope`` and the defaults only.)
         """
         return policy_from_config(config) or current_config_policy() or scoped_policy(self.policy)
 

@@ -494,20 +494,26 @@ async def _rewrite_sql_store(store: Any, key: str, full: str, visible: str, text
     Only the answer's own rows are updated, by row id, so messages another run of the conversation writes
     meanwhile are neither lost nor reordered (deleting and re-adding the history lost them, and could leave
     the original answer in place). Archived rows (moved out of the active window by the token limit) are
-    searched too. The update is read back: on llama-index's default in-memory database every session shares
-    one connection, and another session handing it back rolls it back, which undid the update silently; it
-    is then made again (three attempts, then a WARNING). The store's public API has no update, so this uses
-    its table (``_initialize``, llama-index-core 0.14).
+    searched too, when the answer is not among the active ones. The update is read back: on llama-index's
+    default in-memory database every session shares one connection, and another session handing it back rolls
+    it back, which undid the update silently; it is then made again (three attempts, then a WARNING). The
+    store's public API has no update, so this uses its table (``_initialize``, llama-index-core 0.14).
     """
-    from sqlalchemy import select, update
+    from llama_index.core.storage.chat_store.base_db import MessageStatus
+    from sqlalchemy import select, true, update
 
     session_factory, table = await store._initialize()
     for _ in range(_SQL_REWRITE_ATTEMPTS):
         async with session_factory() as session:
-            query = select(table.c.id, table.c.data).where(table.c.key == key).order_by(table.c.timestamp, table.c.id)
-            rows = (await session.execute(query)).fetchall()
-            messages = [ChatMessage.model_validate(row.data) for row in rows]
-            changed = _rewrite_answer(messages, full, visible, text)
+            # the active window first (bounded by the token limit); the whole history only when the answer is
+            # not there
+            for where in (table.c.status == MessageStatus.ACTIVE.value, true()):
+                query = select(table.c.id, table.c.data).where((table.c.key == key) & where)
+                rows = (await session.execute(query.order_by(table.c.timestamp, table.c.id))).fetchall()
+                messages = [ChatMessage.model_validate(row.data) for row in rows]
+                changed = _rewrite_answer(messages, full, visible, text)
+                if changed:
+                    break
             if not changed:
                 return False
             wanted = {rows[i].id: messages[i].model_dump(mode="json") for i in changed}
@@ -537,8 +543,9 @@ _UNREWRITTEN = "it may still hold the original text, which the next run would fe
 async def _rewrite_memory(memory: Any, full: str, visible: str, text: str) -> None:
     """Replace the final answer stored in an agent memory by ``text``; a WARNING when that cannot be done.
 
-    Only memories known to hold a plain chat history are written: a ``Memory`` (its active messages; its
-    archived ones are left as they are), a chat-store memory (``ChatMemoryBuffer`` and any other
+    Only memories known to hold a plain chat history are written: a ``Memory`` (on its SQL store the
+    answer's rows, active or archived, see :func:`_rewrite_sql_store`; on another ``AsyncDBChatStore`` its
+    active messages, read and written back whole), a chat-store memory (``ChatMemoryBuffer`` and any other
     ``BaseChatStoreMemory``, ``ChatSummaryMemoryBuffer``), and the primary memory of a
     ``SimpleComposableMemory`` (its secondary memories keep what they were given). Any other memory is
     left unchanged.

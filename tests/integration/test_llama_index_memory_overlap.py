@@ -115,42 +115,49 @@ async def test_an_answer_archived_by_another_run_is_rewritten_too(guard: Guard, 
     assert ("archived", REFUSAL) in rows and all(text != HARM for _, text in rows)
 
 
+@pytest.mark.parametrize(("rolled_back", "commits", "warned"), [(0, 1, False), (1, 2, False), (3, 3, True)])
 async def test_an_update_rolled_back_by_another_session_is_made_again_or_reported(
-    guard: Guard, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    guard: Guard,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    rolled_back: int,
+    commits: int,
+    warned: bool,
 ) -> None:
     # on the default in-memory database another session handing the shared connection back rolls it back:
-    # the update was lost and nothing said so. Here every commit of the rewrite is rolled back.
+    # the update was lost and nothing said so. Here the first `rolled_back` commits of the rewrite are.
     from sqlalchemy.ext.asyncio import AsyncSession
 
     memory = Memory.from_defaults()
-    commits = 0
-    real_commit = AsyncSession.commit
-
-    async def rolled_back(self: AsyncSession) -> None:
-        nonlocal commits
-        if any("UPDATE" in str(stmt) for stmt in getattr(self, "_flexguard_seen", [])):
-            commits += 1
-            await self.rollback()
-        else:
-            await real_commit(self)
-
-    real_execute = AsyncSession.execute
+    made = 0
+    real_commit, real_execute = AsyncSession.commit, AsyncSession.execute
 
     async def execute(self: AsyncSession, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        self._flexguard_seen = [*getattr(self, "_flexguard_seen", []), statement]  # type: ignore[attr-defined]
+        if str(statement).startswith("UPDATE"):
+            self.info["updated"] = True
         return await real_execute(self, statement, *args, **kwargs)
+
+    async def commit(self: AsyncSession) -> None:
+        nonlocal made
+        if self.info.pop("updated", False):
+            made += 1
+            if made <= rolled_back:
+                await self.rollback()
+                return
+        await real_commit(self)
 
     guarded = GuardedAgent(agent_of(Answer(HARM)), guard)
     with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
-        monkeypatch.setattr(AsyncSession, "commit", rolled_back)
+        monkeypatch.setattr(AsyncSession, "commit", commit)
         monkeypatch.setattr(AsyncSession, "execute", execute)
         out = await guarded.run(user_msg=CHEMISTRY, memory=memory)
         monkeypatch.undo()
     assert out.response.content == REFUSAL
-    assert commits == 3  # made again twice, then reported
-    assert HARM in await texts_of(memory)
-    assert [r.getMessage() for r in caplog.records if "did not hold" in r.getMessage()] == [
+    assert made == commits  # one update when it holds; made again after each rollback, three at most
+    assert (HARM in await texts_of(memory)) is warned
+    expected = [
         "the rewrite of the blocked or redacted answer in the agent's Memory did not hold after 3 attempts "
         "(another session of its database rolled it back): it may still hold the original text, which the next "
         "run would feed back to the model"
     ]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == (expected if warned else [])
