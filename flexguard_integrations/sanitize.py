@@ -43,7 +43,15 @@ _PLAIN_ASCII = bytes(range(0x20, 0x7F)) + b"\t\n\r\x0b\x0c\x1c\x1d\x1e"  # print
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f]")  # the ASCII ones (an ASCII line holding one is tried again)
 _SPACES = "\t \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000\u2800"  # tab, Unicode spaces (Zs), the Braille blank
 _BLANK = f"[{_SPACES}{_INVISIBLE}]"
-_COMBINING = "\u0300-\u036f\u0483-\u0489\u0591-\u05c7\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+# combining marks of the common blocks (Hebrew points without its punctuation: maqaf, paseq, sof pasuq); other
+# marks are dropped letter by letter in _readings
+_COMBINING = (
+    "\u0300-\u036f\u0483-\u0489\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7"
+    "\u064b-\u065f\u0670\u06d6-\u06dc\u06df-\u06e4\u06e7\u06e8\u06ea-\u06ed"  # Arabic
+    "\u0900-\u0902\u093a\u093c\u0941-\u0948\u094d\u0951-\u0957\u0962\u0963"  # Devanagari (not U+0903, a colon)
+    "\u0e31\u0e34-\u0e3a\u0e47-\u0e4e"  # Thai
+    "\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+)
 _SKIPPED_IN_WORD = re.compile(f"[{_INVISIBLE}{_COMBINING}]+")
 _LEAD = re.compile(f"[{_SPACES}{_INVISIBLE}{_COMBINING}]*")  # a mark at the start of a line renders as nothing
 _ROLE_WORDS = frozenset({"USER", "ASSISTANT", "SYSTEM", "TOOL"})
@@ -60,23 +68,28 @@ def _lookalikes(groups: dict[str, str]) -> dict[str, tuple[str, ...]]:
 
 
 # Letters of other scripts (after NFKC) that look like the Latin letters of the role words, per Unicode's
-# confusables: Cyrillic, Greek, Armenian, small capitals, Cherokee, Lisu. A palochka or a Cyrillic І reads as I or L.
+# confusables and "fancy text" alphabets: Cyrillic, Greek, Armenian, Coptic, small capitals, Cherokee, Lisu,
+# Canadian syllabics, letters with a stroke (looked up in either case). A palochka or a Cyrillic І reads as I
+# or L, a Greek υ as U or Y. Squared and circled capitals (🅤, 🆄) and regional indicators are read in _readings.
 _LOOKALIKES = _lookalikes(
     {
-        "A": "\u0410\u0430\u0391\u03b1\u1d00\u13aa\ua4ee",
-        "E": "\u0415\u0435\u0395\u03b5\u1d07\u13ac\ua4f0",
-        "I": "\u0406\u0456\u0399\u03b9\u026a\u13c6\ua4f2\u04c0\u04cf",
-        "L": "\u0406\u04c0\u04cf\u029f\ua4e1",
-        "M": "\u041c\u043c\u039c\u1d0d\u13b7\ua4df",
-        "N": "\u039d\u0274\ua4e0",
-        "O": "\u041e\u043e\u039f\u03bf\u0585\u1d0f\ua4f3",
-        "R": "\u0433\u0280\u13d2\ua4e3",
-        "S": "\u0405\u0455\ua731\u13da\ua4e2",
-        "T": "\u0422\u0442\u03a4\u03c4\u1d1b\u13a2\ua4d4",
-        "U": "\u054d\u057d\u03c5\u1d1c\ua4f4",
-        "Y": "\u0423\u0443\u04ae\u04af\u03a5\u028f\ua4ec",
+        "A": "\u0410\u0430\u0391\u03b1\u1d00\u13aa\ua4ee\u15e9",
+        "E": "\u0415\u0435\u0395\u03b5\u1d07\u13ac\ua4f0\u0454\u15f4",
+        "I": "\u0406\u0456\u0399\u03b9\u026a\u13c6\ua4f2\u04c0\u04cf\u01c0\u0196",
+        "L": "\u0406\u04c0\u04cf\u029f\ua4e1\u13de\u01c0\u0196\u0141\u14aa",
+        "M": "\u041c\u043c\u039c\u1d0d\u13b7\ua4df\u15f0",
+        "N": "\u039d\u0274\ua4e0\u144e",
+        "O": "\u041e\u043e\u039f\u03bf\u0585\u1d0f\ua4f3\u2c9e\u00d8",
+        "R": "\u0433\u0280\u13d2\ua4e3\u13a1\u044f\u1587",
+        "S": "\u0405\u0455\ua731\u13da\ua4e2\u13d5\u1515",
+        "T": "\u0422\u0442\u03a4\u03c4\u1d1b\u13a2\ua4d4\u0166",
+        "U": "\u054d\u057d\u03c5\u1d1c\ua4f4\u0244\u144c",
+        "Y": "\u0423\u0443\u04ae\u04af\u03a5\u03c5\u028f\ua4ec",
     }
 )
+
+
+_BOXED_LETTERS = (0x1F130, 0x1F150, 0x1F170, 0x1F1E6)  # squared, negative circled, negative squared, regional
 
 
 @functools.lru_cache(maxsize=4096)
@@ -84,23 +97,26 @@ def _readings(char: str) -> tuple[str, ...]:
     """The ways a model may read ``char`` in a role word, as Latin capitals: NFKC-folded (full-width and
     mathematical letters), accents dropped (a combining mark alone reads as nothing), look-alikes mapped."""
     out: tuple[str, ...] = ("",)
-    for c in unicodedata.normalize("NFD", unicodedata.normalize("NFKC", char)):
-        if unicodedata.combining(c) or unicodedata.category(c) == "Me":
+    for folded in unicodedata.normalize("NFD", unicodedata.normalize("NFKC", char)):
+        if unicodedata.category(folded) in ("Mn", "Me", "Cf"):  # marks (whatever their combining class), format
             continue
-        alternatives = _LOOKALIKES.get(c) or (c.upper(),)
+        c = next(  # 🄰-🅉, 🅐-🅩, 🅰-🆉, 🇦-🇿 (NFKC leaves them) as A-Z
+            (chr(ord("A") + ord(folded) - base) for base in _BOXED_LETTERS if 0 <= ord(folded) - base < 26), folded
+        )
+        alternatives = _LOOKALIKES.get(c) or _LOOKALIKES.get(c.lower()) or _LOOKALIKES.get(c.upper()) or (c.upper(),)
         out = tuple(o + a for o in out for a in alternatives)
     return out
 
 
 # ASCII, full-width, small, vertical; U+2A74 "::="; look-alikes a model may read as a colon (Unicode
 # confusables): the ratio sign, modifier letter colons, the triangular and raised colons, Hebrew sof pasuq, the
-# Armenian full stop, the two-dot punctuation, the Lisu tone letter, the vertical two-dot leader, Devanagari visarga
+# Armenian full stop, the two-dot punctuation, the Lisu tone letter, the vertical two-dot leader, the visarga of
+# Devanagari and Gujarati, Syriac colons, the runic double punctuation, Mongolian full stops
 _COLONS = (
     *(":", "\uff1a", "\ufe55", "\ufe13", "\u2a74", "\u2236", "\ua789", "\u02d0", "\u02f8", "\u05c3"),
-    *("\u0589", "\u205a", "\ua4fd", "\ufe30", "\u0903"),
+    *("\u0589", "\u205a", "\ua4fd", "\ufe30", "\u0903", "\u0a83", "\u0703", "\u0704", "\u16ec", "\u1803", "\u1809"),
 )
 _ANY_COLON = re.compile(f"[{''.join(_COLONS)}]")
-_MARKS = re.compile(f"[{_INVISIBLE}{_COMBINING}]+")
 _AFTER_ROLE = re.compile(f"[{_SPACES}{_INVISIBLE}{_COMBINING}]*[{''.join(_COLONS)}]")
 _ROLE_START = re.compile(f"{_BLANK}*(?:{'|'.join(sorted(_ROLE_WORDS))}){_AFTER_ROLE.pattern}", re.IGNORECASE)
 _SURROGATES = re.compile(r"[\ud800-\udfff]")
@@ -175,18 +191,18 @@ def _folded_turn(line: str) -> bool:
         ) is not None:
             pos = skipped.end()
             continue
-        pos += 1
         readings = _readings(char)
-        if folded == {""} and readings == ("",):  # a mark before the word (outside _LEAD's ranges)
-            pos = _LEAD.match(line, pos).end()  # type: ignore[union-attr]
+        if readings == ("",):  # a mark or a format character: nothing to read
+            pos += 1
+            if folded == {""}:  # before the word: blanks may follow
+                pos = _LEAD.match(line, pos).end()  # type: ignore[union-attr]
             continue
+        if not folded.isdisjoint(_ROLE_WORDS) and _AFTER_ROLE.match(line, pos):
+            return True  # a whole role word, then (blanks and) a colon
         folded = {f + r for f in folded for r in readings if f + r in _ROLE_PREFIXES}
         if not folded:  # no role word starts like this (usually known at once)
             return False
-        if not folded.isdisjoint(_ROLE_WORDS):
-            marks = _MARKS.match(line, pos)  # the word's last letter may carry marks too ("R\u0336:")
-            if _AFTER_ROLE.match(line, marks.end() if marks else pos):
-                return True
+        pos += 1
     return False
 
 
