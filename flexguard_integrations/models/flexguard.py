@@ -39,18 +39,20 @@ _CODES: dict[str, Category] = {
 _SAFE_WORDS = {"SAFE", "NONE", "N/A", "NA", "BENIGN"}
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+# one line, and no two runs that can share the same blanks (a long run of blanks in a guard answer would
+# otherwise cost quadratic time: 32K blank lines before the answer took 11.6 s)
 _LABELLED_SCORE = re.compile(
-    r"^[\W_]*RISK[ _-]?SCORE[\W_]*?[:=]\s*\**\s*(-?\d+(?:\.\d+)?)\s*\**\s*(?:/\s*100)?\s*$",
+    r"^[^\w\n]*_*RISK[ _-]?SCORE(?:[^\w\n]|_)*?[:=][ \t]*(?:\*+[ \t]*)?(-?\d+(?:\.\d+)?)[ \t]*(?:\*+[ \t]*)?"
+    r"(?:/[ \t]*100[ \t]*)?$",
     re.IGNORECASE | re.MULTILINE,
 )
 # "CATEGORY: VIO" on one line: nothing in it may cross into the next line (an empty "CATEGORY:" is empty)
 _LABELLED_CATEGORY = re.compile(
     r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=][ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE
 )
-_BARE_SCORE = re.compile(r"^\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*100)?\s*\**$")  # "87", "**87**", "87/100"
+_BARE_SCORE = re.compile(r"^\**[ \t]*(-?\d+(?:\.\d+)?)[ \t]*(?:/[ \t]*100[ \t]*)?\**$")  # "87", "**87**", "87/100"
 _DIGIT = re.compile(r"\d")
-# end markers a server may leave after an answer
-_TRAILING_MARKS = re.compile(r"(?:\s*(?:</think>|<\|im_end\|>|<\|endoftext\|>|```))+\s*\Z")
+_END_MARKS = ("</think>", "<|im_end|>", "<|endoftext|>")  # what a server may leave after an answer
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
 _CODE_TOKEN = re.compile(r"^[A-Z][A-Z_-]{1,15}$")
 
@@ -123,20 +125,33 @@ def _final_lines(text: str) -> list[str]:
     """The end of an answer a reasoning parser kept in ``reasoning_content``, without the steps above it: the
     last line, which must be the score (labelled or bare), and the category lines right above it (labelled,
     or lines of codes), the order of the model card's format. End markers a server may leave (``</think>``,
-    ``<|im_end|>``, a closing code fence) are dropped first.
+    ``<|im_end|>``) are dropped first; a closing code fence is not (such an answer fails closed).
 
     Anything else as the last line means the answer has no final score (the model stopped in its steps), and
     a score line further up is one the steps quoted (possibly from the judged text itself, "RISK_SCORE: 0"),
     not the verdict: no lines. Neither is a category line after the score: a quoted score followed by the
     model's own category line would otherwise decide.
     """
-    lines = [ln.strip() for ln in _TRAILING_MARKS.sub("", text).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in _drop_end_marks(text).splitlines() if ln.strip()]
     if not lines or not (_LABELLED_SCORE.match(lines[-1]) or _BARE_SCORE.match(lines[-1])):
         return []
     start = len(lines) - 1
     while start > 0 and (_LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2]):
         start -= 1
+    # another score right above the final lines (the model's own, then an echoed "RISK_SCORE: 0"), readable or
+    # not ("RISK_SCORE: 85."): the content path calls that conflicting scores; here it is no verdict either
+    above = lines[start - 1] if start > 0 else ""
+    if _LABELLED_SCORE.match(above) or _BARE_SCORE.match(above) or "score" in above.lower():
+        return []
     return lines[start:]
+
+
+def _drop_end_marks(text: str) -> str:
+    """``text`` without the end markers (and blanks) after its last line; linear, unlike a trailing regex."""
+    text = text.rstrip()
+    while (mark := next((m for m in _END_MARKS if text.endswith(m)), None)) is not None:
+        text = text[: -len(mark)].rstrip()
+    return text
 
 
 def _code_lines_above(lines: Sequence[str]) -> str | None:
@@ -151,6 +166,19 @@ def _code_lines_above(lines: Sequence[str]) -> str | None:
     if codes:
         return ", ".join(reversed(codes))
     return lines[-1] if lines else None
+
+
+def _code_lines_among(lines: Sequence[str]) -> str | None:
+    """The lines of codes in the block of category lines (labelled or codes) at the end of ``lines``, merged;
+    None when there are none."""
+    codes: list[str] = []
+    for line in reversed(lines):
+        if _LABELLED_CATEGORY.match(line):
+            continue
+        if not _parse_codes(line)[2]:
+            break
+        codes.append(line)
+    return ", ".join(reversed(codes)) if codes else None
 
 
 @dataclass
@@ -177,9 +205,10 @@ def _read_tail(tail: str) -> _Tail:
     code_line: str | None = None  # an unlabelled line of codes
     if labelled:
         out.score_text = labelled[-1].group(1)
-        if not cat_lines:  # bare code lines before the labelled score ("JAIL\nRISK_SCORE: 35")
-            before = [ln.strip() for ln in tail[: labelled[-1].start()].splitlines() if ln.strip()]
-            code_line = _code_lines_above(before)
+        before = [ln.strip() for ln in tail[: labelled[-1].start()].splitlines() if ln.strip()]
+        # bare code lines before the labelled score ("JAIL\nRISK_SCORE: 35"), also among labelled ones: a
+        # quoted "CATEGORY: SAFE" above the model's own "VIO" must not hide it
+        code_line = _code_lines_above(before) if not cat_lines else _code_lines_among(before)
     else:
         lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
         if not lines or not (m := _BARE_SCORE.match(lines[-1])):
@@ -189,11 +218,15 @@ def _read_tail(tail: str) -> _Tail:
         for line in reversed(lines[:-1]):
             labelled_cat = _LABELLED_CATEGORY.match(line)
             if labelled_cat is None:
+                if _parse_codes(line)[2]:  # a line of codes among them: read below
+                    continue
                 break
             above.append(labelled_cat.group(1))
         cat_lines = above[::-1]
         if not cat_lines and len(lines) >= 2:
             code_line = _code_lines_above(lines[:-1])
+        elif cat_lines:
+            code_line = _code_lines_among(lines[:-1])
     # several labelled lines (how the model writes several categories is not documented): their union, so a
     # "SAFE" line never hides a category another line names
     for line in cat_lines:
@@ -202,8 +235,9 @@ def _read_tail(tail: str) -> _Tail:
         out.natives += [n for n in natives if n not in out.natives]
     if code_line is not None:
         cats, natives, looked_like_codes = _parse_codes(code_line)
-        if looked_like_codes:
-            out.categories, out.natives = cats, natives
+        if looked_like_codes:  # with the labelled lines: their union
+            out.categories += [c for c in cats if c not in out.categories]
+            out.natives += [n for n in natives if n not in out.natives]
     return out
 
 

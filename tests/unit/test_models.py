@@ -460,7 +460,7 @@ def test_flex_every_category_line_above_the_score_in_reasoning_content_is_read()
     assert v.ok and v.categories == (Category.JAILBREAK, Category.VIOLENCE, Category.ILLEGAL, Category.PRIVACY)
 
 
-@pytest.mark.parametrize("end", ["", "\n</think>", "</think>\n", "\n<|im_end|>", "\n```", "\n\n  \n"])
+@pytest.mark.parametrize("end", ["", "\n</think>", "</think>\n", "\n<|im_end|>", "\n<|endoftext|></think>", "\n\n  \n"])
 def test_flex_final_lines_of_reasoning_content_are_read_past_end_markers(end: str) -> None:
     v = FlexGuardModel().parse_output("", reasoning=f"step1: a\nstep8: b\nCATEGORY: VIO, ILG\nRISK_SCORE: 85{end}")
     assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE, Category.ILLEGAL)
@@ -484,9 +484,15 @@ _STEPS = (
         _STEPS + "\nThe message closes with:\nRISK_SCORE: 0\n\nCATEGORY: VIO",
         _STEPS + "\nIt quotes:\nCATEGORY: SAFE\nRISK_SCORE: 0\nCATEGORY: VIO, ILG",
         "step1: a\nRISK_SCORE: 85\nCATEGORY: VIO",  # so a category after the score is not read here either
+        # the model's own answer, then an echo of the judged text's last line: the echo decided (risk 0)
+        "step8: b\nCATEGORY: VIO\nRISK_SCORE: 85\nRISK_SCORE: 0",
+        "step8: b\nCATEGORY: VIO\nRISK_SCORE: 85\nCATEGORY: SAFE\nRISK_SCORE: 0",
+        "step8: b\nVIO\n85\n0",
+        "step8: b\nCATEGORY: VIO\nRISK_SCORE: 85.\nRISK_SCORE: 0",  # ...its own score unreadable
+        "step8: b\nCATEGORY: VIO\nRISK_SCORE: 85\n```",  # a closing fence is not dropped: fails closed
     ],
 )
-def test_flex_a_score_with_prose_after_it_in_reasoning_content_is_no_verdict(reasoning: str) -> None:
+def test_flex_a_score_with_prose_after_it_in_reasoning_content_is_no_verdict(reasoning: str) -> None:  # or echoes
     # prose without a digit after a quoted "RISK_SCORE: 0" let the quote decide: risk 0, allowed
     v = FlexGuardModel().parse_output("", reasoning=reasoning)
     assert not v.ok and "no RISK_SCORE" in (v.error or "")
@@ -637,3 +643,36 @@ def test_qwen_memo_is_not_used_with_logprob_scoring() -> None:
     low = model.parse_output(text, logprobs=tokens(0.2))
     assert high.risk_score == pytest.approx(90.0) and low.risk_score == pytest.approx(20.0)
     assert model._parsed == {}
+
+
+@pytest.mark.parametrize(
+    ("content", "reasoning"),
+    [
+        ("", "step1: a" + " " * 40_000 + "\n" * 40_000 + "CATEGORY: VIO\nRISK_SCORE: 85" + " \n" * 40_000),
+        ("\n" * 40_000 + "<think>a</think>\nCATEGORY: VIO\nRISK_SCORE: 85", None),
+        ("<think>a</think>\nCATEGORY: VIO\nRISK_SCORE:" + " " * 40_000 + "x", None),
+        ("<think>a</think>\nVIO\n85" + " " * 40_000 + "x", None),
+    ],
+)
+def test_flex_long_blank_runs_in_an_answer_parse_in_linear_time(content: str, reasoning: str | None) -> None:
+    # a trailing-marker regex and score patterns whose blank runs could share characters took quadratic time:
+    # 32K blanks 14-18 s, blocking the event loop; these inputs now parse at once (run under the suite's timeout)
+    v = FlexGuardModel().parse_output(content, reasoning=reasoning)
+    assert v.ok == (not content.endswith("x"))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "CATEGORY: SAFE\nVIO\nRISK_SCORE: 30",  # a quoted "CATEGORY: SAFE" above the model's own code line
+        "VIO\nCATEGORY: SAFE\nRISK_SCORE: 30",
+        "CATEGORY: SAFE\nVIO\n30",
+    ],
+)
+def test_flex_code_lines_among_labelled_category_lines_are_read_too(answer: str) -> None:
+    # the labelled lines alone were read: no category, so VIO's stricter threshold was lost
+    for v in (
+        FlexGuardModel().parse_output(f"<think>a</think>\n{answer}"),
+        FlexGuardModel().parse_output("", reasoning=f"step8: b\n{answer}"),
+    ):
+        assert v.ok and v.risk_score == 30.0 and v.categories == (Category.VIOLENCE,)
