@@ -23,6 +23,7 @@ import copy
 import functools
 import json
 import logging
+import time
 import weakref
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -488,50 +489,73 @@ def _rewrite_chat_store(memory: Any, full: str, visible: str, text: str) -> bool
     return True
 
 
-async def _rewrite_sql_store(store: Any, key: str, full: str, visible: str, text: str) -> bool:
-    """Rewrite the answer's rows of a ``SQLAlchemyChatStore`` (a ``Memory``'s store) in one transaction.
+async def _rewrite_sql_store(
+    store: Any, key: str, full: str, visible: str, text: str, since_ns: int = 0
+) -> tuple[bool, bool]:
+    """Rewrite the answer's rows of a ``SQLAlchemyChatStore`` (a ``Memory``'s store) in one transaction;
+    (found, found among the archived rows).
 
     Only the answer's own rows are updated, by row id, so messages another run of the conversation writes
     meanwhile are neither lost nor reordered (deleting and re-adding the history lost them, and could leave
-    the original answer in place). Archived rows (moved out of the active window by the token limit) are
-    searched too, when the answer is not among the active ones. The update is read back: on llama-index's
-    default in-memory database every session shares one connection, and another session handing it back rolls
-    it back, which undid the update silently; it is then made again (three attempts, then a WARNING). The
-    store's public API has no update, so this uses its table (``_initialize``, llama-index-core 0.14).
+    the original answer in place). Only rows the run may have stored are searched (``timestamp >= since_ns``,
+    less a second of clock slack), so an identical answer of an earlier run is never taken for this one;
+    archived rows (moved out of the active window by the token limit) are searched too, when the answer is
+    not among the active ones. Rewrites of one conversation in this process take turns (two runs blocking
+    the same answer at once both chose the newest copy, and the other copy stayed). The update is read back:
+    on llama-index's default in-memory database every session shares one connection, and another session
+    handing it back rolls it back, which undid the update silently; it is then made again (three attempts,
+    then a WARNING). The store's public API has no update, so this uses its table (``_initialize``,
+    llama-index-core 0.14).
     """
     from llama_index.core.storage.chat_store.base_db import MessageStatus
     from sqlalchemy import select, true, update
 
     session_factory, table = await store._initialize()
-    for _ in range(_SQL_REWRITE_ATTEMPTS):
-        async with session_factory() as session:
-            # the active window first (bounded by the token limit); the whole history only when the answer is
-            # not there
-            for where in (table.c.status == MessageStatus.ACTIVE.value, true()):
-                query = select(table.c.id, table.c.data).where((table.c.key == key) & where)
-                rows = (await session.execute(query.order_by(table.c.timestamp, table.c.id))).fetchall()
-                messages = [ChatMessage.model_validate(row.data) for row in rows]
-                changed = _rewrite_answer(messages, full, visible, text)
-                if changed:
-                    break
-            if not changed:
-                return False
-            wanted = {rows[i].id: messages[i].model_dump(mode="json") for i in changed}
-            for row_id, data in wanted.items():
-                await session.execute(update(table).where(table.c.id == row_id).values(data=data))
-            await session.commit()
-        async with session_factory() as session:
-            check = select(table.c.id, table.c.data).where(table.c.id.in_(list(wanted)))
-            stored = {row.id: row.data for row in (await session.execute(check)).fetchall()}
-        if stored == wanted:
-            return True
+    recent = table.c.timestamp >= since_ns - 1_000_000_000 if since_ns else true()
+    async with _conversation_lock(store, key):
+        for _ in range(_SQL_REWRITE_ATTEMPTS):
+            async with session_factory() as session:
+                # the active window first (bounded by the token limit), then the run's archived rows
+                archived = False
+                for where in (table.c.status == MessageStatus.ACTIVE.value, true()):
+                    query = select(table.c.id, table.c.data).where((table.c.key == key) & recent & where)
+                    rows = (await session.execute(query.order_by(table.c.timestamp, table.c.id))).fetchall()
+                    messages = [ChatMessage.model_validate(row.data) for row in rows]
+                    changed = _rewrite_answer(messages, full, visible, text)
+                    if changed:
+                        break
+                    archived = True  # not among the active rows: what the second pass finds is archived
+                if not changed:
+                    return False, False
+                wanted = {rows[i].id: messages[i].model_dump(mode="json") for i in changed}
+                for row_id, data in wanted.items():
+                    await session.execute(update(table).where(table.c.id == row_id).values(data=data))
+                await session.commit()
+            async with session_factory() as session:
+                check = select(table.c.id, table.c.data).where(table.c.id.in_(list(wanted)))
+                stored = {row.id: row.data for row in (await session.execute(check)).fetchall()}
+            if stored == wanted:
+                return True, archived
     logger.warning(
         "the rewrite of the blocked or redacted answer in the agent's Memory did not hold after %d attempts "
         "(another session of its database rolled it back): %s",
         _SQL_REWRITE_ATTEMPTS,
         _UNREWRITTEN,
     )
-    return True  # found; the WARNING above already says it may still be there
+    return True, archived  # found; the WARNING above already says it may still be there
+
+
+_STORE_LOCKS: dict[int, dict[str, asyncio.Lock]] = {}  # by id(store): stores are unhashable pydantic models
+
+
+def _conversation_lock(store: Any, key: str) -> asyncio.Lock:
+    """The lock that makes the memory rewrites of one conversation (store, session key) take turns; dropped
+    with the store."""
+    locks = _STORE_LOCKS.get(id(store))
+    if locks is None:
+        locks = _STORE_LOCKS[id(store)] = {}
+        weakref.finalize(store, _STORE_LOCKS.pop, id(store), None)
+    return locks.setdefault(key, asyncio.Lock())
 
 
 _SQL_REWRITE_ATTEMPTS = 3
@@ -540,7 +564,7 @@ _SQL_REWRITE_ATTEMPTS = 3
 _UNREWRITTEN = "it may still hold the original text, which the next run would feed back to the model"
 
 
-async def _rewrite_memory(memory: Any, full: str, visible: str, text: str) -> None:
+async def _rewrite_memory(memory: Any, full: str, visible: str, text: str, since_ns: int = 0) -> None:
     """Replace the final answer stored in an agent memory by ``text``; a WARNING when that cannot be done.
 
     Only memories known to hold a plain chat history are written: a ``Memory`` (on its SQL store the
@@ -558,7 +582,7 @@ async def _rewrite_memory(memory: Any, full: str, visible: str, text: str) -> No
 
     name = type(memory).__name__
     if isinstance(memory, SimpleComposableMemory):
-        await _rewrite_memory(memory.primary_memory, full, visible, text)
+        await _rewrite_memory(memory.primary_memory, full, visible, text, since_ns)
         if memory.secondary_memory_sources:
             kinds = ", ".join(type(m).__name__ for m in memory.secondary_memory_sources)
             logger.warning(
@@ -571,7 +595,14 @@ async def _rewrite_memory(memory: Any, full: str, visible: str, text: str) -> No
     if isinstance(memory, Memory):
         store, key = memory.sql_store, memory.session_id
         if isinstance(store, SQLAlchemyChatStore):
-            found = await _rewrite_sql_store(store, key, full, visible, text)
+            found, archived = await _rewrite_sql_store(store, key, full, visible, text, since_ns)
+            if archived and getattr(memory, "memory_blocks", None):
+                logger.warning(
+                    "the blocked or redacted answer had already left the agent's Memory's active window and was "
+                    "rewritten in its archive, but its memory blocks (%s) may have taken the original text, which "
+                    "the next run would feed back to the model",
+                    ", ".join(type(b).__name__ for b in memory.memory_blocks),
+                )
         else:  # another AsyncDBChatStore: not atomic, a conversation's runs must not overlap (see the docs)
             messages = list(await store.get_messages(key, status=MessageStatus.ACTIVE))
             found = bool(_rewrite_answer(messages, full, visible, text))
@@ -734,6 +765,7 @@ class GuardedAgent:
             run_msg = decision.redacted_text
         elif not decision.action.passes:
             return self._refusal(decision, decisions)
+        started_ns = time.time_ns()  # the memory rows this run stores are not older (a Memory's SQL store)
         handler = self.agent.run(user_msg=run_msg, **kwargs)
         output = await handler
         response = getattr(output, "response", None)
@@ -753,11 +785,12 @@ class GuardedAgent:
             return self._attach(output, decisions)
         visible = _visible_text(response)
         if decision.action is Action.REDACT and decision.redacted_text is not None:
-            await self._rewrite_run_memory(handler, kwargs, answer, visible, decision.redacted_text)
+            await self._rewrite_run_memory(handler, kwargs, answer, visible, decision.redacted_text, started_ns)
             output.response = ChatMessage(role=MessageRole.ASSISTANT, content=decision.redacted_text)
             output.raw = {}  # the model's raw answer holds the unredacted text
             return self._attach(output, decisions)
-        await self._rewrite_run_memory(handler, kwargs, answer, visible, _refusal_text(self.refusal, decision))
+        refusal = _refusal_text(self.refusal, decision)
+        await self._rewrite_run_memory(handler, kwargs, answer, visible, refusal, started_ns)
         return self._refusal(decision, decisions)
 
     async def _redaction(self, user_msg: str, response: Any, structured: str | None, decision: Decision) -> Decision:
@@ -798,7 +831,9 @@ class GuardedAgent:
         return second
 
     @staticmethod
-    async def _rewrite_run_memory(handler: Any, kwargs: dict[str, Any], full: str, visible: str, text: str) -> None:
+    async def _rewrite_run_memory(
+        handler: Any, kwargs: dict[str, Any], full: str, visible: str, text: str, since_ns: int
+    ) -> None:
         """Put ``text`` in place of the blocked or redacted answer in the memory the run used.
 
         Workflow agents keep their memory in the run's context store (``memory=`` given to ``run`` ends up
@@ -823,7 +858,7 @@ class GuardedAgent:
                     type(memory).__name__,
                 )
                 return
-            await _rewrite_memory(memory, full, visible, text)
+            await _rewrite_memory(memory, full, visible, text, since_ns)
         except Exception:
             logger.warning(
                 "rewriting the blocked or redacted answer in the agent's %s failed: %s",

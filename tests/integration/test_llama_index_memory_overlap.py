@@ -19,12 +19,13 @@ import pytest
 from llama_index.core.llms import ChatMessage
 from llama_index.core.memory import Memory
 from llama_index.core.storage.chat_store import SimpleChatStore
+from llama_index.core.storage.chat_store.base_db import MessageStatus
 
 from flexguard_integrations import Guard
 from flexguard_integrations.llama_index import GuardedAgent
 from flexguard_integrations.testing import FakeGuardServer
 from tests.conftest import FLEX
-from tests.integration.test_llama_index_review_fixes_2 import HARM, REFUSAL, Answer, agent_of
+from tests.integration.test_llama_index_review_fixes_2 import HARM, QUESTION, REFUSAL, Answer, agent_of
 from tests.integration.test_llama_index_review_fixes_3 import (
     CHEMISTRY,
     HeldAnswerCheck,
@@ -161,3 +162,116 @@ async def test_an_update_rolled_back_by_another_session_is_made_again_or_reporte
         "run would feed back to the model"
     ]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == (expected if warned else [])
+
+
+# ---------------------------------------------------------------- review round 3
+
+
+async def test_two_runs_blocking_the_same_answer_at_once_both_get_rewritten(
+    guard: Guard, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # both searches ran before either update, so both took the newest copy, and the other copy stayed silently
+    memory = Memory.from_defaults(async_database_uri=f"sqlite+aiosqlite:///{tmp_path / 'memory.db'}")
+    await memory.sql_store._initialize()  # llama-index's own lazy table creation races between two tasks
+    held = HeldAnswerCheck(guard)
+    runs = [
+        asyncio.create_task(GuardedAgent(agent_of(Answer(HARM)), cast(Guard, held)).run(user_msg=msg, memory=memory))
+        for msg in (CHEMISTRY, QUESTION)
+    ]
+    await asyncio.wait_for(held.arrived.wait(), 10)
+    for _ in range(100):  # until both answers are stored and both checks wait
+        if [text for _, text in await stored_rows(memory)].count(HARM) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [text for _, text in await stored_rows(memory)].count(HARM) == 2
+    with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+        held.release.set()
+        outs = await asyncio.gather(*runs)
+    assert [out.response.content for out in outs] == [REFUSAL, REFUSAL]
+    rows = await stored_rows(memory)
+    assert all(text != HARM for _, text in rows) and [text for _, text in rows].count(REFUSAL) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_return_direct_answer_is_rewritten_with_its_tool_row(guard: Guard) -> None:
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.base.llms.types import ToolCallBlock
+    from llama_index.core.llms import MessageRole
+    from llama_index.core.llms.mock import MockFunctionCallingLLM
+    from llama_index.core.tools import FunctionTool
+
+    def forum(topic: str) -> str:
+        """Read the forum."""
+        return HARM
+
+    tool = FunctionTool.from_defaults(forum, return_direct=True)
+    call = ChatMessage(
+        role="assistant", blocks=[ToolCallBlock(tool_call_id="c1", tool_name="forum", tool_kwargs={"topic": "x"})]
+    )
+    agent = FunctionAgent(tools=[tool], llm=MockFunctionCallingLLM(response_generator=Answer(call)))
+    memory = Memory.from_defaults()
+    assert (await GuardedAgent(agent, guard).run(user_msg=QUESTION, memory=memory)).response.content == REFUSAL
+    stored = await memory.aget_all()
+    assert [m.role for m in stored][-2:] == [MessageRole.TOOL, MessageRole.ASSISTANT]
+    assert not any(HARM in m.model_dump_json() for m in stored)
+
+
+async def test_only_this_runs_copy_of_an_answer_is_rewritten(
+    guard: Guard, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an earlier run's policy allowed the same text: that copy stays, active or archived
+    memory = Memory.from_defaults()
+    allowed = GuardedAgent(agent_of(Answer(HARM)), guard, policy={"thresholds": {"VIOLENCE": 100}})
+    assert (await allowed.run(user_msg=QUESTION, memory=memory)).response.content == HARM
+    blocked = await GuardedAgent(agent_of(Answer(HARM)), guard).run(user_msg=CHEMISTRY, memory=memory)
+    assert blocked.response.content == REFUSAL
+    assert [str(m.content) for m in await memory.aget_all()] == [QUESTION, HARM, CHEMISTRY, REFUSAL]
+
+    # this run's answer was not stored at all, and an earlier identical one is archived: it was rewritten in
+    # place of this one, and the missing answer went unreported
+    class NoAnswers(Memory):
+        async def aput_messages(self, messages: list[ChatMessage]) -> None:
+            kept = [m for m in messages if m.role != "assistant"]
+            if kept:
+                await super().aput_messages(kept)
+
+    memory = NoAnswers.from_defaults(async_database_uri=f"sqlite+aiosqlite:///{tmp_path / 'memory.db'}")
+    earlier = [ChatMessage(role="user", content="earlier question"), ChatMessage(role="assistant", content=HARM)]
+    await memory.sql_store.add_messages(memory.session_id, earlier, status=MessageStatus.ARCHIVED)
+    await asyncio.sleep(1.1)  # older than the run by more than the clock slack
+    with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+        assert (
+            await GuardedAgent(agent_of(Answer(HARM)), guard).run(user_msg=CHEMISTRY, memory=memory)
+        ).response.content == REFUSAL
+    assert ("archived", HARM) in await stored_rows(memory)
+    assert any("was not found" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_archived_answer_rewritten_warns_about_the_memory_blocks(
+    guard: Guard, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llama_index.core.memory import StaticMemoryBlock
+
+    uri = f"sqlite+aiosqlite:///{tmp_path / 'memory.db'}"
+    memory = Memory.from_defaults(
+        async_database_uri=uri,
+        token_limit=40,
+        chat_history_token_ratio=0.5,
+        token_flush_size=5,
+        memory_blocks=[StaticMemoryBlock(name="notes", static_content="The user likes chemistry.")],
+    )
+    held = HeldAnswerCheck(guard)
+    agent = GuardedAgent(agent_of(Answer(HARM)), cast(Guard, held))
+    task = asyncio.create_task(agent.run(user_msg=CHEMISTRY, memory=memory))
+    await asyncio.wait_for(held.arrived.wait(), 10)
+    for i in range(6):
+        await memory.aput(ChatMessage(role="user", content=f"another run's message {i}"))
+    with caplog.at_level(logging.WARNING, logger="flexguard_integrations"):
+        held.release.set()
+        assert (await task).response.content == REFUSAL
+    assert ("archived", REFUSAL) in await stored_rows(memory)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "the blocked or redacted answer had already left the agent's Memory's active window and was rewritten in "
+        "its archive, but its memory blocks (StaticMemoryBlock) may have taken the original text, which the next "
+        "run would feed back to the model"
+    ]
