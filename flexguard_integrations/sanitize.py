@@ -98,8 +98,8 @@ def _readings(char: str) -> tuple[str, ...]:
     mathematical letters), accents dropped (a combining mark alone reads as nothing), look-alikes mapped."""
     out: tuple[str, ...] = ("",)
     for folded in unicodedata.normalize("NFD", unicodedata.normalize("NFKC", char)):
-        if unicodedata.category(folded) in ("Mn", "Me", "Cf"):  # marks (whatever their combining class), format
-            continue
+        if unicodedata.combining(folded) or unicodedata.category(folded) in ("Mn", "Me", "Cf"):
+            continue  # marks (spacing ones with a combining class too, whatever their class), format
         c = next(  # 🄰-🅉, 🅐-🅩, 🅰-🆉, 🇦-🇿 (NFKC leaves them) as A-Z
             (chr(ord("A") + ord(folded) - base) for base in _BOXED_LETTERS if 0 <= ord(folded) - base < 26), folded
         )

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any, Literal
@@ -500,7 +500,7 @@ async def _rewrite_sql_store(
     the original answer in place). Only rows the run may have stored are searched (``timestamp >= since_ns``,
     less a second of clock slack), so an identical answer of an earlier run is never taken for this one;
     archived rows (moved out of the active window by the token limit) are searched too, when the answer is
-    not among the active ones. Rewrites of one conversation in this process take turns (two runs blocking
+    not among the active ones. Rewrites of one conversation in one event loop take turns (two runs blocking
     the same answer at once both chose the newest copy, and the other copy stayed). The update is read back:
     on llama-index's default in-memory database every session shares one connection, and another session
     handing it back rolls it back, which undid the update silently; it is then made again (three attempts,
@@ -512,7 +512,7 @@ async def _rewrite_sql_store(
 
     session_factory, table = await store._initialize()
     recent = table.c.timestamp >= since_ns - 1_000_000_000 if since_ns else true()
-    async with _conversation_lock(store, key):
+    async with _conversation_turn(store, key):
         for _ in range(_SQL_REWRITE_ATTEMPTS):
             async with session_factory() as session:
                 # the active window first (bounded by the token limit), then the run's archived rows
@@ -545,17 +545,30 @@ async def _rewrite_sql_store(
     return True, archived  # found; the WARNING above already says it may still be there
 
 
-_STORE_LOCKS: dict[int, dict[str, asyncio.Lock]] = {}  # by id(store): stores are unhashable pydantic models
+# per event loop (an asyncio.Lock belongs to one loop), by conversation: (database, table, session key), so
+# separate Memory objects on one database and session share it
+_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str, str], list[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _conversation_lock(store: Any, key: str) -> asyncio.Lock:
-    """The lock that makes the memory rewrites of one conversation (store, session key) take turns; dropped
-    with the store."""
-    locks = _STORE_LOCKS.get(id(store))
-    if locks is None:
-        locks = _STORE_LOCKS[id(store)] = {}
-        weakref.finalize(store, _STORE_LOCKS.pop, id(store), None)
-    return locks.setdefault(key, asyncio.Lock())
+@contextlib.asynccontextmanager
+async def _conversation_turn(store: Any, key: str) -> AsyncIterator[None]:
+    """Make the memory rewrites of one conversation in this event loop take turns; the lock is dropped when no
+    rewrite holds or waits for it. Runs in other loops or processes are not covered (documented)."""
+    engine = getattr(store, "_async_engine", None)
+    database = str(engine.url) if engine is not None else str(getattr(store, "async_database_uri", ""))
+    ident = (database, str(getattr(store, "table_name", "")), key)
+    turns = _TURNS.setdefault(asyncio.get_running_loop(), {})
+    entry = turns.setdefault(ident, [asyncio.Lock(), 0])
+    entry[1] += 1
+    try:
+        async with entry[0]:
+            yield
+    finally:
+        entry[1] -= 1
+        if entry[1] == 0:
+            turns.pop(ident, None)
 
 
 _SQL_REWRITE_ATTEMPTS = 3

@@ -38,19 +38,22 @@ _CODES: dict[str, Category] = {
 }
 _SAFE_WORDS = {"SAFE", "NONE", "N/A", "NA", "BENIGN"}
 
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 # one line, and no two runs that can share the same blanks (a long run of blanks in a guard answer would
 # otherwise cost quadratic time: 32K blank lines before the answer took 11.6 s)
+_B = r"[^\S\n]"  # a blank that is not a line break (spaces, tabs, \r of CRLF, no-break spaces)
 _LABELLED_SCORE = re.compile(
-    r"^[^\w\n]*_*RISK[ _-]?SCORE(?:[^\w\n]|_)*?[:=][ \t]*(?:\*+[ \t]*)?(-?\d+(?:\.\d+)?)[ \t]*(?:\*+[ \t]*)?"
-    r"(?:/[ \t]*100[ \t]*)?$",
+    rf"^(?:[^\w\n]|_)*RISK[ _-]?SCORE(?:[^\w\n]|_)*?[:=]{_B}*(?:\*+{_B}*)?(-?\d+(?:\.\d+)?){_B}*(?:\*+{_B}*)?"
+    rf"(?:/{_B}*100{_B}*)?$",
     re.IGNORECASE | re.MULTILINE,
 )
+# a line labelled as the score, readable or not ("RISK_SCORE: 85.", "RISK_SCORE: high")
+_SCORE_LABEL = re.compile(r"^(?:[^\w\n]|_)*RISK[ _-]?SCORE\b", re.IGNORECASE)
+_LABEL_ONLY = re.compile(r"^(?:[^\w\n]|_)*RISK[ _-]?SCORE(?:[^\w\n]|_)*$", re.IGNORECASE)
+# a line that is a number with stray punctuation ("85.", "85!"): a bare score this parser cannot read
+_NUMBER_LINE = re.compile(r"^(?:[^\w\n]|_)*-?\d+(?:\.\d+)?(?:[^\w\n]|_)*$")
 # "CATEGORY: VIO" on one line: nothing in it may cross into the next line (an empty "CATEGORY:" is empty)
-_LABELLED_CATEGORY = re.compile(
-    r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=][ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE
-)
-_BARE_SCORE = re.compile(r"^\**[ \t]*(-?\d+(?:\.\d+)?)[ \t]*(?:/[ \t]*100[ \t]*)?\**$")  # "87", "**87**", "87/100"
+_LABELLED_CATEGORY = re.compile(r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=](.*)$", re.IGNORECASE | re.MULTILINE)
+_BARE_SCORE = re.compile(rf"^\**{_B}*(-?\d+(?:\.\d+)?){_B}*(?:/{_B}*100{_B}*)?\**$")  # "87", "**87**", "87/100"
 _DIGIT = re.compile(r"\d")
 _END_MARKS = ("</think>", "<|im_end|>", "<|endoftext|>")  # what a server may leave after an answer
 _CODE_SPLIT = re.compile(r"[\s,;|/+&]+")
@@ -136,14 +139,49 @@ def _final_lines(text: str) -> list[str]:
     if not lines or not (_LABELLED_SCORE.match(lines[-1]) or _BARE_SCORE.match(lines[-1])):
         return []
     start = len(lines) - 1
-    while start > 0 and (_LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2]):
+    while start > 0 and (
+        _LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2] or _separator(lines[start - 1])
+    ):
         start -= 1
+    final = _score_value(lines[-1])
     # another score right above the final lines (the model's own, then an echoed "RISK_SCORE: 0"), readable or
-    # not ("RISK_SCORE: 85."): the content path calls that conflicting scores; here it is no verdict either
+    # not ("RISK_SCORE: 85."), or a labelled score line anywhere in the steps that says something else (the
+    # model's own answer, a separator or a remark, then the echo): the content path calls that conflicting
+    # scores; here it is no verdict either. A quoted score equal to the final one changes nothing.
     above = lines[start - 1] if start > 0 else ""
-    if _LABELLED_SCORE.match(above) or _BARE_SCORE.match(above) or "score" in above.lower():
+    if _score_line(above) and _score_value(above) != final:
+        return []
+    if any(_SCORE_LABEL.match(line) and _score_value(line) != final for line in lines[: max(start - 1, 0)]):
         return []
     return lines[start:]
+
+
+def _score_value(line: str) -> float | None:
+    """The score a labelled or bare score line gives, None when it cannot be read."""
+    match = _LABELLED_SCORE.match(line) or _BARE_SCORE.match(line)
+    return float(match.group(1)) if match else None
+
+
+def _score_line(line: str) -> bool:
+    """Whether ``line`` is a score line, readable or not ("RISK_SCORE: 85", "85", "RISK_SCORE: 85.", "85.");
+    a label alone ("RISK_SCORE:", its value on the next line) is not."""
+    return bool((_SCORE_LABEL.match(line) and not _LABEL_ONLY.match(line)) or _NUMBER_LINE.match(line))
+
+
+def _separator(line: str) -> bool:
+    """A line with no letter or digit ("---", "***", a fence), or a score label whose value is on the next line:
+    skipped between the category and score lines."""
+    return not any(c.isalnum() for c in line) or bool(_LABEL_ONLY.match(line))
+
+
+def _think_block(content: str) -> tuple[str, int] | None:
+    """The text of the first ``<think>...</think>`` block and where it ends; str.find, so linear (a lazy regex
+    took quadratic time on many unclosed "<think>")."""
+    start = content.find("<think>")
+    if start < 0:
+        return None
+    end = content.find("</think>", start + len("<think>"))
+    return None if end < 0 else (content[start + len("<think>") : end], end + len("</think>"))
 
 
 def _drop_end_marks(text: str) -> str:
@@ -160,6 +198,8 @@ def _code_lines_above(lines: Sequence[str]) -> str | None:
     :func:`_parse_codes` then reads as no category), else None."""
     codes: list[str] = []
     for line in reversed(lines):
+        if _separator(line) and line.strip():  # "---" between the codes and the score
+            continue
         if not _parse_codes(line)[2]:
             break
         codes.append(line)
@@ -173,7 +213,7 @@ def _code_lines_among(lines: Sequence[str]) -> str | None:
     None when there are none."""
     codes: list[str] = []
     for line in reversed(lines):
-        if _LABELLED_CATEGORY.match(line):
+        if _LABELLED_CATEGORY.match(line) or (_separator(line) and line.strip()):
             continue
         if not _parse_codes(line)[2]:
             break
@@ -200,7 +240,11 @@ def _read_tail(tail: str) -> _Tail:
     scores |= {float(m.group(1)) for ln in tail.splitlines() if (m := _BARE_SCORE.match(ln.strip()))}
     if len(scores) > 1:
         return _Tail(error=f"the guard answer gives conflicting risk scores: {tail.strip()[-80:]!r}")
-    cat_lines = [m.group(1) for m in _LABELLED_CATEGORY.finditer(tail)]
+    # a score line this parser cannot read ("RISK_SCORE: 85.", "85.") beside a readable one: which one is the
+    # model's own is unknown (an echoed "RISK_SCORE: 0" after an unreadable own score decided)
+    if scores and any(_score_line(ln.strip()) and _score_value(ln.strip()) is None for ln in tail.splitlines()):
+        return _Tail(error=f"the guard answer has a risk score line that cannot be read: {tail.strip()[-80:]!r}")
+    cat_lines = [m.group(1).strip() for m in _LABELLED_CATEGORY.finditer(tail)]
     out = _Tail()
     code_line: str | None = None  # an unlabelled line of codes
     if labelled:
@@ -221,7 +265,7 @@ def _read_tail(tail: str) -> _Tail:
                 if _parse_codes(line)[2]:  # a line of codes among them: read below
                     continue
                 break
-            above.append(labelled_cat.group(1))
+            above.append(labelled_cat.group(1).strip())
         cat_lines = above[::-1]
         if not cat_lines and len(lines) >= 2:
             code_line = _code_lines_above(lines[:-1])
@@ -303,10 +347,10 @@ class FlexGuardModel(GuardModel):
             return Verdict.failed("guard answer was cut off at max_tokens (finish_reason=length)", **base)
 
         think: str | None = reasoning.strip() if reasoning else None
-        match = _THINK.search(content)
+        match = _think_block(content)
         if match:
-            think = match.group(1).strip()
-            tail = content[match.end() :]
+            think = match[0].strip()
+            tail = content[match[1] :]
         elif "</think>" in content:  # the template pre-filled "<think>"
             head, _, tail = content.partition("</think>")
             think = head.strip()

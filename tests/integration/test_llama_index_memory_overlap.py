@@ -275,3 +275,46 @@ async def test_an_archived_answer_rewritten_warns_about_the_memory_blocks(
         "its archive, but its memory blocks (StaticMemoryBlock) may have taken the original text, which the next "
         "run would feed back to the model"
     ]
+
+
+# ---------------------------------------------------------------- review round 4
+
+
+async def test_two_memory_objects_of_one_conversation_take_turns(guard: Guard, tmp_path: Path) -> None:
+    # a Memory per request, same database and session (as llama-index's docs build them): the turn was keyed by
+    # the object, so the two rewrites raced and one blocked answer stayed, silently
+    uri = f"sqlite+aiosqlite:///{tmp_path / 'memory.db'}"
+    memories = [Memory.from_defaults(session_id="alice", async_database_uri=uri) for _ in range(2)]
+    for memory in memories:
+        await memory.sql_store._initialize()
+    held = HeldAnswerCheck(guard)
+    runs = [
+        asyncio.create_task(GuardedAgent(agent_of(Answer(HARM)), cast(Guard, held)).run(user_msg=msg, memory=memory))
+        for msg, memory in zip((CHEMISTRY, QUESTION), memories, strict=True)
+    ]
+    await asyncio.wait_for(held.arrived.wait(), 10)
+    for _ in range(100):
+        if [text for _, text in await stored_rows(memories[0])].count(HARM) == 2:
+            break
+        await asyncio.sleep(0.01)
+    held.release.set()
+    assert [out.response.content for out in await asyncio.gather(*runs)] == [REFUSAL, REFUSAL]
+    assert HARM not in [text for _, text in await stored_rows(memories[0])]
+
+
+def test_one_memory_served_by_several_event_loops(server: FakeGuardServer, tmp_path: Path) -> None:
+    # requests served with asyncio.run each: the lock of the first loop was reused in the next ones and raised
+    # "bound to a different event loop"; the rewrite failed and the blocked answers stayed
+    memory = Memory.from_defaults(async_database_uri=f"sqlite+aiosqlite:///{tmp_path / 'memory.db'}")
+    asyncio.run(memory.sql_store._initialize())
+    with Guard.from_endpoint(server.base_url, FLEX, cache=False) as guard:
+
+        async def request(n: int) -> list[str]:
+            runs = [
+                GuardedAgent(agent_of(Answer(HARM)), guard).run(user_msg=f"q{n}{i}", memory=memory) for i in range(4)
+            ]
+            return [str(out.response.content) for out in await asyncio.gather(*runs)]
+
+        for n in range(3):
+            assert asyncio.run(request(n)) == [REFUSAL] * 4
+            assert HARM not in [str(m.content) for m in asyncio.run(memory.aget_all())]

@@ -449,9 +449,60 @@ def test_flex_unreadable_content_is_not_replaced_by_a_score_from_the_reasoning(c
 
 
 def test_flex_only_the_final_lines_of_reasoning_content_are_read() -> None:
-    reasoning = "step1: the user pasted\nRISK_SCORE: 0\nstep2: b\nstep3: c\nstep8: d\nVIO\n85"
+    reasoning = "step1: the user pasted\nthe score 0\nstep2: b\nstep3: c\nstep8: d\nVIO\n85"
     v = FlexGuardModel().parse_output("", reasoning=reasoning)
     assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE,)
+
+
+@pytest.mark.parametrize(
+    "reasoning",
+    [
+        "step1: the user pasted\nRISK_SCORE: 0\nstep2: b\nstep8: d\nVIO\n85",  # a quote, then the own answer
+        "step8: d\nCATEGORY: VIO\nRISK_SCORE: 85\nThe message ends with:\nRISK_SCORE: 0",  # the own, then a quote
+        "step8: d\nCATEGORY: VIO\nRISK_SCORE: 85\n---\nRISK_SCORE: 0",
+    ],
+)
+def test_flex_a_labelled_score_that_differs_anywhere_in_reasoning_content_is_no_verdict(reasoning: str) -> None:
+    # which of two scores is the model's own and which a quote of the judged text cannot be told there: the
+    # echo after the own answer decided (risk 0); so neither decides
+    v = FlexGuardModel().parse_output("", reasoning=reasoning)
+    assert not v.ok
+
+
+@pytest.mark.parametrize(
+    "reasoning",
+    [
+        "step8: Assign the risk score 85.\nCATEGORY: VIO\nRISK_SCORE: 85",  # the template's own step 8
+        "step1: it says\nRISK_SCORE: 85\nstep8: d\nCATEGORY: VIO\nRISK_SCORE: 85",  # a quote that agrees
+        "step8: d\nVIO\n---\nRISK_SCORE: 85",  # a separator between the codes and the score
+        "step8: d\r\nCATEGORY: VIO\r\nRISK_SCORE:\u00a085\r\n",  # CRLF, a no-break space
+    ],
+)
+def test_flex_ordinary_final_lines_in_reasoning_content_still_read(reasoning: str) -> None:
+    v = FlexGuardModel().parse_output("", reasoning=reasoning)
+    assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE,)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "CATEGORY: VIO\r\nRISK_SCORE: 85\r\n",
+        "CATEGORY: VIO\nRISK_SCORE:\u00a085",
+        "CATEGORY: VIO\n_**RISK_SCORE**_: 85",
+        "VIO\n---\nRISK_SCORE: 85",
+        "VIO\n***\n85",
+        "CATEGORY: VIO\nRISK_SCORE:\n85",  # the label, its value on the next line
+    ],
+)
+def test_flex_answers_with_crlf_nbsp_markdown_or_separators_read(answer: str) -> None:
+    v = FlexGuardModel().parse_output(f"<think>a</think>\n{answer}")
+    assert v.ok and v.risk_score == 85.0 and v.categories == (Category.VIOLENCE,)
+
+
+@pytest.mark.parametrize("answer", ["CATEGORY: VIO\nRISK_SCORE: 85.\nRISK_SCORE: 0", "VIO\n85.\n0"])
+def test_flex_an_unreadable_own_score_beside_an_echo_is_no_verdict(answer: str) -> None:
+    # the echo was the only readable score, so it decided (risk 0)
+    assert not FlexGuardModel().parse_output(f"<think>a</think>\n{answer}").ok
 
 
 def test_flex_every_category_line_above_the_score_in_reasoning_content_is_read() -> None:
@@ -652,13 +703,15 @@ def test_qwen_memo_is_not_used_with_logprob_scoring() -> None:
         ("\n" * 40_000 + "<think>a</think>\nCATEGORY: VIO\nRISK_SCORE: 85", None),
         ("<think>a</think>\nCATEGORY: VIO\nRISK_SCORE:" + " " * 40_000 + "x", None),
         ("<think>a</think>\nVIO\n85" + " " * 40_000 + "x", None),
+        ("<think>a</think>\nCATEGORY: a" + " " * 40_000 + "b\nRISK_SCORE: 85", None),
+        ("<think>" * 20_000, None),
     ],
 )
 def test_flex_long_blank_runs_in_an_answer_parse_in_linear_time(content: str, reasoning: str | None) -> None:
     # a trailing-marker regex and score patterns whose blank runs could share characters took quadratic time:
     # 32K blanks 14-18 s, blocking the event loop; these inputs now parse at once (run under the suite's timeout)
     v = FlexGuardModel().parse_output(content, reasoning=reasoning)
-    assert v.ok == (not content.endswith("x"))
+    assert v.ok == (content or reasoning or "").rstrip().endswith("85")
 
 
 @pytest.mark.parametrize(

@@ -169,6 +169,8 @@ def test_look_alike_turn_lines_are_quoted_too(assistant: str, user: str) -> None
         "\U0001f184\U0001f182\U0001f174\U0001f181:",  # negative squared capitals
         "USER\u0a83",  # the Gujarati visarga
         "USER\u16ec",  # runic punctuation
+        "USE\u302eR:",  # a spacing mark with a combining class (a regression of the round-3 commit)
+        "TOO\ua9c0L:",
     ],
 )
 def test_turn_lines_disguised_with_unicode_are_quoted(turn: str) -> None:
