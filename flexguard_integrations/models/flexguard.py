@@ -46,11 +46,11 @@ _LABELLED_SCORE = re.compile(
     rf"(?:/{_B}*100{_B}*)?$",
     re.IGNORECASE | re.MULTILINE,
 )
-# a line labelled as the score, readable or not ("RISK_SCORE: 85.", "RISK_SCORE: high")
-_SCORE_LABEL = re.compile(r"^(?:[^\w\n]|_)*RISK[ _-]?SCORE\b", re.IGNORECASE)
 _LABEL_ONLY = re.compile(r"^(?:[^\w\n]|_)*RISK[ _-]?SCORE(?:[^\w\n]|_)*$", re.IGNORECASE)
 # a line that is a number with stray punctuation ("85.", "85!"): a bare score this parser cannot read
-_NUMBER_LINE = re.compile(r"^(?:[^\w\n]|_)*-?\d+(?:\.\d+)?(?:[^\w\n]|_)*$")
+_NUMBER_LINE = re.compile(r"^(?:[^\w\n]|_)*(-?\d+(?:\.\d+)?)(?:[^\w\n]|_)*$")
+# a risk score named with its value in a sentence or a merged line ("Final risk score: 85")
+_RISK_PHRASE = re.compile(r"risk[ _-]?score\b[^\d\n]{0,40}?(\d+(?:\.\d+)?)", re.IGNORECASE)
 # "CATEGORY: VIO" on one line: nothing in it may cross into the next line (an empty "CATEGORY:" is empty)
 _LABELLED_CATEGORY = re.compile(r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=](.*)$", re.IGNORECASE | re.MULTILINE)
 _BARE_SCORE = re.compile(rf"^\**{_B}*(-?\d+(?:\.\d+)?){_B}*(?:/{_B}*100{_B}*)?\**$")  # "87", "**87**", "87/100"
@@ -124,48 +124,52 @@ def _parse_codes(line: str, *, labelled: bool = False) -> tuple[list[Category], 
     return cats, natives, True
 
 
-def _final_lines(text: str) -> list[str]:
+def _final_lines(text: str) -> tuple[list[str], float | None]:
     """The end of an answer a reasoning parser kept in ``reasoning_content``, without the steps above it: the
     last line, which must be the score (labelled or bare), and the category lines right above it (labelled,
-    or lines of codes), the order of the model card's format. End markers a server may leave (``</think>``,
-    ``<|im_end|>``) are dropped first; a closing code fence is not (such an answer fails closed).
+    lines of codes, separators), the order of the model card's format; and the highest other score the text
+    mentions when it is above the final one. End markers a server may leave (``</think>``, ``<|im_end|>``) are
+    dropped first; a closing code fence is not (such an answer fails closed).
 
-    Anything else as the last line means the answer has no final score (the model stopped in its steps), and
-    a score line further up is one the steps quoted (possibly from the judged text itself, "RISK_SCORE: 0"),
-    not the verdict: no lines. Neither is a category line after the score: a quoted score followed by the
-    model's own category line would otherwise decide.
+    Anything else as the last line means the answer has no final score (the model stopped in its steps): no
+    lines. Which score is the model's own and which one its steps quote from the judged text ("RISK_SCORE: 0")
+    cannot be told here, so the verdict takes the highest, with every category named in a category line: a
+    quote can raise the risk, never lower it.
     """
     lines = [ln.strip() for ln in _drop_end_marks(text).splitlines() if ln.strip()]
     if not lines or not (_LABELLED_SCORE.match(lines[-1]) or _BARE_SCORE.match(lines[-1])):
-        return []
+        return [], None
     start = len(lines) - 1
     while start > 0 and (
         _LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2] or _separator(lines[start - 1])
     ):
         start -= 1
-    final = _score_value(lines[-1])
-    # another score right above the final lines (the model's own, then an echoed "RISK_SCORE: 0"), readable or
-    # not ("RISK_SCORE: 85."), or a labelled score line anywhere in the steps that says something else (the
-    # model's own answer, a separator or a remark, then the echo): the content path calls that conflicting
-    # scores; here it is no verdict either. A quoted score equal to the final one changes nothing.
-    above = lines[start - 1] if start > 0 else ""
-    if _score_line(above) and _score_value(above) != final:
-        return []
-    if any(_SCORE_LABEL.match(line) and _score_value(line) != final for line in lines[: max(start - 1, 0)]):
-        return []
-    return lines[start:]
+    final = _score_value(lines[-1]) or 0.0
+    higher = max((v for line in lines[:-1] for v in _score_mentions(line) if v > final), default=None)
+    if higher is None:
+        return lines[start:], None
+    # the final lines may be a quote: every category the text names in a category line counts too
+    named = [ln for ln in lines[:start] if _LABELLED_CATEGORY.match(ln) or _parse_codes(ln)[2]]
+    return [*named, *lines[start:]], higher
+
+
+def _score_mentions(line: str) -> list[float]:
+    """The scores ``line`` states, readable or not: a score line ("RISK_SCORE: 85", "85", "85."), a risk score
+    named in a sentence or a merged line ("Final risk score: 85", "CATEGORY: VIO, RISK_SCORE: 85"). Only
+    values from 0 to 100."""
+    values: list[float] = []
+    if (value := _score_value(line)) is not None:
+        values.append(value)
+    elif (number := _NUMBER_LINE.match(line)) is not None:
+        values.append(float(number.group(1)))
+    values += [float(m.group(1)) for m in _RISK_PHRASE.finditer(line)]
+    return [v for v in values if 0 <= v <= 100]
 
 
 def _score_value(line: str) -> float | None:
     """The score a labelled or bare score line gives, None when it cannot be read."""
     match = _LABELLED_SCORE.match(line) or _BARE_SCORE.match(line)
     return float(match.group(1)) if match else None
-
-
-def _score_line(line: str) -> bool:
-    """Whether ``line`` is a score line, readable or not ("RISK_SCORE: 85", "85", "RISK_SCORE: 85.", "85.");
-    a label alone ("RISK_SCORE:", its value on the next line) is not."""
-    return bool((_SCORE_LABEL.match(line) and not _LABEL_ONLY.match(line)) or _NUMBER_LINE.match(line))
 
 
 def _separator(line: str) -> bool:
@@ -185,11 +189,13 @@ def _think_block(content: str) -> tuple[str, int] | None:
 
 
 def _drop_end_marks(text: str) -> str:
-    """``text`` without the end markers (and blanks) after its last line; linear, unlike a trailing regex."""
-    text = text.rstrip()
-    while (mark := next((m for m in _END_MARKS if text.endswith(m)), None)) is not None:
-        text = text[: -len(mark)].rstrip()
-    return text
+    """``text`` without the end markers (and blanks) after its last line; linear (one copy at the end)."""
+    end = len(text.rstrip())
+    while (mark := next((m for m in _END_MARKS if text.endswith(m, 0, end)), None)) is not None:
+        end -= len(mark)
+        while end and text[end - 1].isspace():
+            end -= 1
+    return text[:end]
 
 
 def _code_lines_above(lines: Sequence[str]) -> str | None:
@@ -240,10 +246,10 @@ def _read_tail(tail: str) -> _Tail:
     scores |= {float(m.group(1)) for ln in tail.splitlines() if (m := _BARE_SCORE.match(ln.strip()))}
     if len(scores) > 1:
         return _Tail(error=f"the guard answer gives conflicting risk scores: {tail.strip()[-80:]!r}")
-    # a score line this parser cannot read ("RISK_SCORE: 85.", "85.") beside a readable one: which one is the
-    # model's own is unknown (an echoed "RISK_SCORE: 0" after an unreadable own score decided)
-    if scores and any(_score_line(ln.strip()) and _score_value(ln.strip()) is None for ln in tail.splitlines()):
-        return _Tail(error=f"the guard answer has a risk score line that cannot be read: {tail.strip()[-80:]!r}")
+    # a higher score stated where this parser cannot read it ("RISK_SCORE: 85.", "85.", "CATEGORY: VIO,
+    # RISK_SCORE: 85") beside a readable one: an echoed "RISK_SCORE: 0" after an unreadable own score decided
+    if scores and any(v > max(scores) for ln in tail.splitlines() for v in _score_mentions(ln.strip())):
+        return _Tail(error=f"the guard answer gives conflicting risk scores: {tail.strip()[-80:]!r}")
     cat_lines = [m.group(1).strip() for m in _LABELLED_CATEGORY.finditer(tail)]
     out = _Tail()
     code_line: str | None = None  # an unlabelled line of codes
@@ -361,16 +367,21 @@ class FlexGuardModel(GuardModel):
         base["reasoning"] = think or None
 
         read = _read_tail(tail)
+        where = "the guard answer"
         if read.score_text is None and read.error is None and reasoning and not match and not tail.strip():
             # a reasoning parser may have put the final lines in reasoning_content, leaving content empty
-            # (reference 1.4 b): read them there, and only them (the steps above may quote other scores)
-            read = _read_tail("\n".join(_final_lines(reasoning)))
+            # (reference 1.4 b): read them there, and only them; a higher score the steps state stands
+            final, higher = _final_lines(reasoning)
+            read = _read_tail("\n".join(final))
+            if higher is not None and read.score_text is not None:
+                read.score_text = f"{higher:g}"
+            where, tail = "the last lines of the guard's reasoning_content", reasoning
         if read.error is not None:
             return Verdict.failed(read.error, **base)
         score_text = read.score_text
         if score_text is None:
             snippet = tail.strip()[-80:] or "<empty>"
-            return Verdict.failed(f"no RISK_SCORE in the guard answer: {snippet!r}", **base)
+            return Verdict.failed(f"no RISK_SCORE in {where}: {snippet!r}", **base)
         score = float(score_text)
         if not 0.0 <= score <= 100.0:
             return Verdict.failed(f"risk score {score_text} is outside 0-100", **base)
