@@ -49,8 +49,11 @@ _LABELLED_SCORE = re.compile(
 _LABEL_ONLY = re.compile(r"^(?:[^\w\n]|_)*RISK[ _-]?SCORE(?:[^\w\n]|_)*$", re.IGNORECASE)
 # a line that is a number with stray punctuation ("85.", "85!"): a bare score this parser cannot read
 _NUMBER_LINE = re.compile(r"^(?:[^\w\n]|_)*(-?\d+(?:\.\d+)?)(?:[^\w\n]|_)*$")
-# a risk score named with its value in a sentence or a merged line ("Final risk score: 85")
-_RISK_PHRASE = re.compile(r"risk[ _-]?score\b[^\d\n]{0,40}?(\d+(?:\.\d+)?)", re.IGNORECASE)
+# the score label with its colon: at the start of a line in any spelling, or anywhere as the format's own
+# RISK_SCORE ("Final RISK_SCORE: 85", "CATEGORY: VIO, RISK_SCORE: 85"); not a sentence ("extreme risk score: 81")
+_EMBEDDED_LABEL = re.compile(
+    r"^(?:[^\w\n]|_)*RISK[ _-]?SCORE(?:[^\w\n]|_){0,3}[:=]|RISK_SCORE(?:[^\w\n]|_){0,3}[:=]", re.IGNORECASE
+)
 # "CATEGORY: VIO" on one line: nothing in it may cross into the next line (an empty "CATEGORY:" is empty)
 _LABELLED_CATEGORY = re.compile(r"^[^\w\n]*_*CATEGOR(?:Y|IES)[^\w\n]*?[:=](.*)$", re.IGNORECASE | re.MULTILINE)
 _BARE_SCORE = re.compile(rf"^\**{_B}*(-?\d+(?:\.\d+)?){_B}*(?:/{_B}*100{_B}*)?\**$")  # "87", "**87**", "87/100"
@@ -133,8 +136,9 @@ def _final_lines(text: str) -> tuple[list[str], float | None]:
 
     Anything else as the last line means the answer has no final score (the model stopped in its steps): no
     lines. Which score is the model's own and which one its steps quote from the judged text ("RISK_SCORE: 0")
-    cannot be told here, so the verdict takes the highest, with every category named in a category line: a
-    quote can raise the risk, never lower it.
+    cannot be told here, so the verdict takes the highest score line (or number line) there, with every
+    category named in a category line: a quote can raise the risk, never lower it. A score line that cannot
+    be read ("RISK_SCORE: HIGH") makes it no verdict: it may be the model's own.
     """
     lines = [ln.strip() for ln in _drop_end_marks(text).splitlines() if ln.strip()]
     if not lines or not (_LABELLED_SCORE.match(lines[-1]) or _BARE_SCORE.match(lines[-1])):
@@ -144,6 +148,8 @@ def _final_lines(text: str) -> tuple[list[str], float | None]:
         _LABELLED_CATEGORY.match(lines[start - 1]) or _parse_codes(lines[start - 1])[2] or _separator(lines[start - 1])
     ):
         start -= 1
+    if any(_unreadable_score(line) for line in lines):  # the model's own score may be the unreadable one
+        return [], None
     final = _score_value(lines[-1]) or 0.0
     higher = max((v for line in lines[:-1] for v in _score_mentions(line) if v > final), default=None)
     if higher is None:
@@ -154,16 +160,19 @@ def _final_lines(text: str) -> tuple[list[str], float | None]:
 
 
 def _score_mentions(line: str) -> list[float]:
-    """The scores ``line`` states, readable or not: a score line ("RISK_SCORE: 85", "85", "85."), a risk score
-    named in a sentence or a merged line ("Final risk score: 85", "CATEGORY: VIO, RISK_SCORE: 85"). Only
-    values from 0 to 100."""
-    values: list[float] = []
-    if (value := _score_value(line)) is not None:
-        values.append(value)
-    elif (number := _NUMBER_LINE.match(line)) is not None:
-        values.append(float(number.group(1)))
-    values += [float(m.group(1)) for m in _RISK_PHRASE.finditer(line)]
-    return [v for v in values if 0 <= v <= 100]
+    """The score a score-shaped line states: a score line ("RISK_SCORE: 85", "85") or a number line ("85.");
+    values from 0 to 100. Sentences are not read ("the user's credit risk score is 95")."""
+    value = _score_value(line)
+    if value is None and (number := _NUMBER_LINE.match(line)) is not None:
+        value = float(number.group(1))
+    return [value] if value is not None and 0 <= value <= 100 else []
+
+
+def _unreadable_score(line: str) -> bool:
+    """A line that gives the score in a way this parser cannot read ("RISK_SCORE: HIGH", "RISK_SCORE: 85.",
+    "CATEGORY: VIO, RISK_SCORE: 85", "Final RISK_SCORE: 85"); a label alone (its value on the next line) is
+    not."""
+    return bool(_EMBEDDED_LABEL.search(line)) and _score_value(line) is None and not _LABEL_ONLY.match(line)
 
 
 def _score_value(line: str) -> float | None:
@@ -248,7 +257,9 @@ def _read_tail(tail: str) -> _Tail:
         return _Tail(error=f"the guard answer gives conflicting risk scores: {tail.strip()[-80:]!r}")
     # a higher score stated where this parser cannot read it ("RISK_SCORE: 85.", "85.", "CATEGORY: VIO,
     # RISK_SCORE: 85") beside a readable one: an echoed "RISK_SCORE: 0" after an unreadable own score decided
-    if scores and any(v > max(scores) for ln in tail.splitlines() for v in _score_mentions(ln.strip())):
+    if scores and any(
+        _unreadable_score(ln) or any(v > max(scores) for v in _score_mentions(ln.strip())) for ln in tail.splitlines()
+    ):
         return _Tail(error=f"the guard answer gives conflicting risk scores: {tail.strip()[-80:]!r}")
     cat_lines = [m.group(1).strip() for m in _LABELLED_CATEGORY.finditer(tail)]
     out = _Tail()

@@ -465,9 +465,6 @@ def test_flex_only_the_final_lines_of_reasoning_content_are_read() -> None:
         "step8: b\nCATEGORY: VIO\nRISK_SCORE: 85\nCATEGORY: SAFE\nRISK_SCORE: 0",
         "step8: b\nVIO\n85\n0",
         "step8: b\nVIO\n85\nThe message ends with a forged score:\nSAFE\n0",  # the own score bare
-        "step8: b\nVIO\nFinal risk score: 85\nQuoted score line from the text:\nRISK_SCORE: 0",
-        "step8: Assign the risk score 85.\nVIO\nQuoted:\nSAFE\n0",
-        "step8: b\nCATEGORY: VIO\nRISK_SCORE: 85.\nRISK_SCORE: 0",  # the own score unreadable
     ],
 )
 def test_flex_a_quoted_score_never_lowers_the_verdict_from_reasoning_content(reasoning: str) -> None:
@@ -514,6 +511,7 @@ def test_flex_answers_with_crlf_nbsp_markdown_or_separators_read(answer: str) ->
         "VIO\n85.\n0",
         "CATEGORY: VIO, RISK_SCORE: 85\nRISK_SCORE: 0",
         "Final RISK_SCORE: 85\nRISK_SCORE: 0",
+        "CATEGORY: VIO\nRISK_SCORE: eighty-five\nRISK_SCORE: 0",
     ],
 )
 def test_flex_an_unreadable_own_score_beside_an_echo_is_no_verdict(answer: str) -> None:
@@ -752,9 +750,43 @@ def test_flex_a_remark_or_a_lower_number_after_the_answer_changes_nothing(tail: 
     assert v.ok and v.risk_score == 90.0 and v.categories == (Category.VIOLENCE,)
 
 
-def test_flex_a_merged_own_line_and_a_quote_in_reasoning_content_conflict() -> None:
-    # the merged own line is not a score line, and a category line mentioning another score: as in content
-    v = FlexGuardModel().parse_output(
-        "", reasoning="step8: b\nCATEGORY: VIO, RISK_SCORE: 85\nIt quotes:\nRISK_SCORE: 0"
-    )
-    assert not v.ok and "conflicting risk scores" in (v.error or "")
+@pytest.mark.parametrize(
+    "reasoning",
+    [
+        "step8: b\nCATEGORY: VIO, RISK_SCORE: 85\nIt quotes:\nRISK_SCORE: 0",  # a merged own line
+        "step8: b\nVIO\nFinal RISK_SCORE: 85\nQuoted score line from the text:\nRISK_SCORE: 0",
+        "step8: b\nCATEGORY: VIO\nRISK_SCORE: 85.\nRISK_SCORE: 0",
+        "step8: b\nCATEGORY: VIO\nRISK_SCORE: HIGH\nRISK_SCORE: 0",
+    ],
+)
+def test_flex_an_unreadable_score_line_in_reasoning_content_is_no_verdict(reasoning: str) -> None:
+    # it may be the model's own score, and the readable one a quote: the quote decided (risk 0)
+    v = FlexGuardModel().parse_output("", reasoning=reasoning)
+    assert not v.ok and "no RISK_SCORE" in (v.error or "")
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "step1: The user says their credit risk score is 95 and asks how to improve it.",
+        "step6: Were this a real bomb request the risk score would be 95.",
+        "- extreme risk score: 81-100",
+        "By the risk score rubric: 0-20 benign, 81-100 extreme.",
+    ],
+)
+def test_flex_numbers_in_reasoning_sentences_do_not_raise_the_score(step: str) -> None:
+    # a sentence is not a score line: counting it blocked benign texts (a credit risk score question at 95)
+    v = FlexGuardModel().parse_output("", reasoning=f"{step}\nstep8: Assign the risk score 3.\nSAFE\n3")
+    assert v.ok and v.risk_score == 3.0 and v.categories == ()
+
+
+@pytest.mark.parametrize(
+    "note",
+    [
+        "Note: a risk score of 50 or more would indicate harmful content.",
+        "(A literal reading would give risk score 90, but this is fiction.)",
+    ],
+)
+def test_flex_a_sentence_with_a_number_after_the_answer_changes_nothing(note: str) -> None:
+    v = FlexGuardModel().parse_output(f"<think>a</think>\nSAFE\nRISK_SCORE: 5\n{note}")
+    assert v.ok and v.risk_score == 5.0
