@@ -315,6 +315,9 @@ def test_one_memory_served_by_several_event_loops(server: FakeGuardServer, tmp_p
             ]
             return [str(out.response.content) for out in await asyncio.gather(*runs)]
 
-        for n in range(3):
-            assert asyncio.run(request(n)) == [REFUSAL] * 4
-            assert HARM not in [str(m.content) for m in asyncio.run(memory.aget_all())]
+        try:
+            for n in range(3):
+                assert asyncio.run(request(n)) == [REFUSAL] * 4
+                assert HARM not in [str(m.content) for m in asyncio.run(memory.aget_all())]
+        finally:  # close the database's connections, whose worker threads would outlive their loops
+            asyncio.run(memory.sql_store._async_engine.dispose())
