@@ -930,6 +930,13 @@ class Guard:
                 )
         return best
 
+    def _unchecked(self, exc: GuardInputError, surface: Surface, policy: PolicySpec) -> Decision:
+        """The decision for a text the guard cannot take (too large, say), for integrations that decide per item
+        instead of raising: ``on_error`` decides, and a fail-open decision is counted and logged as FAIL-OPEN
+        like any other (``stats``)."""
+        decision = self._resolve_policy(policy).decide(Verdict.failed(str(exc), surface=surface), surface)
+        return self._record(decision) if decision.fail_open else decision
+
     def _record(self, decision: Decision) -> Decision:
         with self._lock:
             self._checks += 1

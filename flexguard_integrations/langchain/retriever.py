@@ -29,11 +29,11 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, patch_config
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import GuardBlockedError, GuardInputError
 from ..guard import CheckRequest, Guard, scoped_policy
-from ..verdict import Action, Decision, Surface, Verdict
+from ..verdict import Action, Decision, Surface
 from ._common import adispatch_verdict, current_config_policy, dispatch_verdict, policy_from_config
 
 METADATA_KEY = "flexguard"
@@ -41,15 +41,18 @@ _WHERE = "retriever"
 _CALL_CONFIG: ContextVar[RunnableConfig | None] = ContextVar("flexguard_retriever_config", default=None)
 
 
-class _DocumentFilter:
-    """The shared part of :class:`GuardDocumentCompressor` and :class:`GuardedRetriever`: check, then apply."""
+class _DocumentFilter(BaseModel):
+    """The shared part of :class:`GuardDocumentCompressor` and :class:`GuardedRetriever`: their options, and
+    check, then apply."""
 
-    guard: Guard
-    policy: Any
-    with_query: bool
-    on_block: Literal["drop", "raise"]
-    drop_unchecked: bool
-    metadata_key: str
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    guard: Guard = Field(exclude=True, description="The Guard that checks each document.")
+    policy: Any = Field(default=None, exclude=True, description="Policy override (preset, dict, path).")
+    with_query: bool = Field(default=False, description="Show the query to the guard as context.")
+    on_block: Literal["drop", "raise"] = Field(default="drop")
+    drop_unchecked: bool = Field(default=False, description="Drop documents without text too.")
+    metadata_key: str = Field(default=METADATA_KEY)
 
     def _policy(self, config: RunnableConfig | None) -> Any:
         """The call's policy (its config), else the enclosing run's, else ``policy_scope``, else ``self.policy``.
@@ -62,13 +65,6 @@ class _DocumentFilter:
 
     def _history(self, query: str) -> list[tuple[Literal["user", "assistant"], str]] | None:
         return [("user", query)] if self.with_query and query.strip() else None
-
-    def _failed(self, exc: GuardInputError, policy: Any) -> Decision:
-        """A document the guard cannot take (too large, say) is decided by ``on_error``; a fail-open decision is
-        counted and logged as FAIL-OPEN like any other (``Guard.stats``)."""
-        resolved = self.guard._resolve_policy(policy)
-        decision = resolved.decide(Verdict.failed(str(exc), surface=Surface.RETRIEVED), Surface.RETRIEVED)
-        return self.guard._record(decision) if decision.fail_open else decision
 
     def _requests(self, documents: Sequence[Document], query: str, policy: Any) -> tuple[list[int], list[CheckRequest]]:
         _check_documents(documents)
@@ -86,7 +82,7 @@ class _DocumentFilter:
         decisions: list[Decision | None] = [None] * count
         for i, result in zip(live, results, strict=True):
             if isinstance(result, GuardInputError):
-                decisions[i] = self._failed(result, policy)
+                decisions[i] = self.guard._unchecked(result, Surface.RETRIEVED, policy)
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -164,13 +160,6 @@ class GuardDocumentCompressor(_DocumentFilter, BaseDocumentCompressor):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    guard: Guard = Field(exclude=True, description="The Guard that checks each document.")
-    policy: Any = Field(default=None, exclude=True, description="Policy override (preset, dict, path).")
-    with_query: bool = Field(default=False, description="Show the query to the guard as context.")
-    on_block: Literal["drop", "raise"] = Field(default="drop")
-    drop_unchecked: bool = Field(default=False, description="Drop documents without text too.")
-    metadata_key: str = Field(default=METADATA_KEY)
-
     def compress_documents(
         self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
@@ -186,7 +175,7 @@ class GuardedRetriever(_DocumentFilter, BaseRetriever):
     """A retriever whose documents are checked one by one before anyone reads them.
 
     ``GuardedRetriever(retriever=vectorstore.as_retriever(), guard=guard)``: the wrapped retriever runs as a
-    child of this one (callbacks, tags and ``configurable`` passed on); each document it returns is checked
+    child of this one (the caller's config and search arguments passed on); each document it returns is checked
     concurrently and dropped, redacted, flagged or raised on per the policy (see the module docs). The
     policy can be switched per call with ``config={"configurable": {"flexguard_policy": ...}}`` or
     :func:`~flexguard_integrations.policy_scope`; each decision is dispatched as a ``flexguard_verdict``
@@ -199,12 +188,6 @@ class GuardedRetriever(_DocumentFilter, BaseRetriever):
         description="The retriever whose documents are checked (a BaseRetriever, or any Runnable from a query "
         "to documents: a configurable retriever, a retrieval chain)."
     )
-    guard: Guard = Field(exclude=True, description="The Guard that checks each document.")
-    policy: Any = Field(default=None, exclude=True, description="Policy override (preset, dict, path).")
-    with_query: bool = Field(default=False, description="Show the query to the guard as context.")
-    on_block: Literal["drop", "raise"] = Field(default="drop")
-    drop_unchecked: bool = Field(default=False, description="Drop documents without text too.")
-    metadata_key: str = Field(default=METADATA_KEY)
 
     def invoke(self, input: str, config: RunnableConfig | None = None, **kwargs: Any) -> list[Document]:
         # BaseRetriever hands _get_relevant_documents no config; ensure_config merges the enclosing run's (a

@@ -25,7 +25,7 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, Query
 
 from ..errors import GuardBlockedError, GuardInputError
 from ..guard import CheckRequest, Guard, scoped_policy
-from ..verdict import Action, Decision, Surface, Verdict
+from ..verdict import Action, Decision, Surface
 from .events import emit
 
 METADATA_KEY = "flexguard"
@@ -56,11 +56,7 @@ class GuardNodePostprocessor(BaseNodePostprocessor):
         return None
 
     def _failed(self, exc: GuardInputError) -> Decision:
-        """A node the guard cannot take (too large, say) is decided by ``on_error``; a fail-open decision is
-        counted and logged as FAIL-OPEN like any other (``Guard.stats``)."""
-        policy = self.guard._resolve_policy(scoped_policy(self.policy))
-        decision = policy.decide(Verdict.failed(str(exc), surface=Surface.RETRIEVED), Surface.RETRIEVED)
-        return self.guard._record(decision) if decision.fail_open else decision
+        return self.guard._unchecked(exc, Surface.RETRIEVED, scoped_policy(self.policy))
 
     def _own_key_shown(self, node: BaseNode) -> bool:
         """True when ``node`` carries our metadata key in its LLM view (say, from the source document)."""
