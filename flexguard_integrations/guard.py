@@ -121,6 +121,10 @@ def scoped_policy(default: PolicySpec = None) -> PolicySpec:
 
 DEFAULT_MAX_MODEL_LEN = 32768
 _DISCOVERY_MIN_CHARS = 1024  # shorter texts never need the model's context length
+_OFF_LOOP_CHARS = 8192
+"""Above this many characters (text, context and history), a check's CPU-bound preparation (neutralising the
+text for the request, chunking, sentence splitting) runs in a worker thread: its worst case is about 1 µs a
+character (``neutralize`` on look-alike turn lines), which would stall every other task on the event loop."""
 _MAX_SPLIT_DEPTH = 8
 _MIN_413_CHARS = 1024  # a request this small that a proxy still finds too large is not split further
 _TOO_LARGE_TTL = 600.0  # seconds a body size refused with a 413 shapes later checks
@@ -636,9 +640,12 @@ class Guard:
         started = time.perf_counter()
         if self.breaker is not None and (why := self.breaker.before_request()) is not None:
             return self._finish(Verdict.failed(why), surface, started), None
-        body = self.model.request_body(inp, self.model_name)
         sem = self._sem()
         try:
+            if _total_chars(inp) > _OFF_LOOP_CHARS:
+                body = await asyncio.to_thread(self.model.request_body, inp, self.model_name)
+            else:
+                body = self.model.request_body(inp, self.model_name)
             if getattr(self.transport, "bounds_deadline", False) is True and not sem.locked():
                 # no queueing (acquiring cannot wait) and the transport bounds the whole request, retries
                 # included, by the deadline itself: asyncio.timeout's timer would only cost time
@@ -672,7 +679,10 @@ class Guard:
         limit: int | None,
         depth: int = 0,
     ) -> list[tuple[Verdict, BaseException | None]]:
-        pieces, inp = self._plan_chunks(inp, limit)
+        if limit is not None and _total_chars(inp) > _OFF_LOOP_CHARS:
+            pieces, inp = await asyncio.to_thread(self._plan_chunks, inp, limit)
+        else:
+            pieces, inp = self._plan_chunks(inp, limit)
         if len(pieces) == 1:
             return await self._aone(inp, pieces[0], surface, deadline, headers, depth)
         first: list[tuple[Verdict, BaseException | None]] = []
@@ -1046,7 +1056,10 @@ class Guard:
         deadline: float,
     ) -> Decision:
         """Sentences, then the re-check, all within the check's own ``deadline``."""
-        segments = self._redaction_plan(inp)
+        if _total_chars(inp) > _OFF_LOOP_CHARS:
+            segments = await asyncio.to_thread(self._redaction_plan, inp)
+        else:
+            segments = self._redaction_plan(inp)
         seg_results = await asyncio.gather(
             *(self._averdicts(replace(inp, text=s), surface, headers, deadline) for s in segments if s.strip())
         )
