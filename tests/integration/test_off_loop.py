@@ -8,6 +8,8 @@ on; they measure no time.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import sys
 import threading
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 
 from flexguard_integrations import Action, Guard
 from flexguard_integrations.breaker import CircuitBreaker
-from flexguard_integrations.guard import _OFF_LOOP_CHARS
+from flexguard_integrations.guard import _OFF_LOOP_CHARS, _off_loop
 from flexguard_integrations.testing import FakeGuardServer
 from tests.conftest import FLEX, QWEN
 
@@ -143,3 +145,57 @@ async def test_a_check_cancelled_while_its_request_is_built_frees_the_half_open_
             decision = await guard.acheck(text)  # may probe: the cancelled check gave its probe back
     assert decision.verdict.error is None, decision.reason
     assert breaker.state == "closed"
+
+
+# ---------------------------------------------------------------- the preparation thread
+
+
+async def test_preparation_runs_in_one_thread_and_a_cancelled_callers_queued_work_is_dropped() -> None:
+    """One thread (several would hold the GIL in turns and the loop would wait behind each); work queued
+    behind a running preparation is dropped when its caller is cancelled."""
+    entered, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocking() -> int:
+        entered.set()
+        release.wait(30)
+        ran.append("first")
+        return threading.get_ident()
+
+    def second() -> None:
+        ran.append("second")
+
+    first = asyncio.create_task(_off_loop(blocking))
+    assert await asyncio.to_thread(entered.wait, 30)
+    queued = asyncio.create_task(_off_loop(second))
+    await asyncio.sleep(0)  # let it reach the executor's queue
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    release.set()
+    worker = await first
+    assert worker != threading.get_ident()
+    assert await _off_loop(threading.get_ident) == worker  # the same single thread
+    assert ran == ["first"]
+
+
+def _in_forked_child(conn: Any) -> None:
+    conn.send(asyncio.run(_off_loop(sum, [1, 2, 3])))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX-only")
+async def test_a_forked_child_gets_a_preparation_thread_of_its_own() -> None:
+    """The parent's thread does not exist in a forked child: waiting on its queue would hang the check."""
+    await _off_loop(sum, [0])  # the parent's thread exists before the fork
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_in_forked_child, args=(child,))
+    proc.start()
+    try:
+        assert await asyncio.to_thread(parent.poll, 30), "the child's preparation never ran"
+        assert parent.recv() == 6
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
