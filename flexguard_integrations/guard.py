@@ -97,25 +97,47 @@ def _mark_pool_worker(token: object) -> None:
 
 
 _PREP_LOCK = threading.Lock()
-_prep_pool: tuple[int, ThreadPoolExecutor] | None = None
+_prep_pool: ThreadPoolExecutor | None = None
 
 
-async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` (pure computation) in the process's one preparation thread, awaited.
+def _new_prep_pool_in_child() -> None:
+    """After a fork: the parent's preparation thread does not exist in the child (waiting on its queue would
+    hang every long check there), and its lock may have been held by another thread at the fork."""
+    global _PREP_LOCK, _prep_pool
+    _PREP_LOCK = threading.Lock()
+    _prep_pool = None
 
-    One thread, not the loop's default executor: Python code in several threads at once holds the GIL in
-    turns, and the event loop, which gives it up at every socket call, waits behind each of them (a 2 MB text
-    in 63 chunks stalled the loop up to 350 ms with the default executor, up to 47 ms with one thread). A
-    cancelled caller's work that has not started yet is dropped. A forked child gets a thread of its own.
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_prep_pool_in_child)
+
+
+async def _off_loop(deadline: float, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` (pure computation) in the process's one preparation thread, awaited until ``deadline``
+    (TimeoutError after it), in the caller's context (context variables, as ``asyncio.to_thread``).
+
+    One thread for the process, not the loop's default executor: Python code in several threads at once holds
+    the GIL in turns, and the event loop, which gives it up at every socket call, waits behind each of them (a
+    2 MB text in 63 chunks stalled the loop up to 350 ms with the default executor, up to 47 ms with one
+    thread). Every Guard and event loop of the process shares it, so a long text's preparation can make
+    another's wait: the wait counts towards the check's deadline. A cancelled (or timed-out) caller's work
+    that has not started is dropped. During interpreter shutdown, when no work can be handed to a thread any
+    more, ``fn`` runs here.
     """
     global _prep_pool
     pool = _prep_pool
-    if pool is None or pool[0] != os.getpid():
+    if pool is None:
         with _PREP_LOCK:
             pool = _prep_pool
-            if pool is None or pool[0] != os.getpid():
-                pool = _prep_pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="flexguard-prepare"))
-    return await asyncio.get_running_loop().run_in_executor(pool[1], fn, *args)
+            if pool is None:
+                pool = _prep_pool = ThreadPoolExecutor(1, thread_name_prefix="flexguard-prepare")
+    ctx = contextvars.copy_context()
+    try:
+        future = asyncio.get_running_loop().run_in_executor(pool, ctx.run, fn, *args)
+    except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+        return ctx.run(fn, *args)
+    async with _timeout_cm(max(remaining(deadline), 0.0)):
+        return await future
 
 
 @contextlib.contextmanager
@@ -663,12 +685,22 @@ class Guard:
         started = time.perf_counter()
         if self.breaker is not None and (why := self.breaker.before_request()) is not None:
             return self._finish(Verdict.failed(why), surface, started), None
-        sem = self._sem()
         try:
             if _total_chars(inp) > _OFF_LOOP_CHARS:
-                body = await _off_loop(self.model.request_body, inp, self.model_name)
+                body = await _off_loop(deadline, self.model.request_body, inp, self.model_name)
             else:
                 body = self.model.request_body(inp, self.model_name)
+        except TimeoutError as exc:  # the preparation thread was busy with other long texts until the deadline
+            if self.breaker is not None:
+                self.breaker.abandon()  # no request was sent: nothing is known about the guard's health
+            err = f"guard check exceeded its {self.timeout:g} s deadline while its text was prepared (no request sent)"
+            return self._finish(Verdict.failed(err), surface, started), exc
+        except BaseException:
+            if self.breaker is not None:
+                self.breaker.abandon()
+            raise
+        sem = self._sem()
+        try:
             if getattr(self.transport, "bounds_deadline", False) is True and not sem.locked():
                 # no queueing (acquiring cannot wait) and the transport bounds the whole request, retries
                 # included, by the deadline itself: asyncio.timeout's timer would only cost time
@@ -703,7 +735,11 @@ class Guard:
         depth: int = 0,
     ) -> list[tuple[Verdict, BaseException | None]]:
         if limit is not None and _total_chars(inp) > _OFF_LOOP_CHARS:
-            pieces, inp = await _off_loop(self._plan_chunks, inp, limit)
+            try:
+                pieces, inp = await _off_loop(deadline, self._plan_chunks, inp, limit)
+            except TimeoutError as exc:
+                err = f"guard check exceeded its {self.timeout:g} s deadline while its text was split (no request sent)"
+                return [(Verdict.failed(err, surface=surface), exc)]
         else:
             pieces, inp = self._plan_chunks(inp, limit)
         if len(pieces) == 1:
@@ -818,8 +854,8 @@ class Guard:
         started = time.perf_counter()
         if self.breaker is not None and (why := self.breaker.before_request()) is not None:
             return self._finish(Verdict.failed(why), surface, started), None
-        body = self.model.request_body(inp, self.model_name)
         try:
+            body = self.model.request_body(inp, self.model_name)
             if not self._thread_sem.acquire(timeout=max(remaining(deadline), 0.0)):
                 raise TimeoutError
             try:
@@ -1080,7 +1116,13 @@ class Guard:
     ) -> Decision:
         """Sentences, then the re-check, all within the check's own ``deadline``."""
         if _total_chars(inp) > _OFF_LOOP_CHARS:
-            segments = await _off_loop(self._redaction_plan, inp)
+            try:
+                segments = await _off_loop(deadline, self._redaction_plan, inp)
+            except TimeoutError as exc:  # as when every sentence's check fails: all of it redacted, on_error decides
+                err = f"guard check exceeded its {self.timeout:g} s deadline while its text was split into sentences"
+                failed = Verdict.failed(err, surface=surface)
+                redacted, _, flagged = self._apply_redactions(policy, surface, [inp.text], [failed])
+                return self._after_redaction(decision, redacted, flagged, [(failed, exc)], policy, surface)
         else:
             segments = self._redaction_plan(inp)
         seg_results = await asyncio.gather(
