@@ -112,6 +112,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_prep_pool_in_child)
 
 
+def _prep_executor(replacing: ThreadPoolExecutor | None = None) -> ThreadPoolExecutor:
+    """The preparation thread's executor: created at first use, or anew when ``replacing`` (shut down) is still
+    the current one."""
+    global _prep_pool
+    with _PREP_LOCK:
+        if _prep_pool is None or (replacing is not None and _prep_pool is replacing):
+            _prep_pool = ThreadPoolExecutor(1, thread_name_prefix="flexguard-prepare")
+        return _prep_pool
+
+
 async def _off_loop(deadline: float, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` (pure computation) in the process's one preparation thread, awaited until ``deadline``
     (TimeoutError after it), in the caller's context (context variables, as ``asyncio.to_thread``).
@@ -121,21 +131,20 @@ async def _off_loop(deadline: float, fn: Callable[..., T], *args: Any) -> T:
     2 MB text in 63 chunks stalled the loop up to 350 ms with the default executor, up to 47 ms with one
     thread). Every Guard and event loop of the process shares it, so a long text's preparation can make
     another's wait: the wait counts towards the check's deadline. A cancelled (or timed-out) caller's work
-    that has not started is dropped. During interpreter shutdown, when no work can be handed to a thread any
-    more, ``fn`` runs here.
+    that has not started is dropped. An executor found shut down is replaced; during interpreter shutdown,
+    when no executor takes work any more, ``fn`` runs here.
     """
-    global _prep_pool
-    pool = _prep_pool
-    if pool is None:
-        with _PREP_LOCK:
-            pool = _prep_pool
-            if pool is None:
-                pool = _prep_pool = ThreadPoolExecutor(1, thread_name_prefix="flexguard-prepare")
+    pool = _prep_pool or _prep_executor()
     ctx = contextvars.copy_context()
+    loop = asyncio.get_running_loop()
     try:
-        future = asyncio.get_running_loop().run_in_executor(pool, ctx.run, fn, *args)
-    except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
-        return ctx.run(fn, *args)
+        future = loop.run_in_executor(pool, ctx.run, fn, *args)
+    except RuntimeError:  # "cannot schedule new futures after shutdown": this executor was shut down
+        try:
+            future = loop.run_in_executor(_prep_executor(replacing=pool), ctx.run, fn, *args)
+        except RuntimeError as exc:  # "... after interpreter shutdown": no executor takes work any more
+            logger.debug("preparing a long text on the event loop: %s", exc)
+            return ctx.run(fn, *args)
     async with _timeout_cm(max(remaining(deadline), 0.0)):
         return await future
 
@@ -735,11 +744,12 @@ class Guard:
         depth: int = 0,
     ) -> list[tuple[Verdict, BaseException | None]]:
         if limit is not None and _total_chars(inp) > _OFF_LOOP_CHARS:
+            started = time.perf_counter()
             try:
                 pieces, inp = await _off_loop(deadline, self._plan_chunks, inp, limit)
             except TimeoutError as exc:
                 err = f"guard check exceeded its {self.timeout:g} s deadline while its text was split (no request sent)"
-                return [(Verdict.failed(err, surface=surface), exc)]
+                return [(self._finish(Verdict.failed(err), surface, started), exc)]
         else:
             pieces, inp = self._plan_chunks(inp, limit)
         if len(pieces) == 1:
@@ -1116,11 +1126,12 @@ class Guard:
     ) -> Decision:
         """Sentences, then the re-check, all within the check's own ``deadline``."""
         if _total_chars(inp) > _OFF_LOOP_CHARS:
+            started = time.perf_counter()
             try:
                 segments = await _off_loop(deadline, self._redaction_plan, inp)
             except TimeoutError as exc:  # as when every sentence's check fails: all of it redacted, on_error decides
                 err = f"guard check exceeded its {self.timeout:g} s deadline while its text was split into sentences"
-                failed = Verdict.failed(err, surface=surface)
+                failed = self._finish(Verdict.failed(err), surface, started)
                 redacted, _, flagged = self._apply_redactions(policy, surface, [inp.text], [failed])
                 return self._after_redaction(decision, redacted, flagged, [(failed, exc)], policy, surface)
         else:

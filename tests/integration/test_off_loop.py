@@ -8,6 +8,7 @@ on; they measure no time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread
 import contextlib
 import contextvars
 import multiprocessing
@@ -244,6 +245,7 @@ async def test_a_wait_for_the_busy_preparation_thread_ends_at_the_deadline_witho
             assert decision.verdict.error is not None and "while its text was prepared" in decision.verdict.error
             assert not [r for r in srv.requests if r.path.endswith("/chat/completions")]
             assert breaker.state == "closed"
+        async with Guard.from_endpoint(srv.base_url, QWEN, cache=False, max_model_len=1_000_000) as guard:
             assert (await guard.acheck(text)).verdict.error is None  # the thread is free again
 
 
@@ -255,6 +257,7 @@ async def test_a_wait_to_chunk_a_long_text_ends_at_the_deadline() -> None:
                 decision = await guard.acheck(text)
     assert decision.action is Action.BLOCK
     assert decision.verdict.error is not None and "while its text was split" in decision.verdict.error
+    assert decision.verdict.model == QWEN and decision.verdict.family == "qwen3guard"
 
 
 async def test_a_wait_for_the_redaction_plan_ends_at_the_deadline_with_nothing_unredacted_released() -> None:
@@ -264,7 +267,7 @@ async def test_a_wait_for_the_redaction_plan_ends_at_the_deadline_with_nothing_u
     policy = {"action": "redact", "on_error": "allow"}
     with FakeGuardServer() as srv:
         async with Guard.from_endpoint(
-            srv.base_url, QWEN, cache=False, max_model_len=1_000_000, timeout=1.0, policy=policy
+            srv.base_url, QWEN, cache=False, max_model_len=1_000_000, timeout=2.0, policy=policy
         ) as guard:
             entered, release = threading.Event(), threading.Event()
             original = guard._redaction_plan
@@ -304,13 +307,21 @@ async def test_context_variables_reach_the_preparation_thread() -> None:
     assert seen == ["acme", "acme"]
 
 
-async def test_after_the_thread_pool_is_shut_down_the_preparation_runs_in_place(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """At interpreter shutdown no work can be handed to a thread any more; a long check still gets its answer."""
+async def test_a_shut_down_preparation_executor_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     dead = ThreadPoolExecutor(1)
     dead.shutdown()
     monkeypatch.setattr(guard_module, "_prep_pool", dead)
+    worker = await _off_loop(_later(), threading.get_ident)
+    assert worker != threading.get_ident()  # a new thread, not the event loop's
+    assert guard_module._prep_pool is not dead
+    guard_module._prep_pool.shutdown()  # type: ignore[union-attr]  (monkeypatch restores the original)
+
+
+async def test_during_interpreter_shutdown_the_preparation_runs_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the interpreter shuts down (a non-daemon thread's loop still checking), no executor takes work any
+    more; a long check still gets its answer."""
+    monkeypatch.setattr(guard_module, "_prep_pool", guard_module._prep_pool)  # restored afterwards
+    monkeypatch.setattr(concurrent.futures.thread, "_shutdown", True)
     assert await _off_loop(_later(), threading.get_ident) == threading.get_ident()
     with FakeGuardServer() as srv:
         async with Guard.from_endpoint(srv.base_url, QWEN, cache=False, max_model_len=1_000_000) as guard:
