@@ -419,6 +419,10 @@ class StrictnessPolicy(_Frozen):
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise PolicyError(f"cannot read policy file {str(path)!r}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise PolicyError(
+                f"policy file {str(path)!r} is not valid UTF-8 (byte {exc.start}: {exc.reason}); save it as UTF-8"
+            ) from None
         try:
             data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass
         except yaml.YAMLError as exc:

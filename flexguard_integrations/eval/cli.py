@@ -231,13 +231,14 @@ def _evaluate(args: argparse.Namespace, out: Path) -> tuple[list[Any], str]:
     from ..cli import _NO_ENDPOINT
     from ..errors import ConfigurationError
     from .data import read_examples
-    from .runner import evaluate, load_records
+    from .runner import evaluate, load_records, refuse_same_file
 
     if args.from_verdicts:
         records = load_records(args.data)
         if args.limit:
             records = records[: args.limit]
         return records, "saved verdicts"
+    refuse_same_file(args.data, out, "verdicts file")
     examples = read_examples(args.data, _columns(args), limit=args.limit)
     guard = _guard(args)
     if guard is None:

@@ -72,16 +72,28 @@ class Columns:
     severity: tuple[str, ...] = ("severity", "severity_level")
     category: tuple[str, ...] = ("category", "categories")
     split: tuple[str, ...] = ("split",)
+    given: frozenset[str] = frozenset()
+    """The roles whose column was named explicitly (``--response-col answer``): the data must have it, else a
+    mistyped name would silently leave that column unread (an unchecked response, a lost id)."""
+
+    _ROLES = ("id", "text", "response", "label", "severity", "category", "split")
 
     @classmethod
     def with_overrides(cls, **names: str | None) -> Columns:
         """Columns with some names fixed (``text="body"``); None keeps the defaults."""
         base = cls()
         given = {k: (v,) for k, v in names.items() if v}
-        unknown = set(given) - set(cls.__dataclass_fields__)
+        unknown = set(given) - set(cls._ROLES)
         if unknown:
             raise ValueError(f"unknown column role(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: given.get(k, getattr(base, k)) for k in cls.__dataclass_fields__})
+        return cls(
+            **{k: given.get(k, getattr(base, k)) for k in cls._ROLES},
+            given=frozenset(given),
+        )
+
+    def named(self) -> dict[str, str]:
+        """Role → column name for each explicitly named column."""
+        return {role: getattr(self, role)[0] for role in sorted(self.given)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +357,9 @@ def check_columns(path: str | Path, columns: Columns, *, require_label: bool, fm
         return
     present = set(names)
     listed = ", ".join(names) or "(none)"
+    for role, name in columns.named().items():
+        if name not in present:
+            raise DataError(f"{path}: no column {name!r} (given as the {role} column); columns: {listed}")
     if not present & set(columns.text):
         raise DataError(f"{path}: missing column {_alts(columns.text)} (the text to check); columns: {listed}")
     if require_label and not present & (set(columns.label) | set(columns.severity)):
@@ -352,6 +367,15 @@ def check_columns(path: str | Path, columns: Columns, *, require_label: bool, fm
             f"{path}: missing label column: expected {_alts(columns.label)} (0/1, true/false, safe/unsafe) or "
             f"{_alts(columns.severity)} (tier 0-4); columns: {listed}"
         )
+
+
+def check_named_columns_seen(path: str | Path, columns: Columns, seen: set[str]) -> None:
+    """Raise a DataError when a column named explicitly appears in none of the rows (``seen``: every field
+    name met); for files without a header (JSONL), where :func:`check_columns` cannot tell."""
+    for role, name in columns.named().items():
+        if name not in seen:
+            listed = ", ".join(sorted(seen)[:20]) or "(none)"
+            raise DataError(f"{path}: no row has the field {name!r} (given as the {role} column); fields: {listed}")
 
 
 def _alts(names: tuple[str, ...]) -> str:
@@ -439,9 +463,12 @@ def read_examples(
     check_columns(path, columns, require_label=require_label, fmt=fmt)
     out: list[Example] = []
     seen: dict[str, int] = {}
+    fields: set[str] = set()
     for raw in iter_rows(path, fmt):
         if limit is not None and len(out) >= limit:
             break
+        if raw.data is not None:
+            fields.update(raw.data)
         ex = to_example(raw, columns, path, require_label=require_label)
         if ex.key in seen:
             raise DataError(f"{raw.where(path)}: duplicate id {ex.id!r} (also at row {seen[ex.key]})")
@@ -449,4 +476,5 @@ def read_examples(
         out.append(ex)
     if not out:
         raise DataError(f"{path}: no rows")
+    check_named_columns_seen(path, columns, fields)
     return out

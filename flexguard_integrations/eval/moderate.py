@@ -31,8 +31,18 @@ from typing import TYPE_CHECKING, Any
 from ..errors import GuardUnavailableError
 from ..policy import StrictnessPolicy
 from ..verdict import Action, Decision, Surface
-from .data import Columns, DataError, RawRow, check_columns, detect_format, iter_rows, row_id, texts_of
-from .runner import Progress, ResumableWriter, run_pool, run_sync
+from .data import (
+    Columns,
+    DataError,
+    RawRow,
+    check_columns,
+    check_named_columns_seen,
+    detect_format,
+    iter_rows,
+    row_id,
+    texts_of,
+)
+from .runner import Progress, ResumableWriter, refuse_same_file, run_pool, run_sync
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -149,14 +159,18 @@ def _decision_record(data: dict[str, Any], rid: str | int, row: int, d: Decision
     }
 
 
-def _scan(path: Path, columns: Columns, limit: int | None) -> int:
-    """Count the rows (up to ``limit``) and reject duplicate ids before anything is written."""
+def _scan(path: Path, columns: Columns, limit: int | None) -> set[str]:
+    """The ids of the rows (up to ``limit``); duplicate ids and explicitly named columns that no row has are
+    rejected before anything is written."""
     seen: dict[str, int] = {}
+    fields: set[str] = set()
     n = 0
     for raw in iter_rows(path):
         if limit is not None and n >= limit:
             break
         n += 1
+        if raw.data is not None:
+            fields.update(raw.data)
         key = str(row_id(raw, columns))
         if key in seen:
             raise DataError(
@@ -164,7 +178,9 @@ def _scan(path: Path, columns: Columns, limit: int | None) -> int:
                 "id to be resumable (use --id-col to choose the id column)"
             )
         seen[key] = raw.row
-    return n
+    if n:
+        check_named_columns_seen(path, columns, fields)
+    return set(seen)
 
 
 def _keep(record: dict[str, Any]) -> tuple[str, bool, bool, bool]:
@@ -195,16 +211,27 @@ def moderate_file(
     source = Path(source)
     columns = columns or Columns()
     work_path, final = output_paths(out)
+    for path in (work_path, final):
+        if path is not None:
+            refuse_same_file(source, path)
     summary = ModerationSummary(str(source), str(final or work_path))
-    if resume and final is not None and final.exists() and not work_path.exists():
-        summary.already_complete = True
-        return summary
     if final is not None and final.exists() and not (resume or overwrite):
         raise DataError(f"{final} exists; pass --overwrite to replace it")
     fmt = detect_format(source)
     check_columns(source, columns, require_label=False, fmt=fmt)
-    total = _scan(source, columns, limit)
+    ids = _scan(source, columns, limit)
+    total = len(ids)
     summary.total = total
+    if resume and final is not None and final.exists() and not work_path.exists():
+        held = sum(1 for _ in iter_rows(final))
+        if held != total:
+            raise DataError(
+                f"{final} holds {held} rows and {source} has {total}{' (with --limit)' if limit else ''}: it "
+                "is not this input's complete output (an earlier run with another --limit or input?); pass "
+                "--overwrite to moderate them all again"
+            )
+        summary.already_complete = True
+        return summary
     surf = Surface.parse(surface) if surface is not None else None
     started = time.monotonic()
     with ResumableWriter(
@@ -216,6 +243,12 @@ def moderate_file(
         is_error=lambda r: bool(r[FIELD].get("error")),
         keep=_keep,
     ) as writer:
+        foreign = [k for k in writer.done if k not in ids]
+        if foreign and limit is None:  # before anything is appended: two inputs must not mix in one file
+            raise DataError(
+                f"{work_path}: holds {len(foreign)} id(s) that are not in {source} (e.g. {foreign[0]!r}); "
+                "it is the output of another input: use another output file or --overwrite"
+            )
         summary.resumed = len(writer.done)
         summary.retried = writer.retried
         summary.dropped_partial = writer.dropped_partial

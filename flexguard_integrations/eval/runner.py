@@ -139,6 +139,14 @@ def _duration(seconds: float) -> str:
 # ===================================================================== resumable output
 
 
+def refuse_same_file(source: str | Path, out: str | Path, what: str = "output") -> None:
+    """Raise a DataError when ``out`` is ``source`` itself (or a link to it): writing would erase the input."""
+    src, dst = Path(source), Path(out)
+    same = dst.exists() and src.exists() and os.path.samefile(src, dst)
+    if same or src.resolve() == dst.resolve():
+        raise DataError(f"the {what} {dst} is the input file itself; writing it would erase the input")
+
+
 class ResumableWriter:
     """An append-only JSONL output whose rows are keyed by an id (see the module docstring).
 
@@ -187,14 +195,32 @@ class ResumableWriter:
         with open(self.path, "rb") as f:
             data = f.read()
         end = data.rfind(b"\n") + 1
+        self._read_records(data[:end])  # every whole line first: the file may not be this command's output
         if end < len(data):
+            tail = data[end:]
+            if not tail.lstrip().startswith(b"{"):
+                raise DataError(
+                    f"{self.path}: its last line is not a record of this command; is this the output of another "
+                    "run? Use another output file or --overwrite"
+                )
+            try:
+                complete = json.loads(tail)
+            except ValueError:
+                complete = None
+            if complete is not None:  # a whole JSON value without its line break: not written by this command
+                raise DataError(
+                    f"{self.path}: its last line has no line break (this command ends every record with one); "
+                    "is this the output of another run? Use another output file or --overwrite"
+                )
             # the last line was cut by a kill: drop it, it is re-run
             self.dropped_partial = 1
             with open(self.path, "r+b") as f:
                 f.truncate(end)
                 f.flush()
                 os.fsync(f.fileno())
-        for line_no, raw in enumerate(data[:end].splitlines(), 1):
+
+    def _read_records(self, data: bytes) -> None:
+        for line_no, raw in enumerate(data.splitlines(), 1):
             if not raw.strip():
                 continue
             try:

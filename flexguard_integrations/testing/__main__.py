@@ -28,6 +28,16 @@ def parse_latency(text: str) -> Latency:
     return (kind, *(float(a) for a in args))
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of the fake server."""
     p = argparse.ArgumentParser(
@@ -35,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a fake vLLM/SGLang guard server (FlexGuard and Qwen3Guard-Gen formats) until Ctrl-C.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port; default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (0 = any free port; default 8000)")
     p.add_argument(
         "--model",
         action="append",
