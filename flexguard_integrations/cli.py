@@ -247,8 +247,8 @@ def _discover_model(base_url: str, api_key: str | None) -> str:
     transport = HTTPTransport(base_url, api_key=api_key)
     try:
         names = [str(m.get("id")) for m in transport.models(deadline=time.monotonic() + 5.0) if m.get("id")]
-    except GuardTransportError:
-        raise ConfigurationError(hint) from None
+    except GuardTransportError as exc:  # the server is unreachable or not a guard server: say so
+        raise ConfigurationError(f"{hint} (it could not be read from {base_url}/models: {exc})") from None
     finally:
         transport.close()
     if len(names) == 1:

@@ -346,6 +346,11 @@ def policy_yaml(result: CalibrationResult, *, source: str = "") -> str:
         )
     if result.base is not None and not result.base.met:
         lines.append(f"# WARNING: no threshold meets {result.target} on the validation split; closest chosen")
+    if result.base is None:
+        lines.append(
+            f"# WARNING: {result.target} cannot be measured on the validation split (no positive or no negative "
+            f"rows under {result.positive}); the preset's threshold is kept"
+        )
     for c in result.categories:
         if c.choice is None:
             lines.append(f"# {c.category.value}: base threshold kept ({c.note})")

@@ -342,7 +342,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     else:
         pngs = save_plots(val, results, out_dir)
         print("plots: " + ", ".join(str(p) for p in pngs))
-    return EXIT_OK if all(r.base is None or r.base.met for r in results) else EXIT_PARTIAL
+    # a target that could not be measured (no positives for recall...) is not met: the preset is kept
+    return EXIT_OK if not errors and all(r.base is not None and r.base.met for r in results) else EXIT_PARTIAL
 
 
 def _moderate(args: argparse.Namespace) -> int:

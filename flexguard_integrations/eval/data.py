@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -170,7 +171,12 @@ def parse_severity(value: Any) -> int:
             number = float(key)
         except ValueError:
             number = None
-    if isinstance(number, bool) or not isinstance(number, int | float) or number != int(number):
+    if (
+        isinstance(number, bool)
+        or not isinstance(number, int | float)
+        or not math.isfinite(number)
+        or number != int(number)
+    ):
         raise ValueError(f"unknown severity {value!r}; expected a tier 0-4 or one of {', '.join(TIERS)}")
     tier = int(number)
     if not 0 <= tier <= 4:
@@ -312,6 +318,12 @@ def _iter_csv(path: str | Path, delimiter: str) -> Iterator[RawRow]:
             if not head:
                 return
             names = [c.strip() for c in head]
+            doubled = sorted({n for n in names if names.count(n) > 1})
+            if doubled:
+                raise DataError(
+                    f"{path}: the header names column(s) {', '.join(map(repr, doubled))} more than once; one of "
+                    "each would be lost"
+                )
             row = 0
             for record in reader:
                 if not record or (len(record) == 1 and not record[0].strip()):
@@ -389,6 +401,8 @@ def row_id(raw: RawRow, columns: Columns) -> str | int:
         if isinstance(value, str) and value.strip():
             return value.strip()
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # JSON NaN / Infinity: kept as written
+                return str(value)
             return int(value) if value == int(value) else value  # type: ignore[return-value]
     return raw.row
 

@@ -171,6 +171,12 @@ def _scan(path: Path, columns: Columns, limit: int | None) -> set[str]:
         n += 1
         if raw.data is not None:
             fields.update(raw.data)
+            taken = sorted(k for k in raw.data if k == FIELD or k.startswith(f"{FIELD}_"))
+            if taken:
+                raise DataError(
+                    f"{raw.where(path)}: has the field(s) {', '.join(map(repr, taken))}, which the output uses for "
+                    "the decision; rename them in the input"
+                )
         key = str(row_id(raw, columns))
         if key in seen:
             raise DataError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import sys
@@ -30,6 +31,8 @@ from .metrics import Confusion, auroc, average_precision, confusion
 
 if TYPE_CHECKING:
     from ..guard import Guard
+
+logger = logging.getLogger("flexguard_integrations.eval")
 
 __all__ = [
     "EvalRecord",
@@ -415,13 +418,22 @@ class EvalRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalRecord:
-        """Read one saved line back."""
+        """Read one saved line back; ValueError naming a field that is not what ``to_dict`` writes."""
+        label, severity = data.get("label"), data.get("severity")
+        if label is not None and not isinstance(label, bool):
+            raise ValueError(f"label {label!r} is not true, false or null")
+        if severity is not None and (isinstance(severity, bool) or not isinstance(severity, int)):
+            raise ValueError(f"severity {severity!r} is not a tier 0-4 or null")
+        if severity is not None and not 0 <= severity <= 4:
+            raise ValueError(f"severity {severity!r} is out of range 0-4")
+        if not isinstance(data["verdict"], Mapping) or "risk_score" not in data["verdict"]:
+            raise ValueError("the verdict has no risk_score")
         return cls(
             id=data["id"],
             row=int(data["row"]),
             verdict=verdict_from_dict(data["verdict"]),
-            label=data.get("label"),
-            severity=data.get("severity"),
+            label=label,
+            severity=severity,
             categories=tuple(Category(c) for c in data.get("categories") or ()),
             split=data.get("split"),
             mode=data.get("mode") or "prompt",
@@ -441,22 +453,32 @@ def verdict_from_dict(data: Mapping[str, Any]) -> Verdict:
 
 
 def load_records(path: str | Path) -> list[EvalRecord]:
-    """Every record of a verdicts file written by ``flexguard eval`` (a partial last line is ignored)."""
+    """Every record of a verdicts file written by ``flexguard eval``. A last line cut by a kill (no line break,
+    not readable) is ignored, with a warning; a whole last record without its line break is read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     out: list[EvalRecord] = []
+    seen: dict[str, int] = {}
     data = path.read_bytes()
     lines = data.splitlines()
     if data and not data.endswith(b"\n"):
-        lines = lines[:-1]
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            logger.warning("%s: its last line was cut off (a killed run?); it is left out", path)
+            lines = lines[:-1]
     for line_no, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
-            out.append(EvalRecord.from_dict(json.loads(raw)))
+            record = EvalRecord.from_dict(json.loads(raw))
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path}: line {line_no}: not a verdict record of `flexguard eval` ({exc})") from None
+        if record.key in seen:
+            raise DataError(f"{path}: line {line_no}: id {record.id!r} appears twice (also line {seen[record.key]})")
+        seen[record.key] = line_no
+        out.append(record)
     if not out:
         raise DataError(f"{path}: no verdict records")
     return out

@@ -16,8 +16,11 @@ import pytest
 
 from flexguard_integrations.cli import main
 from flexguard_integrations.errors import PolicyError
+from flexguard_integrations.eval.data import DataError, parse_severity
+from flexguard_integrations.eval.runner import load_records
 from flexguard_integrations.policy import StrictnessPolicy
 from flexguard_integrations.testing import FakeGuardServer
+from tests.conftest import closed_port_url
 from tests.integration.test_eval_moderate import ENV_VARS, FLEX, corpus, ep, read_out
 
 
@@ -156,3 +159,135 @@ def test_fake_server_rejects_a_bad_port(capsys: pytest.CaptureFixture[str], port
     assert main(["fake-server", "--port", port]) == 2
     err = capsys.readouterr().err
     assert "argument --port" in err and ("outside 0-65535" in err or "not a port number" in err)
+
+
+# ---------------------------------------------------------------- values and fields that were lost or crashed
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "inf", "nan"])
+def test_a_non_finite_severity_is_a_clear_error(value: object) -> None:
+    with pytest.raises(ValueError, match="unknown severity"):
+        parse_severity(value)
+
+
+def test_a_non_finite_json_id_is_kept_as_written(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": NaN, "text": "hello"}\n{"id": Infinity, "text": "hi"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert run(["moderate", str(src), str(out), *ep(srv)], capsys)[0] == 0
+    assert [r["flexguard"]["id"] for r in read_out(out)] == ["nan", "inf"]  # type: ignore[index]
+
+
+def test_a_csv_header_naming_a_column_twice_is_an_error(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "dup.csv"
+    src.write_text("id,text,label,text\n1,hello,0,world\n", encoding="utf-8")
+    code, _, err = run(["moderate", str(src), str(tmp_path / "o.jsonl"), *ep(srv)], capsys)
+    assert code == 2 and "'text' more than once" in err
+
+
+@pytest.mark.parametrize("field", ["flexguard", "flexguard_action"])
+def test_an_input_field_the_output_uses_is_an_error_not_overwritten(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "text": "hello", field: "mine"}) + "\n", encoding="utf-8")
+    out = tmp_path / "o.csv"
+    code, _, err = run(["moderate", str(src), str(out), *ep(srv)], capsys)
+    assert code == 2 and repr(field) in err and "rename" in err
+    assert not out.exists()
+
+
+def _verdicts_line(**changes: object) -> str:
+    record: dict[str, object] = {
+        "id": "a",
+        "row": 1,
+        "mode": "prompt",
+        "label": True,
+        "severity": None,
+        "categories": [],
+        "split": None,
+        "verdict": {"risk_score": 90.0, "categories": ["VIOLENCE"]},
+    }
+    record.update(changes)
+    return json.dumps(record)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"label": "no"}, "label 'no'"),
+        ({"label": None, "severity": "2"}, "severity '2'"),
+        ({"label": None, "severity": 7}, "out of range"),
+        ({"verdict": {"categories": []}}, "no risk_score"),
+    ],
+)
+def test_a_verdicts_file_is_read_strictly(tmp_path: Path, changes: dict[str, object], message: str) -> None:
+    path = tmp_path / "v.jsonl"
+    path.write_text(_verdicts_line(**changes) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_records(path)
+
+
+def test_a_verdicts_file_keeps_a_whole_last_record_and_refuses_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "v.jsonl"
+    path.write_text(_verdicts_line() + "\n" + _verdicts_line(id="b"), encoding="utf-8")  # no final line break
+    assert [r.id for r in load_records(path)] == ["a", "b"]
+    path.write_text(_verdicts_line() + "\n" + _verdicts_line(id="b")[:40], encoding="utf-8")  # cut by a kill
+    assert [r.id for r in load_records(path)] == ["a"]
+    path.write_text(_verdicts_line() + "\n" + _verdicts_line() + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="appears twice"):
+        load_records(path)
+
+
+# ---------------------------------------------------------------- exit codes and messages
+
+
+def _calibration_data(path: Path, severities: list[int]) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"c{i}", "text": f"calibration row {i}", "severity": sev}) + "\n"
+            for i, sev in enumerate(severities)
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_calibrate_without_positives_exits_1_and_says_why(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """recall cannot be measured without a positive row: the preset is kept, and that is not a success."""
+    data = _calibration_data(tmp_path / "benign.jsonl", [0] * 6)
+    cal = tmp_path / "cal"
+    argv = ["calibrate", str(data), "--target", "recall=0.95", "--out-dir", str(cal), "--val-fraction", "1",
+            "--no-plots", *ep(srv)]  # fmt: skip
+    code, _, _ = run(argv, capsys)
+    assert code == 1
+    assert "cannot be measured" in (cal / "moderate.yaml").read_text(encoding="utf-8")
+
+
+def test_calibrate_with_guard_errors_exits_1(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _calibration_data(tmp_path / "d.jsonl", [0, 0, 0, 3, 3, 3])
+    srv.add_rule("calibration row 0", kind="exact", fault="malformed")  # the first matching rule answers
+    for i, score in enumerate((5, 10, 15, 70, 80, 90)):
+        srv.add_rule(f"calibration row {i}", kind="exact", score=score)
+    cal = tmp_path / "cal"
+    argv = ["calibrate", str(data), "--target", "recall=1", "--out-dir", str(cal), "--val-fraction", "1",
+            "--no-plots", *ep(srv)]  # fmt: skip
+    code, stdout, _ = run(argv, capsys)
+    assert "guard errors: 1 rows" in stdout
+    assert code == 1
+
+
+def test_an_unreachable_server_is_named_when_the_model_is_not_given(capsys: pytest.CaptureFixture[str]) -> None:
+    url = closed_port_url()
+    code = main(["check", "hello", "--base-url", url])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "FLEXGUARD_MODEL is not set" in err and "could not be read from" in err and url in err
