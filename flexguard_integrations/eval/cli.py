@@ -88,7 +88,7 @@ def register(sub: Any) -> None:
     cal.add_argument("--seed", type=int, default=0, help="seed of the id-hash split (default 0)")
     cal.add_argument(
         "--min-support",
-        type=int,
+        type=_positive_int,
         default=30,
         metavar="N",
         help="rows a category needs (named by the guard, both classes present) for its own threshold (default 30)",

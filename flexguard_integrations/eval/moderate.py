@@ -354,7 +354,14 @@ def _convert(src: Path, dst: Path) -> None:
                 f"{dst}: writing Parquet needs pyarrow: pip install 'flexguard-integrations[parquet]'; the "
                 f"results are kept in {src}"
             ) from None
-        pq.write_table(pa.Table.from_pylist(rows), str(tmp))
+        try:
+            pq.write_table(pa.Table.from_pylist(rows), str(tmp))
+        except (pa.lib.ArrowException, ValueError, TypeError) as exc:  # e.g. a column of numbers and strings
+            tmp.unlink(missing_ok=True)
+            raise DataError(
+                f"{dst}: the results cannot be written as Parquet ({type(exc).__name__}: {exc}; a column mixing "
+                f"numbers and strings?); every result is kept in {src} (JSONL, one record per row)"
+            ) from None
     else:
         names: list[str] = []
         for r in rows:

@@ -291,3 +291,28 @@ def test_an_unreachable_server_is_named_when_the_model_is_not_given(capsys: pyte
     err = capsys.readouterr().err
     assert code == 2
     assert "FLEXGUARD_MODEL is not set" in err and "could not be read from" in err and url in err
+
+
+def test_results_that_parquet_cannot_hold_are_kept_and_the_error_says_where(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("pyarrow")
+    src = tmp_path / "mixed.jsonl"
+    src.write_text(
+        json.dumps({"id": "a", "text": "hello", "meta": 5})
+        + "\n"
+        + json.dumps({"id": "b", "text": "hi", "meta": "x"})
+        + "\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "o.parquet"
+    code, _, err = run(["moderate", str(src), str(out), *ep(srv)], capsys)
+    assert code == 2 and "cannot be written as Parquet" in err and "o.parquet.partial.jsonl" in err
+    assert not out.exists()
+    kept = read_out(tmp_path / "o.parquet.partial.jsonl")
+    assert sorted(r["flexguard"]["id"] for r in kept) == ["a", "b"]  # type: ignore[index]
+
+
+def test_calibrate_refuses_a_negative_min_support(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["calibrate", str(tmp_path / "d.jsonl"), "--target", "recall=0.9", "--min-support", "-5"])
+    assert code == 2 and "--min-support" in capsys.readouterr().err
