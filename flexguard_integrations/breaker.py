@@ -63,19 +63,29 @@ class CircuitBreaker:
 
     def before_request(self) -> str | None:
         """None to send the request; otherwise why it must not be sent (the circuit is open)."""
+        return self.admit()[0]
+
+    def admit(self) -> tuple[str | None, bool]:
+        """(None, whether this request is the half-open probe) to send it; (why not, False) otherwise.
+
+        The probe's holder passes ``probe=True`` to :meth:`abandon` (and :meth:`record_failure`): another
+        request ending without an outcome must not hand back a probe it never held, or a second probe would
+        go out while the first is still in flight.
+        """
         if self._closed():  # the common case, read without the lock: one str compare per check
-            return None
+            return None, False
         with self._lock:
             if self._closed():  # another thread closed it meanwhile
-                return None
+                return None, False
             waited = time.monotonic() - self._opened_at
             if waited >= self.reset_timeout and not self._probing:
                 self._state = "half_open"
                 self._probing = True
-                return None
+                return None, True
             self.short_circuited += 1
             left = max(0.0, self.reset_timeout - waited)
-            return f"circuit breaker open after {self._failures} consecutive guard failures; next probe in {left:.1f} s"
+            why = f"circuit breaker open after {self._failures} consecutive guard failures; next probe in {left:.1f} s"
+            return why, False
 
     def record_success(self) -> None:
         """A request got an answer: close the circuit."""
@@ -86,15 +96,15 @@ class CircuitBreaker:
             self._state = "closed"
             self._probing = False
 
-    def record_failure(self, exc: BaseException) -> None:
+    def record_failure(self, exc: BaseException, *, probe: bool = True) -> None:
         """A request failed; open the circuit when the threshold is reached (or a probe failed).
 
         A 4xx answer proves the server is alive, so it counts as a success for the breaker; a 413 comes from a
-        proxy in front of the guard and counts as no outcome (:meth:`abandon`).
+        proxy in front of the guard and counts as no outcome (:meth:`abandon`, with ``probe``).
         """
         if isinstance(exc, GuardBadRequestError):
             if exc.status_code == 413:
-                self.abandon()
+                self.abandon(probe=probe)
             else:
                 self.record_success()
             return
@@ -107,7 +117,10 @@ class CircuitBreaker:
                 self._opened_at = time.monotonic()
                 self._probing = False
 
-    def abandon(self) -> None:
-        """A request ended without an outcome (cancelled): let another probe through later."""
+    def abandon(self, *, probe: bool = True) -> None:
+        """A request ended without an outcome (cancelled): when it was the half-open probe (``probe``, as
+        :meth:`admit` said), let another probe through later; any other request changes nothing."""
+        if not probe:
+            return
         with self._lock:
             self._probing = False

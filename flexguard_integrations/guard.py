@@ -692,8 +692,11 @@ class Guard:
             if hit is not None:
                 return replace(hit, cached=True, latency_ms=0.0), None
         started = time.perf_counter()
-        if self.breaker is not None and (why := self.breaker.before_request()) is not None:
-            return self._finish(Verdict.failed(why), surface, started), None
+        probe = False  # whether this request is the half-open probe (only its holder may hand it back)
+        if self.breaker is not None:
+            why, probe = self.breaker.admit()
+            if why is not None:
+                return self._finish(Verdict.failed(why), surface, started), None
         try:
             if _total_chars(inp) > _OFF_LOOP_CHARS:
                 body = await _off_loop(deadline, self.model.request_body, inp, self.model_name)
@@ -701,12 +704,12 @@ class Guard:
                 body = self.model.request_body(inp, self.model_name)
         except TimeoutError as exc:  # the preparation thread was busy with other long texts until the deadline
             if self.breaker is not None:
-                self.breaker.abandon()  # no request was sent: nothing is known about the guard's health
+                self.breaker.abandon(probe=probe)  # no request was sent: nothing is known about the guard's health
             err = f"guard check exceeded its {self.timeout:g} s deadline while its text was prepared (no request sent)"
             return self._finish(Verdict.failed(err), surface, started), exc
         except BaseException:
             if self.breaker is not None:
-                self.breaker.abandon()
+                self.breaker.abandon(probe=probe)
             raise
         sem = self._sem()
         try:
@@ -719,18 +722,18 @@ class Guard:
                 async with _timeout_cm(remaining(deadline) + 0.05), sem:  # queueing counts too
                     completion = await self.transport.acomplete(body, deadline=deadline, headers=headers)
         except ContextLengthExceededError as exc:
-            self._breaker_failure(exc)
+            self._breaker_failure(exc, probe)
             raise
         except GuardTransportError as exc:
-            self._breaker_failure(exc)
+            self._breaker_failure(exc, probe)
             return self._finish(Verdict.failed(str(exc)), surface, started), exc
         except TimeoutError as exc:
-            self._breaker_failure(exc)
+            self._breaker_failure(exc, probe)
             err = f"guard check exceeded its {self.timeout:g} s deadline"
             return self._finish(Verdict.failed(err), surface, started), exc
         except BaseException:
             if self.breaker is not None:
-                self.breaker.abandon()
+                self.breaker.abandon(probe=probe)
             raise
         return self._parsed(completion, key, surface, started), None
 
@@ -862,8 +865,11 @@ class Guard:
             if hit is not None:
                 return replace(hit, cached=True, latency_ms=0.0), None
         started = time.perf_counter()
-        if self.breaker is not None and (why := self.breaker.before_request()) is not None:
-            return self._finish(Verdict.failed(why), surface, started), None
+        probe = False  # whether this request is the half-open probe (only its holder may hand it back)
+        if self.breaker is not None:
+            why, probe = self.breaker.admit()
+            if why is not None:
+                return self._finish(Verdict.failed(why), surface, started), None
         try:
             body = self.model.request_body(inp, self.model_name)
             if not self._thread_sem.acquire(timeout=max(remaining(deadline), 0.0)):
@@ -873,24 +879,24 @@ class Guard:
             finally:
                 self._thread_sem.release()
         except ContextLengthExceededError as exc:
-            self._breaker_failure(exc)
+            self._breaker_failure(exc, probe)
             raise
         except GuardTransportError as exc:
-            self._breaker_failure(exc)
+            self._breaker_failure(exc, probe)
             return self._finish(Verdict.failed(str(exc)), surface, started), exc
         except TimeoutError as exc:
-            self._breaker_failure(exc)
+            self._breaker_failure(exc, probe)
             err = f"guard check exceeded its {self.timeout:g} s deadline"
             return self._finish(Verdict.failed(err), surface, started), exc
         except BaseException:
             if self.breaker is not None:
-                self.breaker.abandon()
+                self.breaker.abandon(probe=probe)
             raise
         return self._parsed(completion, key, surface, started), None
 
-    def _breaker_failure(self, exc: BaseException) -> None:
+    def _breaker_failure(self, exc: BaseException, probe: bool) -> None:
         if self.breaker is not None:
-            self.breaker.record_failure(exc)
+            self.breaker.record_failure(exc, probe=probe)
 
     def _parsed(self, completion: dict[str, Any], key: Any, surface: Surface, started: float) -> Verdict:
         """The verdict of a chat completion. The server answered, so the breaker counts a success even when the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -265,3 +266,52 @@ def test_breaker_is_off_by_default_and_on_with_true(server: FakeGuardServer) -> 
         assert guard.breaker is None
     with Guard.from_endpoint(server.base_url, QWEN, circuit_breaker=True) as guard:
         assert guard.breaker is not None and guard.breaker.failure_threshold == 5
+
+
+# ---------------------------------------------------------------- only the probe's holder hands it back
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_cancelled_check_that_was_not_the_probe_does_not_free_the_probe() -> None:
+    """A check admitted while the circuit was closed, cancelled after another check took the half-open probe,
+    must not hand that probe back: a second probe would go out while the first is still in flight."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.05)
+    with FakeGuardServer() as srv:
+        srv.add_rule("hanging text", fault="hang")
+        async with Guard.from_endpoint(srv.base_url, QWEN, cache=False, timeout=30, circuit_breaker=breaker) as g:
+            earlier = asyncio.create_task(g.acheck("hanging text, admitted while closed"))
+            await _until(lambda: len(srv.requests) >= 1)
+            breaker.record_failure(ConnectionError("down"), probe=False)  # another check failed: open
+            await asyncio.sleep(0.1)
+            probe = asyncio.create_task(g.acheck("hanging text, the probe"))
+            await _until(lambda: len(srv.requests) >= 2)
+            assert breaker.state == "half_open"
+            earlier.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await earlier
+            refused = await g.acheck("a third check while the probe is in flight")
+            assert refused.verdict.error is not None and "circuit breaker open" in refused.verdict.error
+            assert len([r for r in srv.requests if r.path.endswith("/chat/completions")]) == 2
+            probe.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await probe
+            assert breaker.before_request() is None  # the probe's own cancellation hands it back
+
+
+def test_abandon_without_the_probe_changes_nothing() -> None:
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.01)
+    breaker.record_failure(ConnectionError("down"))
+    time.sleep(0.02)
+    why, probe = breaker.admit()
+    assert why is None and probe
+    assert breaker.admit()[0] is not None  # one probe at a time
+    breaker.abandon(probe=False)
+    assert breaker.admit()[0] is not None  # still one probe in flight
+    breaker.abandon(probe=True)
+    assert breaker.admit() == (None, True)
