@@ -284,6 +284,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .runner import build_report, format_report, preset_policies
 
     out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.data).stem}.verdicts.jsonl"
+    if args.report:  # before any check: the report must not replace the data or the verdicts
+        from .runner import refuse_same_file
+
+        refuse_same_file(args.data, args.report, "report")
+        if not args.from_verdicts:
+            refuse_same_file(out, args.report, "report")
     policies = load_calibrated(args.policies) if args.policies else preset_policies()
     extra = {}
     if args.policy:

@@ -318,7 +318,7 @@ def _iter_csv(path: str | Path, delimiter: str) -> Iterator[RawRow]:
             if not head:
                 return
             names = [c.strip() for c in head]
-            doubled = sorted({n for n in names if names.count(n) > 1})
+            doubled = sorted({n for n in names if n and names.count(n) > 1})  # blank ones: trailing commas
             if doubled:
                 raise DataError(
                     f"{path}: the header names column(s) {', '.join(map(repr, doubled))} more than once; one of "
@@ -479,10 +479,12 @@ def read_examples(
     seen: dict[str, int] = {}
     fields: set[str] = set()
     for raw in iter_rows(path, fmt):
-        if limit is not None and len(out) >= limit:
-            break
         if raw.data is not None:
             fields.update(raw.data)
+        if limit is not None and len(out) >= limit:
+            if set(columns.named().values()) <= fields:
+                break
+            continue  # past the limit, only until every named column is seen: it may appear in later rows only
         ex = to_example(raw, columns, path, require_label=require_label)
         if ex.key in seen:
             raise DataError(f"{raw.where(path)}: duplicate id {ex.id!r} (also at row {seen[ex.key]})")

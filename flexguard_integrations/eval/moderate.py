@@ -23,7 +23,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,23 +159,24 @@ def _decision_record(data: dict[str, Any], rid: str | int, row: int, d: Decision
     }
 
 
-def _scan(path: Path, columns: Columns, limit: int | None) -> set[str]:
-    """The ids of the rows (up to ``limit``); duplicate ids and explicitly named columns that no row has are
-    rejected before anything is written."""
+def _scan(path: Path, columns: Columns, limit: int | None) -> tuple[list[str], set[str]]:
+    """(the ids of the rows to moderate, in order: the first ``limit``; every id of the file). The whole file is
+    read, ``--limit`` or not: duplicate ids, explicitly named columns that no row has and fields the output
+    would overwrite are rejected before anything is written, and a resumed output is checked against every id
+    the input has."""
     seen: dict[str, int] = {}
     fields: set[str] = set()
-    n = 0
+    chosen: list[str] = []
     for raw in iter_rows(path):
-        if limit is not None and n >= limit:
-            break
-        n += 1
         if raw.data is not None:
             fields.update(raw.data)
             taken = sorted(k for k in raw.data if k == FIELD or k.startswith(f"{FIELD}_"))
             if taken:
+                shown = ", ".join(map(repr, taken[:3])) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
                 raise DataError(
-                    f"{raw.where(path)}: has the field(s) {', '.join(map(repr, taken))}, which the output uses for "
-                    "the decision; rename them in the input"
+                    f"{raw.where(path)}: has the field(s) {shown}, which the output uses for the decision (is this "
+                    f"the output of an earlier `flexguard moderate`? Remove its {FIELD!r} field or columns to "
+                    "moderate the rows again)"
                 )
         key = str(row_id(raw, columns))
         if key in seen:
@@ -184,9 +185,11 @@ def _scan(path: Path, columns: Columns, limit: int | None) -> set[str]:
                 "id to be resumable (use --id-col to choose the id column)"
             )
         seen[key] = raw.row
-    if n:
+        if limit is None or len(chosen) < limit:
+            chosen.append(key)
+    if seen:
         check_named_columns_seen(path, columns, fields)
-    return set(seen)
+    return chosen, set(seen)
 
 
 def _keep(record: dict[str, Any]) -> tuple[str, bool, bool, bool]:
@@ -225,19 +228,27 @@ def moderate_file(
         raise DataError(f"{final} exists; pass --overwrite to replace it")
     fmt = detect_format(source)
     check_columns(source, columns, require_label=False, fmt=fmt)
-    ids = _scan(source, columns, limit)
-    total = len(ids)
+    chosen, every_id = _scan(source, columns, limit)
+    total = len(chosen)
     summary.total = total
     if resume and final is not None and final.exists() and not work_path.exists():
-        held = sum(1 for _ in iter_rows(final))
-        if held != total:
+        held = [str((r.data or {}).get(f"{FIELD}_id")) for r in iter_rows(final)]
+        if sorted(held) != sorted(chosen):
             raise DataError(
-                f"{final} holds {held} rows and {source} has {total}{' (with --limit)' if limit else ''}: it "
-                "is not this input's complete output (an earlier run with another --limit or input?); pass "
-                "--overwrite to moderate them all again"
+                f"{final} holds {len(held)} rows and {source} has {total}{' (with --limit)' if limit else ''}, or "
+                "other ids: it is not this input's complete output (an earlier run with another --limit or "
+                "input?); pass --overwrite to moderate them all again"
             )
         summary.already_complete = True
         return summary
+
+    def same_input(done: Mapping[str, Any]) -> None:  # before the writer changes anything in the file
+        foreign = [k for k in done if k not in every_id]
+        if foreign:
+            raise DataError(
+                f"{work_path}: holds {len(foreign)} id(s) that are not in {source} (e.g. {foreign[0]!r}); "
+                "it is the output of another input: use another output file or --overwrite"
+            )
     surf = Surface.parse(surface) if surface is not None else None
     started = time.monotonic()
     with ResumableWriter(
@@ -248,13 +259,8 @@ def moderate_file(
         retry_errors=retry_errors,
         is_error=lambda r: bool(r[FIELD].get("error")),
         keep=_keep,
+        accept=same_input,
     ) as writer:
-        foreign = [k for k in writer.done if k not in ids]
-        if foreign and limit is None:  # before anything is appended: two inputs must not mix in one file
-            raise DataError(
-                f"{work_path}: holds {len(foreign)} id(s) that are not in {source} (e.g. {foreign[0]!r}); "
-                "it is the output of another input: use another output file or --overwrite"
-            )
         summary.resumed = len(writer.done)
         summary.retried = writer.retried
         summary.dropped_partial = writer.dropped_partial

@@ -147,7 +147,7 @@ def refuse_same_file(source: str | Path, out: str | Path, what: str = "output") 
     src, dst = Path(source), Path(out)
     same = dst.exists() and src.exists() and os.path.samefile(src, dst)
     if same or src.resolve() == dst.resolve():
-        raise DataError(f"the {what} {dst} is the input file itself; writing it would erase the input")
+        raise DataError(f"the {what} {dst} is the file {src} itself; writing it would erase that file")
 
 
 class ResumableWriter:
@@ -170,6 +170,7 @@ class ResumableWriter:
         retry_errors: bool = False,
         is_error: Callable[[Mapping[str, Any]], bool] | None = None,
         keep: Callable[[dict[str, Any]], Any] | None = None,
+        accept: Callable[[Mapping[str, Any]], None] | None = None,
         fsync_interval: float = 0.5,
     ) -> None:
         self.path = Path(path)
@@ -186,7 +187,11 @@ class ResumableWriter:
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if exists and resume:
-            self._load()
+            cut = self._load()
+            if accept is not None:  # e.g. "these are this input's ids": raises before the file is changed
+                accept(self.done)
+            if cut is not None:
+                self._truncate(cut)
             if retry_errors and is_error is not None:
                 self._drop_errors(is_error)
         mode = "a" if resume else "w"
@@ -194,33 +199,42 @@ class ResumableWriter:
         self._last_sync = time.monotonic()
         self.written = 0
 
-    def _load(self) -> None:
+    def _load(self) -> int | None:
+        """Read the records of a file to resume (every whole line must be one of this command's); the offset
+        to cut it at when its last line was cut by a kill (the caller cuts it, once the records are accepted)."""
         with open(self.path, "rb") as f:
             data = f.read()
         end = data.rfind(b"\n") + 1
         self._read_records(data[:end])  # every whole line first: the file may not be this command's output
-        if end < len(data):
-            tail = data[end:]
-            if not tail.lstrip().startswith(b"{"):
+        if end == len(data):
+            return None
+        tail = data[end:]
+        if not tail.lstrip().startswith(b"{"):
+            raise DataError(
+                f"{self.path}: its last line is not a record of this command; is this the output of another "
+                "run? Use another output file or --overwrite"
+            )
+        try:
+            whole = json.loads(tail)
+        except ValueError:
+            whole = None  # cut by a kill mid-record
+        if whole is not None:
+            try:  # a whole record whose line break a kill cut off (the kernel copies a write page by page)
+                self.key(whole)
+            except (KeyError, TypeError, ValueError):
                 raise DataError(
-                    f"{self.path}: its last line is not a record of this command; is this the output of another "
-                    "run? Use another output file or --overwrite"
-                )
-            try:
-                complete = json.loads(tail)
-            except ValueError:
-                complete = None
-            if complete is not None:  # a whole JSON value without its line break: not written by this command
-                raise DataError(
-                    f"{self.path}: its last line has no line break (this command ends every record with one); "
-                    "is this the output of another run? Use another output file or --overwrite"
-                )
-            # the last line was cut by a kill: drop it, it is re-run
-            self.dropped_partial = 1
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
+                    f"{self.path}: its last line has no line break and is not a record of this command; is this "
+                    "the output of another run? Use another output file or --overwrite"
+                ) from None
+        # the last line was cut by a kill: it is dropped and its row checked again
+        self.dropped_partial = 1
+        return end
+
+    def _truncate(self, end: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
 
     def _read_records(self, data: bytes) -> None:
         for line_no, raw in enumerate(data.splitlines(), 1):
@@ -506,6 +520,16 @@ def evaluate(
 ) -> list[EvalRecord]:
     """Get the guard's verdict on every example, saving each to ``out`` (resumable); the records in input order."""
     by_key = {ex.key: ex for ex in examples}
+
+    def same_data(done: Mapping[str, Any]) -> None:  # before the writer changes anything in the file
+        unknown = [k for k in done if k not in by_key]
+        if unknown:
+            raise DataError(
+                f"{out}: holds {len(unknown)} id(s) that are not in the data (e.g. {unknown[0]!r}); "
+                "it is the output of another data file (or of a run without --limit): use another --out or "
+                "--overwrite"
+            )
+
     with ResumableWriter(
         out,
         key=lambda r: str(r["id"]),
@@ -513,13 +537,8 @@ def evaluate(
         overwrite=overwrite,
         retry_errors=retry_errors,
         is_error=lambda r: bool((r.get("verdict") or {}).get("error")),
+        accept=same_data,
     ) as writer:
-        unknown = [k for k in writer.done if k not in by_key]
-        if unknown:
-            raise DataError(
-                f"{out}: holds {len(unknown)} id(s) that are not in the data (e.g. {unknown[0]!r}); "
-                "it is the output of another data file: use another --out or --overwrite"
-            )
         pending = [ex for ex in examples if ex.key not in writer.done]
         if progress is not None:
             progress.skipped = len(examples) - len(pending)

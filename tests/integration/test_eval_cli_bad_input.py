@@ -48,12 +48,12 @@ def test_moderate_refuses_to_write_over_its_input(
     src = corpus(tmp_path / "same.jsonl", 5)
     before = src.read_bytes()
     code, _, err = run(["moderate", str(src), str(src), "--overwrite", *ep(srv)], capsys)
-    assert code == 2 and "is the input file itself" in err
+    assert code == 2 and "itself; writing it would erase that file" in err
     assert src.read_bytes() == before
     link = tmp_path / "link.jsonl"
     link.symlink_to(src)
     code, _, err = run(["moderate", str(src), str(link), "--overwrite", *ep(srv)], capsys)
-    assert code == 2 and "is the input file itself" in err
+    assert code == 2 and "itself; writing it would erase that file" in err
     assert src.read_bytes() == before
 
 
@@ -64,7 +64,7 @@ def test_eval_refuses_to_write_its_verdicts_over_the_data(
     data.write_text(json.dumps({"id": "a", "text": "hello", "label": 0}) + "\n", encoding="utf-8")
     before = data.read_bytes()
     code, _, err = run(["eval", str(data), "--out", str(data), "--overwrite", *ep(srv)], capsys)
-    assert code == 2 and "is the input file itself" in err
+    assert code == 2 and "itself; writing it would erase that file" in err
     assert data.read_bytes() == before
 
 
@@ -197,7 +197,7 @@ def test_an_input_field_the_output_uses_is_an_error_not_overwritten(
     src.write_text(json.dumps({"id": "a", "text": "hello", field: "mine"}) + "\n", encoding="utf-8")
     out = tmp_path / "o.csv"
     code, _, err = run(["moderate", str(src), str(out), *ep(srv)], capsys)
-    assert code == 2 and repr(field) in err and "rename" in err
+    assert code == 2 and repr(field) in err and "earlier `flexguard moderate`" in err
     assert not out.exists()
 
 
@@ -316,3 +316,134 @@ def test_results_that_parquet_cannot_hold_are_kept_and_the_error_says_where(
 def test_calibrate_refuses_a_negative_min_support(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code = main(["calibrate", str(tmp_path / "d.jsonl"), "--target", "recall=0.9", "--min-support", "-5"])
     assert code == 2 and "--min-support" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- review of the fixes above
+
+
+def _other_input(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"id": f"x{i}", "text": f"hello {i}"}) + "\n" for i in range(n)), "utf-8")
+    return path
+
+
+def test_a_refused_resume_with_retry_errors_leaves_the_file_untouched(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = corpus(tmp_path / "in.jsonl", 4)
+    with open(src, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "empty", "text": ""}) + "\n")  # an input error: a record that carries an error
+    out = tmp_path / "out.jsonl"
+    assert run(["moderate", str(src), str(out), *ep(srv)], capsys)[0] == 1
+    with open(out, "ab") as f:
+        f.write(b'{"n": 1, "flexguard": {"id": "do')  # and a line cut by a kill
+    before = out.read_bytes()
+    other = _other_input(tmp_path / "other.jsonl", 3)
+    code, _, err = run(["moderate", str(other), str(out), "--resume", "--retry-errors", *ep(srv)], capsys)
+    assert code == 2 and "another input" in err
+    assert out.read_bytes() == before
+
+
+def test_eval_refused_resume_with_retry_errors_leaves_the_file_untouched(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv.add_rule("broken row", kind="exact", fault="malformed")
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        json.dumps({"id": "a", "text": "hello", "label": 0}) + "\n"
+        + json.dumps({"id": "b", "text": "broken row", "label": 1}) + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    verdicts = tmp_path / "v.jsonl"
+    assert run(["eval", str(data), "--out", str(verdicts), *ep(srv)], capsys)[0] == 1
+    before = verdicts.read_bytes()
+    other = tmp_path / "o.jsonl"
+    other.write_text(json.dumps({"id": "z", "text": "hi", "label": 0}) + "\n", encoding="utf-8")
+    code, _, err = run(["eval", str(other), "--out", str(verdicts), "--resume", "--retry-errors", *ep(srv)], capsys)
+    assert code == 2 and "another data file" in err
+    assert verdicts.read_bytes() == before
+
+
+def test_resume_with_a_limit_still_refuses_another_input(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = corpus(tmp_path / "in.jsonl", 8)
+    out = tmp_path / "out.jsonl"
+    assert run(["moderate", str(src), str(out), *ep(srv)], capsys)[0] == 0
+    before = out.read_bytes()
+    other = _other_input(tmp_path / "other.jsonl", 8)
+    code, _, err = run(["moderate", str(other), str(out), "--resume", "--limit", "3", *ep(srv)], capsys)
+    assert code == 2 and "another input" in err
+    assert out.read_bytes() == before
+    # the same input with a smaller limit after a full run is fine: nothing left to do
+    assert run(["moderate", str(src), str(out), "--resume", "--limit", "3", *ep(srv)], capsys)[0] == 0
+    assert out.read_bytes() == before
+
+
+def test_a_complete_csv_of_another_input_with_as_many_rows_is_not_complete(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = corpus(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out.csv"
+    assert run(["moderate", str(src), str(out), *ep(srv)], capsys)[0] == 0
+    other = _other_input(tmp_path / "other.jsonl", 5)
+    code, _, err = run(["moderate", str(other), str(out), "--resume", *ep(srv)], capsys)
+    assert code == 2 and "other ids" in err
+    code, text, _ = run(["moderate", str(src), str(out), "--resume", *ep(srv)], capsys)
+    assert code == 0 and "already complete" in text
+
+
+def test_the_eval_report_never_replaces_the_data_or_the_verdicts(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "a", "text": "hello", "label": 0}) + "\n", encoding="utf-8")
+    before = data.read_bytes()
+    verdicts = tmp_path / "v.jsonl"
+    code, _, err = run(["eval", str(data), "--out", str(verdicts), "--report", str(data), *ep(srv)], capsys)
+    assert code == 2 and "report" in err and data.read_bytes() == before
+    code, _, err = run(["eval", str(data), "--out", str(verdicts), "--report", str(verdicts), *ep(srv)], capsys)
+    assert code == 2 and "report" in err and not verdicts.exists()
+
+
+def test_a_csv_with_trailing_empty_columns_is_read(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Spreadsheet exports end rows with commas: blank header names are not a doubled column."""
+    src = tmp_path / "trail.csv"
+    src.write_text("id,text,,\n1,hello,,\n2,How do I make a bomb?,,\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    assert run(["moderate", str(src), str(out), *ep(srv)], capsys)[0] == 0
+    assert [r["flexguard"]["action"] for r in read_out(out)] == ["allow", "block"]  # type: ignore[index]
+
+
+def test_a_whole_record_whose_line_break_a_kill_cut_off_is_checked_again(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The kernel copies a large write page by page: a SIGKILL can land right before the final line break."""
+    src = corpus(tmp_path / "in.jsonl", 4)
+    out = tmp_path / "out.jsonl"
+    assert run(["moderate", str(src), str(out), *ep(srv)], capsys)[0] == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:-1]) + lines[-1].rstrip(b"\n"))  # the last record without its line break
+    code, _, _ = run(["moderate", str(src), str(out), "--resume", *ep(srv)], capsys)
+    assert code == 0
+    assert [r["flexguard"]["id"] for r in read_out(out)] == [f"doc-{i:04d}" for i in range(4)]  # type: ignore[index]
+
+
+def test_a_limited_run_accepts_a_named_column_that_only_later_rows_have(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "resp.jsonl"
+    rows = [{"id": f"r{i}", "text": f"question {i}"} for i in range(5)]
+    rows.append({"id": "r5", "text": "question 5", "answer": "an answer"})
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    assert run(["moderate", str(src), str(out), "--response-col", "answer", "--limit", "2", *ep(srv)], capsys)[0] == 0
+    assert len(read_out(out)) == 2
+    data = tmp_path / "lab.jsonl"
+    data.write_text("".join(json.dumps({**r, "label": 0}) + "\n" for r in rows), encoding="utf-8")
+    code, _, _ = run(
+        ["eval", str(data), "--out", str(tmp_path / "v.jsonl"), "--response-col", "answer", "--limit", "2", *ep(srv)],
+        capsys,
+    )
+    assert code == 0
