@@ -249,6 +249,7 @@ def moderate_file(
                 f"{work_path}: holds {len(foreign)} id(s) that are not in {source} (e.g. {foreign[0]!r}); "
                 "it is the output of another input: use another output file or --overwrite"
             )
+
     surf = Surface.parse(surface) if surface is not None else None
     started = time.monotonic()
     with ResumableWriter(
