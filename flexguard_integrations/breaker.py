@@ -35,6 +35,7 @@ class CircuitBreaker:
     _failures: int = field(default=0, init=False)
     _opened_at: float = field(default=0.0, init=False)
     _probing: bool = field(default=False, init=False)
+    _probe_id: int = field(default=0, init=False)  # numbers the half-open probes: a token only its holder has
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     opened_count: int = field(default=0, init=False)
     short_circuited: int = field(default=0, init=False)
@@ -65,27 +66,36 @@ class CircuitBreaker:
         """None to send the request; otherwise why it must not be sent (the circuit is open)."""
         return self.admit()[0]
 
-    def admit(self) -> tuple[str | None, bool]:
-        """(None, whether this request is the half-open probe) to send it; (why not, False) otherwise.
+    def admit(self) -> tuple[str | None, int]:
+        """(None, probe) to send the request, (why not, 0) otherwise. ``probe`` is 0, or, when this request is
+        the half-open probe, a token (≥ 1) that identifies it.
 
-        The probe's holder passes ``probe=True`` to :meth:`abandon` (and :meth:`record_failure`): another
-        request ending without an outcome must not hand back a probe it never held, or a second probe would
-        go out while the first is still in flight.
+        Pass it back as ``probe=`` to :meth:`abandon` and :meth:`record_failure`: only the probe's holder hands
+        the probe back or fails it. Another request ending (cancelled, failed) while the probe is in flight,
+        even one that held an earlier probe, must not let a second probe out.
         """
         if self._closed():  # the common case, read without the lock: one str compare per check
-            return None, False
+            return None, 0
         with self._lock:
             if self._closed():  # another thread closed it meanwhile
-                return None, False
+                return None, 0
             waited = time.monotonic() - self._opened_at
             if waited >= self.reset_timeout and not self._probing:
                 self._state = "half_open"
                 self._probing = True
-                return None, True
+                self._probe_id += 1
+                return None, self._probe_id
             self.short_circuited += 1
             left = max(0.0, self.reset_timeout - waited)
             why = f"circuit breaker open after {self._failures} consecutive guard failures; next probe in {left:.1f} s"
-            return why, False
+            return why, 0
+
+    def _holds(self, probe: int) -> bool:
+        """(Under the lock) ``probe`` is the token of the probe in flight; ``True``: a caller that does not track
+        tokens (the behaviour before tokens)."""
+        if probe is True:
+            return self._probing
+        return self._probing and bool(probe) and probe == self._probe_id
 
     def record_success(self) -> None:
         """A request got an answer: close the circuit."""
@@ -96,7 +106,7 @@ class CircuitBreaker:
             self._state = "closed"
             self._probing = False
 
-    def record_failure(self, exc: BaseException, *, probe: bool = True) -> None:
+    def record_failure(self, exc: BaseException, *, probe: int = True) -> None:
         """A request failed; open the circuit when the threshold is reached (or a probe failed).
 
         A 4xx answer proves the server is alive, so it counts as a success for the breaker; a 413 comes from a
@@ -110,17 +120,21 @@ class CircuitBreaker:
             return
         with self._lock:
             self._failures += 1
-            if self._probing or self._failures >= self.failure_threshold:
+            holder = self._holds(probe)
+            if holder or self._failures >= self.failure_threshold:
                 if self._state != "open":
                     self.opened_count += 1
                 self._state = "open"
                 self._opened_at = time.monotonic()
-                self._probing = False
+                if holder:  # another request's failure leaves the probe in flight: no second probe meanwhile
+                    self._probing = False
 
-    def abandon(self, *, probe: bool = True) -> None:
-        """A request ended without an outcome (cancelled): when it was the half-open probe (``probe``, as
-        :meth:`admit` said), let another probe through later; any other request changes nothing."""
+    def abandon(self, *, probe: int = True) -> None:
+        """A request ended without an outcome (cancelled): when it holds the half-open probe in flight
+        (``probe``: the token :meth:`admit` gave it), let another probe through later; any other request
+        changes nothing."""
         if not probe:
             return
         with self._lock:
-            self._probing = False
+            if self._holds(probe):
+                self._probing = False

@@ -692,7 +692,7 @@ class Guard:
             if hit is not None:
                 return replace(hit, cached=True, latency_ms=0.0), None
         started = time.perf_counter()
-        probe = False  # whether this request is the half-open probe (only its holder may hand it back)
+        probe = 0  # the half-open probe's token when this request is the probe (only its holder hands it back)
         if self.breaker is not None:
             why, probe = self.breaker.admit()
             if why is not None:
@@ -865,7 +865,7 @@ class Guard:
             if hit is not None:
                 return replace(hit, cached=True, latency_ms=0.0), None
         started = time.perf_counter()
-        probe = False  # whether this request is the half-open probe (only its holder may hand it back)
+        probe = 0  # the half-open probe's token when this request is the probe (only its holder hands it back)
         if self.breaker is not None:
             why, probe = self.breaker.admit()
             if why is not None:
@@ -894,7 +894,7 @@ class Guard:
             raise
         return self._parsed(completion, key, surface, started), None
 
-    def _breaker_failure(self, exc: BaseException, probe: bool) -> None:
+    def _breaker_failure(self, exc: BaseException, probe: int) -> None:
         if self.breaker is not None:
             self.breaker.record_failure(exc, probe=probe)
 

@@ -192,6 +192,14 @@ def _scan(path: Path, columns: Columns, limit: int | None) -> tuple[list[str], s
     return chosen, set(seen)
 
 
+def _id_text(value: Any) -> str:
+    """An id read back from a CSV / Parquet output as the input's id text (Parquet stores a column of ints and
+    floats as floats: 1 comes back as 1.0)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
 def _keep(record: dict[str, Any]) -> tuple[str, bool, bool, bool]:
     fg = record[FIELD]
     return (str(fg["action"]), bool(fg.get("error")), bool(fg.get("input_error")), bool(fg.get("fail_open")))
@@ -232,7 +240,7 @@ def moderate_file(
     total = len(chosen)
     summary.total = total
     if resume and final is not None and final.exists() and not work_path.exists():
-        held = [str((r.data or {}).get(f"{FIELD}_id")) for r in iter_rows(final)]
+        held = [_id_text((r.data or {}).get(f"{FIELD}_id")) for r in iter_rows(final)]
         if sorted(held) != sorted(chosen):
             raise DataError(
                 f"{final} holds {len(held)} rows and {source} has {total}{' (with --limit)' if limit else ''}, or "
@@ -261,6 +269,7 @@ def moderate_file(
         is_error=lambda r: bool(r[FIELD].get("error")),
         keep=_keep,
         accept=same_input,
+        shape=lambda r: isinstance(r.get(FIELD), dict) and "id" in r[FIELD],
     ) as writer:
         summary.resumed = len(writer.done)
         summary.retried = writer.retried

@@ -171,10 +171,12 @@ class ResumableWriter:
         is_error: Callable[[Mapping[str, Any]], bool] | None = None,
         keep: Callable[[dict[str, Any]], Any] | None = None,
         accept: Callable[[Mapping[str, Any]], None] | None = None,
+        shape: Callable[[Mapping[str, Any]], bool] | None = None,
         fsync_interval: float = 0.5,
     ) -> None:
         self.path = Path(path)
         self.key = key
+        self.shape = shape  # True for a record this command writes (its own fields), checked on every line
         self.keep = keep or (lambda r: r)
         self.fsync_interval = fsync_interval
         self.done: dict[str, Any] = {}
@@ -187,9 +189,9 @@ class ResumableWriter:
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if exists and resume:
-            cut = self._load()
+            cut, cut_key = self._load()
             if accept is not None:  # e.g. "these are this input's ids": raises before the file is changed
-                accept(self.done)
+                accept(self.done if cut_key is None else {**self.done, cut_key: None})
             if cut is not None:
                 self._truncate(cut)
             if retry_errors and is_error is not None:
@@ -199,15 +201,22 @@ class ResumableWriter:
         self._last_sync = time.monotonic()
         self.written = 0
 
-    def _load(self) -> int | None:
-        """Read the records of a file to resume (every whole line must be one of this command's); the offset
-        to cut it at when its last line was cut by a kill (the caller cuts it, once the records are accepted)."""
+    def _record_key(self, record: Any) -> str:
+        """The key of one of this command's records; KeyError (or TypeError) for anything else."""
+        if self.shape is not None and not (isinstance(record, dict) and self.shape(record)):
+            raise KeyError("not the fields this command writes")
+        return self.key(record)
+
+    def _load(self) -> tuple[int | None, str | None]:
+        """Read the records of a file to resume (every whole line must be one of this command's). When its last
+        line was cut by a kill: the offset to cut the file at (the caller cuts it, once the records are
+        accepted) and the key of that line when it is a whole record without its line break."""
         with open(self.path, "rb") as f:
             data = f.read()
         end = data.rfind(b"\n") + 1
         self._read_records(data[:end])  # every whole line first: the file may not be this command's output
         if end == len(data):
-            return None
+            return None, None
         tail = data[end:]
         if not tail.lstrip().startswith(b"{"):
             raise DataError(
@@ -218,9 +227,10 @@ class ResumableWriter:
             whole = json.loads(tail)
         except ValueError:
             whole = None  # cut by a kill mid-record
+        cut_key: str | None = None
         if whole is not None:
             try:  # a whole record whose line break a kill cut off (the kernel copies a write page by page)
-                self.key(whole)
+                cut_key = self._record_key(whole)
             except (KeyError, TypeError, ValueError):
                 raise DataError(
                     f"{self.path}: its last line has no line break and is not a record of this command; is this "
@@ -228,7 +238,7 @@ class ResumableWriter:
                 ) from None
         # the last line was cut by a kill: it is dropped and its row checked again
         self.dropped_partial = 1
-        return end
+        return end, cut_key
 
     def _truncate(self, end: int) -> None:
         with open(self.path, "r+b") as f:
@@ -242,7 +252,7 @@ class ResumableWriter:
                 continue
             try:
                 record = json.loads(raw)
-                k = self.key(record)
+                k = self._record_key(record)
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataError(
                     f"{self.path}: line {line_no} is not a record of this command ({exc}); "
@@ -538,6 +548,7 @@ def evaluate(
         retry_errors=retry_errors,
         is_error=lambda r: bool((r.get("verdict") or {}).get("error")),
         accept=same_data,
+        shape=lambda r: "id" in r and isinstance(r.get("verdict"), dict),
     ) as writer:
         pending = [ex for ex in examples if ex.key not in writer.done]
         if progress is not None:

@@ -311,7 +311,40 @@ def test_abandon_without_the_probe_changes_nothing() -> None:
     why, probe = breaker.admit()
     assert why is None and probe
     assert breaker.admit()[0] is not None  # one probe at a time
-    breaker.abandon(probe=False)
+    breaker.abandon(probe=0)
     assert breaker.admit()[0] is not None  # still one probe in flight
-    breaker.abandon(probe=True)
-    assert breaker.admit() == (None, True)
+    breaker.abandon(probe=probe)
+    why, second = breaker.admit()
+    assert why is None and second and second != probe
+
+
+def test_a_failure_of_another_request_leaves_the_probe_in_flight() -> None:
+    """A request admitted while closed that fails (a timeout) during the half-open probe re-opens the circuit,
+    but the probe is still in flight: no second probe goes out, even after another reset_timeout."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.01)
+    _, earlier = breaker.admit()  # admitted while closed
+    assert earlier == 0
+    breaker.record_failure(ConnectionError("down"), probe=earlier)
+    time.sleep(0.02)
+    why, probe = breaker.admit()
+    assert why is None and probe
+    breaker.record_failure(TimeoutError(), probe=earlier)  # the earlier request times out
+    time.sleep(0.02)
+    assert breaker.admit()[0] is not None
+    breaker.record_failure(TimeoutError(), probe=probe)  # the probe itself fails: the next one may go later
+    time.sleep(0.02)
+    assert breaker.admit()[0] is None
+
+
+def test_a_holder_of_an_earlier_probe_cannot_free_the_current_one() -> None:
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.01)
+    breaker.record_failure(ConnectionError("down"))
+    time.sleep(0.02)
+    _, first = breaker.admit()
+    breaker.record_success()  # another request got an answer: closed (the first probe is still in flight)
+    breaker.record_failure(ConnectionError("down again"))
+    time.sleep(0.02)
+    _, current = breaker.admit()
+    assert current and current != first
+    breaker.abandon(probe=first)  # the first probe is cancelled now
+    assert breaker.admit()[0] is not None  # the current probe is still the only one

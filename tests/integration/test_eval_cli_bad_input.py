@@ -447,3 +447,32 @@ def test_a_limited_run_accepts_a_named_column_that_only_later_rows_have(
         capsys,
     )
     assert code == 0
+
+
+def test_eval_resume_refuses_a_json_file_it_did_not_write(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``json.dump`` writes one object without a line break: that is not a verdict record cut by a kill."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "a", "text": "hello", "label": 0}) + "\n", encoding="utf-8")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"id": "experiment-7", "notes": "important"}), encoding="utf-8")
+    code, _, err = run(["eval", str(data), "--out", str(results), "--resume", *ep(srv)], capsys)
+    assert code == 2 and "not a record of this command" in err
+    assert json.loads(results.read_text(encoding="utf-8")) == {"id": "experiment-7", "notes": "important"}
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(json.dumps({"id": "a", "notes": "mine"}) + "\n", encoding="utf-8")  # a whole line, not ours
+    code, _, err = run(["eval", str(data), "--out", str(lines), "--resume", *ep(srv)], capsys)
+    assert code == 2 and "not a record of this command" in err
+
+
+def test_a_finished_parquet_with_whole_and_fractional_float_ids_resumes_as_complete(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("pyarrow")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": f"row {i}"}) + "\n" for i in (1.0, 2.5, 3)), encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    assert run(["moderate", str(src), str(out), *ep(srv)], capsys)[0] == 0
+    code, text, _ = run(["moderate", str(src), str(out), "--resume", *ep(srv)], capsys)
+    assert code == 0 and "already complete" in text
