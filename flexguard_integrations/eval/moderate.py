@@ -42,7 +42,7 @@ from .data import (
     row_id,
     texts_of,
 )
-from .runner import Progress, ResumableWriter, refuse_same_file, run_pool, run_sync
+from .runner import Progress, ResumableWriter, refuse_foreign_ids, refuse_same_file, run_pool, run_sync
 
 if TYPE_CHECKING:
     from ..guard import Guard
@@ -251,12 +251,13 @@ def moderate_file(
         return summary
 
     def same_input(done: Mapping[str, Any]) -> None:  # before the writer changes anything in the file
-        foreign = [k for k in done if k not in every_id]
-        if foreign:
-            raise DataError(
-                f"{work_path}: holds {len(foreign)} id(s) that are not in {source} (e.g. {foreign[0]!r}); "
-                "it is the output of another input: use another output file or --overwrite"
-            )
+        refuse_foreign_ids(
+            work_path,
+            done,
+            every_id,
+            str(source),
+            "it is the output of another input: use another output file or --overwrite",
+        )
 
     surf = Surface.parse(surface) if surface is not None else None
     started = time.monotonic()

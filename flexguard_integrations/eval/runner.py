@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -148,6 +148,17 @@ def refuse_same_file(source: str | Path, out: str | Path, what: str = "output") 
     same = dst.exists() and src.exists() and os.path.samefile(src, dst)
     if same or src.resolve() == dst.resolve():
         raise DataError(f"the {what} {dst} is the file {src} itself; writing it would erase that file")
+
+
+def refuse_foreign_ids(out: str | Path, done: Iterable[str], known: Container[str], source: str, hint: str) -> None:
+    """Raise a DataError when a resumed output ``out`` holds ids that ``known`` lacks (another input's output).
+
+    ``source`` names the input in the message ("the data", a file name); ``hint`` says what to do instead.
+    Pass it as ``ResumableWriter(accept=...)`` so that the check runs before the writer changes the file.
+    """
+    foreign = [k for k in done if k not in known]
+    if foreign:
+        raise DataError(f"{out}: holds {len(foreign)} id(s) that are not in {source} (e.g. {foreign[0]!r}); {hint}")
 
 
 class ResumableWriter:
@@ -532,13 +543,13 @@ def evaluate(
     by_key = {ex.key: ex for ex in examples}
 
     def same_data(done: Mapping[str, Any]) -> None:  # before the writer changes anything in the file
-        unknown = [k for k in done if k not in by_key]
-        if unknown:
-            raise DataError(
-                f"{out}: holds {len(unknown)} id(s) that are not in the data (e.g. {unknown[0]!r}); "
-                "it is the output of another data file (or of a run without --limit): use another --out or "
-                "--overwrite"
-            )
+        refuse_foreign_ids(
+            out,
+            done,
+            by_key,
+            "the data",
+            "it is the output of another data file (or of a run without --limit): use another --out or --overwrite",
+        )
 
     with ResumableWriter(
         out,

@@ -21,7 +21,7 @@ from flexguard_integrations.eval.runner import load_records
 from flexguard_integrations.policy import StrictnessPolicy
 from flexguard_integrations.testing import FakeGuardServer
 from tests.conftest import closed_port_url
-from tests.integration.test_eval_moderate import ENV_VARS, FLEX, corpus, ep, read_out
+from tests.integration.test_eval_moderate import ENV_VARS, FLEX, corpus, ep, read_out, run
 
 
 @pytest.fixture(autouse=True)
@@ -34,12 +34,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def srv() -> Iterator[FakeGuardServer]:
     with FakeGuardServer((FLEX,)) as s:
         yield s
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_moderate_refuses_to_write_over_its_input(
