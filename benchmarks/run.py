@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary)
         rendered.append(summary)
     doc = {
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "duration_s": time.time() - started,
         "command": [
             os.path.basename(sys.executable),

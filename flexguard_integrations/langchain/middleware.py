@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NotRequired, TypeVar
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ExtendedModelResponse, ModelResponse, hook_config
 from langchain.agents.middleware.types import PrivateStateAttr
@@ -61,7 +61,6 @@ from langchain_core.messages import (
 from langchain_core.runnables.config import var_child_runnable_config
 from langgraph.graph.message import add_messages
 from langgraph.types import Command
-from typing_extensions import NotRequired
 
 from ..errors import GuardBlockedError
 from ..guard import Guard, scoped_policy

@@ -88,7 +88,7 @@ class AiohttpTransport(HTTPTransport):
                 # a 200 needs only its content type; an error answer is read whole (Retry-After...)
                 content_type = resp.headers.get("content-type")
                 resp_headers = {k.lower(): v for k, v in resp.headers.items()} if status != 200 else None
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise GuardTimeoutError("guard server did not answer a check before the deadline") from exc
         except aiohttp.ClientConnectorError as exc:
             raise GuardConnectionError(f"cannot connect to the guard server for a check: {exc}") from exc
@@ -111,7 +111,7 @@ class AiohttpTransport(HTTPTransport):
                 body = await resp.read()
                 if resp.status != 200:
                     raise error_from_response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise GuardConnectionError(f"GET /v1/models failed: {str(exc) or type(exc).__name__}") from exc
         try:
             data = json.loads(body)

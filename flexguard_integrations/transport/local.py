@@ -210,7 +210,7 @@ class LocalTransport:
         future = self._submit(body, deadline)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(remaining(deadline), 0.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             future.cancel()
             raise GuardTimeoutError("the local guard model did not answer before the deadline") from None
 

@@ -271,8 +271,8 @@ def test_breaker_is_off_by_default_and_on_with_true(server: FakeGuardServer) -> 
 # ---------------------------------------------------------------- only the probe's holder hands it back
 
 
-async def _until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def _until(condition: Any, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.005)

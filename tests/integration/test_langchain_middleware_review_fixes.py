@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 from unittest.mock import patch
 
 import pytest
@@ -38,7 +38,6 @@ from langchain_core.tools import InjectedToolCallId, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command
 from pydantic import BaseModel, Field
-from typing_extensions import NotRequired
 
 from flexguard_integrations import Guard, GuardBlockedError
 from flexguard_integrations.langchain import GuardMiddleware

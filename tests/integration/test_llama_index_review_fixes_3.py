@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, cast
 
@@ -410,9 +409,6 @@ async def in_create_task(run: Run) -> Any:
 
 
 async def in_task_group(run: Run) -> Any:
-    if sys.version_info < (3, 11):
-        run.close()
-        pytest.skip("asyncio.TaskGroup is new in Python 3.11")
     async with asyncio.TaskGroup() as group:
         task = group.create_task(run)
     return task.result()

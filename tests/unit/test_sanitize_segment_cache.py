@@ -388,29 +388,3 @@ def test_cache_lru_counts_and_skips_errors() -> None:
     assert len(c) == 0 and c.stats.hits == 0
     with pytest.raises(ValueError, match="cache=False"):
         VerdictCache(0)
-
-
-async def test_python310_deadline_fallback_raises_timeout_and_leaves_others_alone() -> None:
-    import asyncio
-
-    from flexguard_integrations.guard import _deadline_cm
-
-    with pytest.raises(TimeoutError):
-        async with _deadline_cm(0.05):
-            await asyncio.sleep(5)
-    async with _deadline_cm(1.0):  # finishes in time: nothing raised, nothing cancelled later
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.02)
-    task = asyncio.ensure_future(asyncio.sleep(5))
-    await asyncio.sleep(0)
-    task.cancel()  # an outside cancellation stays a CancelledError
-
-    async def inner() -> None:
-        async with _deadline_cm(5.0):
-            await asyncio.sleep(5)
-
-    t2 = asyncio.ensure_future(inner())
-    await asyncio.sleep(0.01)
-    t2.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await t2
