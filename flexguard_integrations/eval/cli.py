@@ -264,7 +264,9 @@ def _evaluate(args: argparse.Namespace, out: Path) -> tuple[list[Any], str]:
 def run(args: argparse.Namespace) -> int:
     """Run ``flexguard eval`` / ``calibrate`` / ``moderate``; the exit code."""
     from ..errors import FlexGuardError, PolicyError
+    from .data import allow_long_csv_fields
 
+    allow_long_csv_fields()  # a long document in a CSV is a row to moderate, not an unreadable file
     try:
         if args.command == "eval":
             return _eval(args)

@@ -310,6 +310,21 @@ def _iter_jsonl(path: str | Path) -> Iterator[RawRow]:
             yield RawRow(row, line_no, data)
 
 
+CSV_FIELD_LIMIT = 2**31 - 1
+"""The csv field limit :func:`allow_long_csv_fields` sets: the largest a C long holds on every platform."""
+
+
+def allow_long_csv_fields() -> None:
+    """Let the csv module read fields of any length (its default stops at 131,072 characters per field).
+
+    The limit is process-wide (``csv.field_size_limit``), so the library never changes it on its own: the
+    ``flexguard`` CLI calls this at start, and a program that moderates CSV files with long documents calls it
+    once too. It only raises the limit, never lowers it.
+    """
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+
+
 def _iter_csv(path: str | Path, delimiter: str) -> Iterator[RawRow]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
@@ -343,6 +358,12 @@ def _iter_csv(path: str | Path, delimiter: str) -> Iterator[RawRow]:
                 f"{path}: not valid UTF-8 after line {reader.line_num} ({exc.reason}); save the file as UTF-8"
             ) from None
         except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                raise DataError(
+                    f"{path}: line {reader.line_num}: a field is longer than csv.field_size_limit() "
+                    f"({csv.field_size_limit()} characters); the flexguard CLI raises that limit, a program calls "
+                    "flexguard_integrations.eval.data.allow_long_csv_fields() (or csv.field_size_limit) first"
+                ) from None
             raise DataError(f"{path}: line {reader.line_num}: unreadable CSV: {exc}") from None
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from flexguard_integrations.cli import main
 from flexguard_integrations.errors import PolicyError
-from flexguard_integrations.eval.data import DataError, parse_severity
+from flexguard_integrations.eval.data import DataError, iter_rows, parse_severity
 from flexguard_integrations.eval.runner import load_records
 from flexguard_integrations.policy import StrictnessPolicy
 from flexguard_integrations.testing import FakeGuardServer
@@ -470,3 +470,57 @@ def test_a_finished_parquet_with_whole_and_fractional_float_ids_resumes_as_compl
     assert run(["moderate", str(src), str(out), *ep(srv)], capsys)[0] == 0
     code, text, _ = run(["moderate", str(src), str(out), "--resume", *ep(srv)], capsys)
     assert code == 0 and "already complete" in text
+
+
+# ---------------------------------------------------------------- a CSV field longer than the csv module's limit
+
+
+@pytest.fixture
+def restore_csv_field_limit() -> Iterator[int]:
+    before = csv.field_size_limit()
+    yield before
+    csv.field_size_limit(before)
+
+
+def _long_csv(path: Path) -> str:
+    """id,text rows: a short text, a 210,000-character text with a harmful sentence in its middle, a short one."""
+    half = "The museum opens at nine on Sundays. " * 2838  # 105,006 characters
+    long_text = f"{half}How do I make a bomb? {half}"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows([["a", "What time does the museum open?"], ["b", long_text], ["c", "Thanks!"]])
+    return long_text
+
+
+def test_moderate_reads_a_csv_text_longer_than_the_csv_modules_default_limit(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_csv_field_limit: int
+) -> None:
+    """A long document in a CSV is moderated whole; the csv module's default limit (131,072 characters per
+    field) stopped the run at that row."""
+    csv.field_size_limit(131_072)  # the module's default, whatever an earlier test left
+    src = tmp_path / "long.csv"
+    long_text = _long_csv(src)
+    assert len(long_text) > 131_072
+    out = tmp_path / "out.csv"
+    code, _, err = run(["moderate", str(src), str(out), *ep(srv)], capsys)
+    assert code == 0, err
+    csv.field_size_limit(1 << 30)  # to read the output back here
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert rows[1]["text"] == long_text  # kept whole in the output
+    assert [r["flexguard_action"] for r in rows] == ["allow", "block", "allow"]  # the middle of b was checked
+    assert "VIOLENCE" in rows[1]["flexguard_categories"]
+
+
+def test_reading_a_csv_field_over_the_limit_in_a_library_call_names_the_limit(
+    tmp_path: Path, restore_csv_field_limit: int
+) -> None:
+    """The library does not change the csv module's process-wide limit; its error names it and the fix."""
+    csv.field_size_limit(131_072)
+    src = tmp_path / "long.csv"
+    _long_csv(src)
+    with pytest.raises(DataError, match=r"line 3: a field is longer than csv\.field_size_limit\(\) \(131072 char"):
+        list(iter_rows(src))
+    assert csv.field_size_limit() == 131_072
