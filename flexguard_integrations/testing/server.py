@@ -280,6 +280,9 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if self._server._stopping:  # accepted before the listener closed, handed over after: drop it
+            transport.abort()
+            return
         self._server._conns.add(self)
         self._server._incr("connections")
 
@@ -556,6 +559,7 @@ class FakeGuardServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: asyncio.Server | None = None
         self._conns: set[_Connection] = set()
+        self._stopping = False  # set in the server's loop when stop() begins; new connections are dropped
         self._port = 0
         self._start_error: BaseException | None = None
 
@@ -622,6 +626,7 @@ class FakeGuardServer:
     def _thread_main(self, ready: threading.Event) -> None:
         loop = self._loop_factory()
         self._loop = loop
+        self._stopping = False
         asyncio.set_event_loop(loop)
         try:
             try:
@@ -654,18 +659,51 @@ class FakeGuardServer:
             loop.close()
 
     def _begin_shutdown(self) -> None:
+        self._stopping = True
+        loop = self._loop
+        assert loop is not None
+        if self._listener is not None and isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+            # Stop accepting first and close the listener a few loop turns later: a connection already
+            # accepted becomes a transport in a task that runs after this callback, and on a closed
+            # asyncio.Server that task fails before the transport can be closed (its socket leaks; on
+            # Python 3.13.0 the collector then raises in Server._wakeup, python/cpython#109564).
+            for sock in self._listener.sockets:
+                loop.remove_reader(sock.fileno())
+        else:
+            self._close_listener()
+        self._abort_all()
+        loop.create_task(self._finish_shutdown())
+
+    def _close_listener(self) -> None:
         if self._listener is not None:
             self._listener.close()
+
+    def _abort_all(self) -> None:
         for conn in list(self._conns):
             conn.abort()
-        assert self._loop is not None
-        self._loop.create_task(self._finish_shutdown())
+        abort_clients = getattr(self._listener, "abort_clients", None)  # Python 3.13: every attached transport
+        if abort_clients is not None:
+            abort_clients()
 
     async def _finish_shutdown(self) -> None:
-        if self._listener is not None:
-            await self._listener.wait_closed()
+        # A connection the kernel accepted just before the listener closed reaches the loop afterwards
+        # (connection_made drops it); until it is gone, wait_closed() (Python >= 3.12.1) would wait for it.
+        # Abort what is left each round instead of waiting for clients that may never hang up.
+        listener = self._listener
         for _ in range(3):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the tasks of connections accepted before stop() make their transports
+        self._close_listener()
+        for _ in range(200):
+            for _ in range(3):
+                await asyncio.sleep(0)
+            self._abort_all()
+            if listener is None:
+                break
+            closed = asyncio.ensure_future(listener.wait_closed())
+            done, _ = await asyncio.wait({closed}, timeout=0.01)
+            if done:
+                break
+            closed.cancel()
         asyncio.get_running_loop().stop()
 
     # ------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -614,6 +616,42 @@ def test_stop_ends_hung_requests_and_leaves_nothing_behind() -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     s.stop()  # idempotent
+
+
+def test_stop_while_clients_connect_leaks_no_socket_and_returns() -> None:
+    """Connections the kernel accepted just before stop() became transports after the listener had closed:
+    their sockets leaked (a ResourceWarning when collected; on Python 3.13.0 a TypeError in
+    ``Server._wakeup``), and on Python >= 3.12.1 ``wait_closed`` waited for them: stop() timed out."""
+    ports: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for i in range(60):
+            s = FakeGuardServer().start()
+            ports.append(s.port)
+            clients: list[socket.socket] = []
+
+            def connect(port: int = s.port, clients: list[socket.socket] = clients) -> None:
+                for _ in range(20):
+                    try:
+                        clients.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+                    except OSError:  # refused once the listener is gone
+                        return
+
+            burst = threading.Thread(target=connect)
+            burst.start()
+            time.sleep(0.001 * (i % 5))
+            s.stop()  # raises RuntimeError when the server thread does not stop in time
+            burst.join(10)
+            assert not burst.is_alive()
+            for c in clients:
+                c.close()
+        gc.collect()
+    server_side = [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, ResourceWarning) and any(f"laddr=('127.0.0.1', {p})" in str(w.message) for p in ports)
+    ]
+    assert server_side == []
 
 
 async def test_500_concurrent_async_requests() -> None:
