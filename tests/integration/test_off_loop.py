@@ -195,6 +195,9 @@ def _in_forked_child(conn: Any) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX-only")
+# Python >= 3.12 warns about fork() in a process with threads: forking one that has the preparation thread is
+# the case under test (its register_at_fork reset is what makes that safe).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 async def test_a_forked_child_gets_a_preparation_thread_of_its_own() -> None:
     """The parent's thread does not exist in a forked child: waiting on its queue would hang the check."""
     await _off_loop(_later(), sum, [0])  # the parent's thread exists before the fork
