@@ -264,15 +264,15 @@ def _evaluate(args: argparse.Namespace, out: Path) -> tuple[list[Any], str]:
 def run(args: argparse.Namespace) -> int:
     """Run ``flexguard eval`` / ``calibrate`` / ``moderate``; the exit code."""
     from ..errors import FlexGuardError, PolicyError
-    from .data import allow_long_csv_fields
+    from .data import long_csv_fields
 
-    allow_long_csv_fields()  # a long document in a CSV is a row to moderate, not an unreadable file
     try:
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "calibrate":
-            return _calibrate(args)
-        return _moderate(args)
+        with long_csv_fields():  # a long document in a CSV is a row to moderate, not an unreadable file
+            if args.command == "eval":
+                return _eval(args)
+            if args.command == "calibrate":
+                return _calibrate(args)
+            return _moderate(args)
     except PolicyError as exc:
         _err(f"flexguard {args.command}: bad policy: {exc}")
     except (FlexGuardError, OSError) as exc:

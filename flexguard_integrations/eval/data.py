@@ -14,6 +14,7 @@ Columns (the first name present is used; ``Columns`` overrides them):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import json
@@ -263,7 +264,9 @@ def header(path: str | Path, fmt: Format | None = None) -> list[str] | None:
             first = next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), None)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    except (OSError, csv.Error) as exc:
+    except csv.Error as exc:
+        raise DataError(f"{path}: cannot read the header: {_csv_problem(exc)}") from None
+    except OSError as exc:
         raise DataError(f"{path}: cannot read the header: {exc}") from None
     if not first:
         raise DataError(f"{path}: the file is empty (no header row)")
@@ -311,18 +314,24 @@ def _iter_jsonl(path: str | Path) -> Iterator[RawRow]:
 
 
 CSV_FIELD_LIMIT = 2**31 - 1
-"""The csv field limit :func:`allow_long_csv_fields` sets: the largest a C long holds on every platform."""
+"""The csv field limit inside :func:`long_csv_fields`: the largest a C long holds on every platform."""
 
 
-def allow_long_csv_fields() -> None:
-    """Let the csv module read fields of any length (its default stops at 131,072 characters per field).
+@contextlib.contextmanager
+def long_csv_fields() -> Iterator[None]:
+    """Within the block, the csv module reads fields of any length (its default stops at 131,072 characters).
 
     The limit is process-wide (``csv.field_size_limit``), so the library never changes it on its own: the
-    ``flexguard`` CLI calls this at start, and a program that moderates CSV files with long documents calls it
-    once too. It only raises the limit, never lowers it.
+    ``flexguard`` CLI runs its commands in this block, and a program that reads CSV files with long documents
+    through :func:`iter_rows`, :func:`read_examples` or :func:`~flexguard_integrations.eval.moderate.moderate_file`
+    does too. The limit before the block is restored after it (it is only ever raised inside).
     """
-    if csv.field_size_limit() < CSV_FIELD_LIMIT:
-        csv.field_size_limit(CSV_FIELD_LIMIT)
+    before = csv.field_size_limit()
+    csv.field_size_limit(max(before, CSV_FIELD_LIMIT))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
 
 
 def _iter_csv(path: str | Path, delimiter: str) -> Iterator[RawRow]:
@@ -358,13 +367,17 @@ def _iter_csv(path: str | Path, delimiter: str) -> Iterator[RawRow]:
                 f"{path}: not valid UTF-8 after line {reader.line_num} ({exc.reason}); save the file as UTF-8"
             ) from None
         except csv.Error as exc:
-            if "field larger than field limit" in str(exc):
-                raise DataError(
-                    f"{path}: line {reader.line_num}: a field is longer than csv.field_size_limit() "
-                    f"({csv.field_size_limit()} characters); the flexguard CLI raises that limit, a program calls "
-                    "flexguard_integrations.eval.data.allow_long_csv_fields() (or csv.field_size_limit) first"
-                ) from None
-            raise DataError(f"{path}: line {reader.line_num}: unreadable CSV: {exc}") from None
+            raise DataError(f"{path}: line {reader.line_num}: {_csv_problem(exc)}") from None
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    """What a csv.Error says, with the way out when it is the field size limit."""
+    if "field larger than field limit" in str(exc):
+        return (
+            f"a field is longer than csv.field_size_limit() ({csv.field_size_limit()} characters); the flexguard "
+            "CLI raises that limit, a program reads the file inside flexguard_integrations.eval.data.long_csv_fields()"
+        )
+    return f"unreadable CSV: {exc}"
 
 
 def _iter_parquet(path: str | Path) -> Iterator[RawRow]:

@@ -154,7 +154,8 @@ def refuse_foreign_ids(out: str | Path, done: Iterable[str], known: Container[st
     """Raise a DataError when a resumed output ``out`` holds ids that ``known`` lacks (another input's output).
 
     ``source`` names the input in the message ("the data", a file name); ``hint`` says what to do instead.
-    Pass it as ``ResumableWriter(accept=...)`` so that the check runs before the writer changes the file.
+    Call it from the ``accept`` callback of :class:`ResumableWriter`, which runs before the writer changes
+    the file.
     """
     foreign = [k for k in done if k not in known]
     if foreign:

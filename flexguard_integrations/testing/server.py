@@ -264,6 +264,10 @@ def _parse_chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
             raise ValueError("body too large")
 
 
+_SHUTDOWN_GRACE = 1.0
+"""Seconds ``stop()`` waits for the server's connections to close after aborting them (see _finish_shutdown)."""
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parses pipelined HTTP/1.1 requests and writes replies in order."""
 
@@ -688,23 +692,23 @@ class FakeGuardServer:
     async def _finish_shutdown(self) -> None:
         # A connection the kernel accepted just before the listener closed reaches the loop afterwards
         # (connection_made drops it); until it is gone, wait_closed() (Python >= 3.12.1) would wait for it.
-        # Abort what is left each round instead of waiting for clients that may never hang up.
+        # Abort what is left every 10 ms instead of waiting for clients that may never hang up, for at most
+        # _SHUTDOWN_GRACE seconds: a TLS handshake still in progress is no connection yet and cannot be
+        # aborted before Python 3.13's abort_clients(); the loop's own shutdown then cancels its task.
         listener = self._listener
         for _ in range(3):
             await asyncio.sleep(0)  # the tasks of connections accepted before stop() make their transports
         self._close_listener()
-        for _ in range(200):
-            for _ in range(3):
-                await asyncio.sleep(0)
-            self._abort_all()
-            if listener is None:
-                break
+        loop = asyncio.get_running_loop()
+        if listener is not None:
             closed = asyncio.ensure_future(listener.wait_closed())
-            done, _ = await asyncio.wait({closed}, timeout=0.01)
-            if done:
-                break
-            closed.cancel()
-        asyncio.get_running_loop().stop()
+            until = loop.time() + _SHUTDOWN_GRACE
+            while not closed.done() and loop.time() < until:
+                self._abort_all()
+                await asyncio.wait({closed}, timeout=0.01)
+            if not closed.done():
+                closed.cancel()
+        loop.stop()
 
     # ------------------------------------------------------------------------------------------------
     # Addresses

@@ -16,7 +16,7 @@ import pytest
 
 from flexguard_integrations.cli import main
 from flexguard_integrations.errors import PolicyError
-from flexguard_integrations.eval.data import DataError, iter_rows, parse_severity
+from flexguard_integrations.eval.data import DataError, header, iter_rows, long_csv_fields, parse_severity
 from flexguard_integrations.eval.runner import load_records
 from flexguard_integrations.policy import StrictnessPolicy
 from flexguard_integrations.testing import FakeGuardServer
@@ -524,3 +524,24 @@ def test_reading_a_csv_field_over_the_limit_in_a_library_call_names_the_limit(
     with pytest.raises(DataError, match=r"line 3: a field is longer than csv\.field_size_limit\(\) \(131072 char"):
         list(iter_rows(src))
     assert csv.field_size_limit() == 131_072
+    with long_csv_fields():
+        assert [r.data["id"] for r in iter_rows(src) if r.data] == ["a", "b", "c"]
+    assert csv.field_size_limit() == 131_072  # restored
+    long_header = tmp_path / "long_header.csv"
+    long_header.write_text('"' + "h" * 140_000 + '"\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"cannot read the header: a field is longer than csv\.field_size_limit"):
+        header(long_header)
+
+
+def test_the_cli_restores_the_csv_field_limit_of_its_host_process(
+    srv: FakeGuardServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_csv_field_limit: int
+) -> None:
+    csv.field_size_limit(131_072)
+    src = tmp_path / "long.csv"
+    _long_csv(src)
+    assert run(["moderate", str(src), str(tmp_path / "out.jsonl"), *ep(srv)], capsys)[0] == 0
+    assert csv.field_size_limit() == 131_072
+    header_only = tmp_path / "header.csv"
+    header_only.write_text('"' + "h" * 140_000 + '"\n', encoding="utf-8")
+    code, _, err = run(["moderate", str(header_only), str(tmp_path / "h.jsonl"), *ep(srv)], capsys)
+    assert code == 2 and "missing column" in err  # read whole (no field-limit error), then judged on its columns
