@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-local docs lint typecheck check bench bench-core bench-nemo clean
+.PHONY: setup demo test test-floor test-local docs lint typecheck check bench bench-core bench-nemo clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,18 @@ demo: setup
 ## The whole test suite.
 test: setup
 	$(BIN)/python -m pytest -q
+
+## The suite against the oldest framework versions pyproject.toml allows, in a venv of its own: keeps the lower
+## bounds honest (the main venv gets the newest).
+FLOOR_VENV ?= .venv-floor
+FLOOR_PINS  = "langchain-core==1.7.0" "langchain==1.4.2" "llama-index-core==0.14.25"
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -e ".[all]" --group dev $(FLOOR_PINS)
+	$(FLOOR_VENV)/bin/python -m pip check
+	$(FLOOR_VENV)/bin/python -c "import langchain, langchain_core, llama_index.core as li; print('floor:', langchain.__version__, langchain_core.__version__, li.__version__)"
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 ## The local (transformers) guard's tests, on a tiny random model: installs the CPU build of torch (a local
 ## wheel here; never the CUDA build) and FAILS, rather than skips, when torch or transformers is missing.
@@ -57,4 +69,4 @@ bench-nemo: setup
 	$(BIN)/python -m benchmarks.nemo_peer --nemo-python $(NEMO_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .mypy_cache .ruff_cache build dist
